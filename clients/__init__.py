@@ -1,0 +1,1 @@
+"""Client libraries for voicefoundry; the Python SDK lives in clients/python."""

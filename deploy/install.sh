@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install voicefoundry into a virtual environment (default .venv), with an optimised BLAS for
+# MLX on Linux (Debian's OpenBLAS; see finetune/runtime/blas.py). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VF_VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+if [[ "$(uname -s)" == "Linux" ]]; then
+  if ! compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null; then
+    if command -v apt-get >/dev/null 2>&1; then
+      sudo=""
+      [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenblas0-pthread
+    else
+      echo "warning: no apt-get; install OpenBLAS and set VOICEFOUNDRY_BLAS=/path/libopenblas.so.0" >&2
+    fi
+  fi
+fi
+
+"$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e ".[dev]"
+"$venv/bin/voicefoundry" doctor --no-measure

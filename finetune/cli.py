@@ -1,0 +1,74 @@
+"""Command-line entry of the finetune subsystem (`python -m finetune ...`).
+
+Each command registers itself on an argparse sub-parser, so the user-facing `voicefoundry`
+script (server/cli.py) offers the same commands with the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+TINY_FAMILIES = ("qwen3_tts",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tiny = subparsers.add_parser(
+        "make-tiny", help="write a random-initialised checkpoint in the real on-disk layout"
+    )
+    tiny.add_argument("family", choices=TINY_FAMILIES)
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--variant", default="base", choices=("base", "custom_voice"))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--preset", default="tiny", help="tiny | small | real-0.6b | real-1.7b (real shapes)"
+    )
+    tiny.set_defaults(handler=_make_tiny)
+
+    doctor = subparsers.add_parser("doctor", help="platform, MLX device, BLAS, fast paths")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.add_argument("--no-measure", action="store_true", help="skip the matmul timing")
+    doctor.set_defaults(handler=_doctor)
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts
+
+    if args.preset not in PRESETS:
+        print(f"error: --preset must be one of {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    path = make_tiny_qwen3_tts(
+        args.out_dir, variant=args.variant, seed=args.seed, preset=args.preset
+    )
+    print(path)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from finetune.runtime.doctor import format_report, report
+
+    info = report(measure=not args.no_measure)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def build_parser(prog: str = "python -m finetune") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)

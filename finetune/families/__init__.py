@@ -1,0 +1,1 @@
+"""One package per model family: checkpoint loading, tiny models, layout, loss, LoRA scope, bake."""

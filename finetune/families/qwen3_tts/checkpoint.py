@@ -1,0 +1,167 @@
+"""Load a Qwen3-TTS checkpoint through mlx-audio's real path, loudly.
+
+mlx-audio's `post_load_hook` prints a warning and carries on when the text tokenizer or the
+speech tokenizer fails to load, and loads speech-tokenizer weights with `strict=False`; the model
+then fails much later. Here every such problem is collected and raised at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from finetune.loading import (
+    CheckpointError,
+    captured_output,
+    offline_hub,
+    read_config,
+    resolve_model_path,
+    tail,
+)
+from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
+
+
+@dataclass
+class LoadedQwen3TTS:
+    model: Any  # mlx_audio.tts.models.qwen3_tts.Model
+    path: Path
+    config: dict[str, Any]
+    runtime: PreparedModel
+
+    @property
+    def tts_model_type(self) -> str:
+        return str(self.config.get("tts_model_type", "base"))
+
+
+def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
+    from mlx_audio.tts.utils import load_model
+
+    path = resolve_model_path(name)
+    config = read_config(path)
+    if config.get("model_type") != "qwen3_tts":
+        raise CheckpointError(path, [f"model_type is {config.get('model_type')!r}, not qwen3_tts"])
+
+    with offline_hub(), captured_output() as printed:
+        try:
+            model = load_model(path)
+        except Exception as exc:  # mlx-audio raises ValueError / KeyError / OSError here
+            raise CheckpointError(path, [f"{type(exc).__name__}: {exc}"]) from exc
+
+    problems: list[str] = []
+    if model.tokenizer is None:
+        problems.append(f"text tokenizer did not load ({tail(printed.getvalue())})")
+    else:
+        problems.extend(_text_tokenizer_problems(model.tokenizer, config))
+    decoder = None
+    speech_dir = path / "speech_tokenizer"
+    if not speech_dir.is_dir():
+        problems.append("speech_tokenizer/ is missing")
+    elif model.speech_tokenizer is None:
+        problems.append(f"speech tokenizer did not load ({tail(printed.getvalue())})")
+    else:
+        decoder, weight_problems = _verified_speech_tokenizer(model.speech_tokenizer, speech_dir)
+        problems.extend(weight_problems)
+    if config.get("tts_model_type", "base") == "base" and model.speaker_encoder is None:
+        problems.append("base model without a speaker encoder")
+    if problems:
+        raise CheckpointError(path, problems)
+
+    if decoder is not None and fast_cpu_active():
+        # mlx-audio wraps the vocoder in mx.compile, which is slower than the plain module on
+        # CPU; the verified plain decoder replaces it (a Module value goes back into the tree).
+        model.speech_tokenizer.decoder = decoder
+    runtime = prepare_model(model)
+    return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
+
+
+PROBE_TEXT = "Hello world."
+
+
+def _text_tokenizer_problems(tokenizer: Any, config: dict[str, Any]) -> list[str]:
+    """transformers builds a near-empty tokenizer from tokenizer_config.json alone: catch it."""
+    im_start = int(config.get("im_start_token_id", 151644))
+    specials = {
+        "<|im_start|>": im_start,
+        "<tts_pad>": int(config.get("tts_pad_token_id", 151671)),
+        "<tts_text_bos>": int(config.get("tts_bos_token_id", 151672)),
+        "<tts_text_eod>": int(config.get("tts_eos_token_id", 151673)),
+    }
+    problems = [
+        f"text tokenizer maps {token} to {tokenizer.convert_tokens_to_ids(token)}, "
+        f"config says {expected}"
+        for token, expected in specials.items()
+        if tokenizer.convert_tokens_to_ids(token) != expected
+    ]
+    ids = tokenizer.encode(f"<|im_start|>assistant\n{PROBE_TEXT}<|im_end|>\n")
+    if len(ids) < 6 or ids[0] != im_start:
+        problems.append(f"text tokenizer cannot encode the chat template (got ids {ids[:8]})")
+    elif tokenizer.decode(ids[3:-2]) != PROBE_TEXT:
+        problems.append(f"text tokenizer does not round-trip {PROBE_TEXT!r}")
+    return problems
+
+
+def _verified_speech_tokenizer(
+    speech_tokenizer: Any, speech_dir: Path
+) -> tuple[nn.Module | None, list[str]]:
+    """Check the speech tokenizer's files against its modules; return a plain decoder too."""
+    from mlx_audio.tts.models.qwen3_tts.speech_tokenizer import (
+        Qwen3TTSSpeechTokenizer,
+        Qwen3TTSSpeechTokenizerDecoder,
+    )
+
+    files = sorted(speech_dir.glob("*.safetensors"))
+    if not files:
+        return None, ["speech_tokenizer/ holds no .safetensors weights"]
+    raw: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            raw.update(mx.load(str(file)))
+        except Exception as exc:  # mx.load raises RuntimeError / ValueError on corrupt files
+            return None, [f"speech_tokenizer/{file.name} is unreadable: {exc}"]
+    weights = Qwen3TTSSpeechTokenizer.sanitize(raw)
+
+    # Freshly built modules only allocate lazily: comparing shapes costs no memory.
+    decoder = Qwen3TTSSpeechTokenizerDecoder(speech_tokenizer.config.decoder_config)
+    decoder_weights = {
+        k[len("decoder.") :]: v for k, v in weights.items() if k.startswith("decoder.")
+    }
+    problems = _compare("speech tokenizer decoder", decoder, decoder_weights)
+    encoder = speech_tokenizer.encoder_model
+    if encoder is not None:
+        prefix = "encoder_model."
+        encoder_weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        problems += _compare("speech tokenizer encoder", encoder, encoder_weights)
+    if problems:
+        return None, problems
+    decoder.load_weights(list(decoder_weights.items()), strict=True)
+    mx.eval(decoder.parameters())
+    decoder.eval()
+    return decoder, []
+
+
+def _compare(what: str, module: nn.Module, weights: dict[str, mx.array]) -> list[str]:
+    # Mimi's `initialized` flags are never stored; mlx-audio rebuilds codebooks after loading.
+    expected = {
+        k: v.shape
+        for k, v in tree_flatten(module.parameters())
+        if not k.endswith("codebook.initialized")
+    }
+    problems = []
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        problems.append(f"{what}: {len(missing)} weights missing, e.g. {', '.join(missing[:4])}")
+    if extra:
+        problems.append(f"{what}: {len(extra)} unexpected weights, e.g. {', '.join(extra[:4])}")
+    for key in sorted(set(expected) & set(weights)):
+        if tuple(weights[key].shape) != tuple(expected[key]):
+            problems.append(
+                f"{what}: {key} has shape {tuple(weights[key].shape)}, "
+                f"expected {tuple(expected[key])}"
+            )
+    return problems

@@ -1,0 +1,48 @@
+"""MLX runtime set-up: the optimised BLAS, the fast conv paths, fp32 on CPU.
+
+`early_preload()` must run before `mlx.core` is first imported; `finetune/__init__.py` calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from finetune.runtime import blas
+from finetune.runtime.settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+
+def settings() -> RuntimeSettings:
+    return RuntimeSettings.from_env()
+
+
+def early_preload() -> None:
+    current = settings()
+    if current.wants_fast_cpu():
+        blas.preload(current.blas_path)
+
+
+def fast_cpu_active() -> bool:
+    """True where the CPU fast paths apply: wanted by the settings and MLX runs on its CPU."""
+    from finetune.runtime.accelerate import is_cpu_backend
+
+    return settings().wants_fast_cpu() and is_cpu_backend()
+
+
+@dataclass
+class PreparedModel:
+    fast_cpu: bool
+    swapped: dict[str, int] = field(default_factory=dict)
+
+
+def prepare_model(model: nn.Module) -> PreparedModel:
+    """Apply the CPU fast paths to a freshly loaded model, when they are on."""
+    if not fast_cpu_active():
+        return PreparedModel(fast_cpu=False)
+    from finetune.runtime.accelerate import install_fast_modules, to_float32
+
+    to_float32(model)
+    return PreparedModel(fast_cpu=True, swapped=dict(install_fast_modules(model)))

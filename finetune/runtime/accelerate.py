@@ -1,0 +1,132 @@
+"""Swap slow MLX conv modules of a loaded model for GEMM-based ones, and run it in fp32.
+
+Modules keep their parameters and their place in the tree; only their class changes to a
+subclass whose `__call__` takes the per-tap matmul path when it gives the same result as MLX's
+op (the conditions below), and MLX's own op otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
+from finetune.runtime.elementwise import sin_squared
+
+
+def conv1d_fast_ok(dilation: int, groups: int) -> bool:
+    # MLX's CPU conv is slow for dilated kernels, kernel-1 and narrow-output convs alike;
+    # per-tap matmuls win for every ungrouped conv (grouped ones keep MLX's op).
+    del dilation
+    return groups == 1
+
+
+def conv_transpose1d_fast_ok(kernel: int, padding: int, dilation: int, groups: int) -> bool:
+    # MLX clamps padding larger than dilation * (kernel - 1); keep its op for that corner.
+    return groups == 1 and padding <= dilation * (kernel - 1)
+
+
+class FastConv1d(nn.Conv1d):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not conv1d_fast_ok(self.dilation, self.groups):
+            return super().__call__(x)
+        y = conv1d_taps(x, self.weight, self.stride, self.padding, self.dilation)
+        return y + self.bias if "bias" in self else y
+
+
+class FastConvTranspose1d(nn.ConvTranspose1d):
+    def __call__(self, x: mx.array) -> mx.array:
+        k = self.weight.shape[1]
+        if not conv_transpose1d_fast_ok(k, self.padding, self.dilation, 1):
+            return super().__call__(x)
+        y = conv_transpose1d_taps(
+            x, self.weight, self.stride, self.padding, self.dilation, self.output_padding
+        )
+        return y + self.bias if "bias" in self else y
+
+
+def _square_snake(x: mx.array, alpha: mx.array, beta: mx.array, eps: float) -> mx.array:
+    return x + (1.0 / (mx.exp(beta) + eps)) * sin_squared(x * mx.exp(alpha))
+
+
+def _mimi_classes() -> dict[type, type]:
+    from mlx_audio.codec.models.mimi.modules import conv as mimi_conv
+
+    class FastMimiConv1d(mimi_conv.Conv1d):
+        def __call__(self, xs: mx.array) -> mx.array:
+            if not conv1d_fast_ok(self._dilation, self._groups):
+                return super().__call__(xs)
+            y = conv1d_taps(
+                xs.swapaxes(-1, -2), self.weight, self._stride, self._padding, self._dilation
+            )
+            if self.bias is not None:
+                y = y + self.bias
+            return y.swapaxes(-1, -2)
+
+    class FastMimiConvTranspose1d(mimi_conv.ConvTranspose1d):
+        def __call__(self, xs: mx.array) -> mx.array:
+            k = self._expanded_weight.shape[1]
+            if not conv_transpose1d_fast_ok(k, self._padding, 1, self._expanded_groups):
+                return super().__call__(xs)
+            y = conv_transpose1d_taps(
+                xs.swapaxes(-1, -2), self._expanded_weight, self._stride, self._padding
+            )
+            if self.bias is not None:
+                y = y + self.bias
+            return y.swapaxes(-1, -2)
+
+    return {
+        mimi_conv.Conv1d: FastMimiConv1d,
+        mimi_conv.ConvTranspose1d: FastMimiConvTranspose1d,
+    }
+
+
+def _qwen3_snake_classes() -> dict[type, type]:
+    from mlx_audio.tts.models.qwen3_tts import speech_tokenizer as st
+
+    class FastSnakeBeta(st.SnakeBeta):
+        def __call__(self, x: mx.array) -> mx.array:
+            return _square_snake(x, self.alpha, self.beta, self.eps)
+
+    class FastOutputSnake(st.DecoderOutputSnake):
+        def __call__(self, x: mx.array) -> mx.array:
+            return _square_snake(x, self.alpha, self.beta, self.eps)
+
+    return {st.SnakeBeta: FastSnakeBeta, st.DecoderOutputSnake: FastOutputSnake}
+
+
+_swaps: dict[type, type] | None = None
+
+
+def swap_table() -> dict[type, type]:
+    global _swaps
+    if _swaps is None:
+        _swaps = {nn.Conv1d: FastConv1d, nn.ConvTranspose1d: FastConvTranspose1d}
+        _swaps.update(_mimi_classes())
+        _swaps.update(_qwen3_snake_classes())
+    return _swaps
+
+
+def install_fast_modules(model: nn.Module) -> Counter[str]:
+    """Re-class every conv / snake module with a fast twin; returns counts by class name."""
+    table = swap_table()
+    swapped: Counter[str] = Counter()
+    for _, module in model.named_modules():
+        fast = table.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            swapped[fast.__name__] += 1
+    return swapped
+
+
+def to_float32(model: nn.Module) -> None:
+    """On CPU only fp32 matmuls go through BLAS: cast every floating parameter up."""
+    model.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+
+
+def is_cpu_backend() -> bool:
+    device: Any = mx.default_device()
+    return device.type == mx.cpu

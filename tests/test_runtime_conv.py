@@ -1,0 +1,121 @@
+"""Every CPU fast path gives MLX's own result."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from finetune.runtime.accelerate import (
+    FastConv1d,
+    FastConvTranspose1d,
+    install_fast_modules,
+    swap_table,
+)
+from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
+from finetune.runtime.elementwise import sin_squared
+
+ATOL = 1e-4
+
+
+def _max_diff(a: mx.array, b: mx.array) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(mx.abs(a - b).max().item()) if a.size else 0.0
+
+
+@pytest.mark.parametrize(
+    ("length", "kernel", "stride", "padding", "dilation"),
+    [
+        (n, k, s, p, d)
+        for n, k, s, p, d in itertools.product((9, 40), (1, 3, 7), (1, 2, 3), (0, 3), (1, 2, 9))
+        if n + 2 * p >= d * (k - 1) + 1
+    ],
+)
+def test_conv1d_taps_matches_mlx(length, kernel, stride, padding, dilation):
+    mx.random.seed(length * 1000 + kernel * 100 + stride * 10 + dilation)
+    x = mx.random.normal((2, length, 12))
+    w = mx.random.normal((5, kernel, 12))
+    ref = mx.conv1d(x, w, stride, padding, dilation)
+    assert _max_diff(conv1d_taps(x, w, stride, padding, dilation), ref) < ATOL
+
+
+@pytest.mark.parametrize(
+    ("length", "kernel", "stride", "padding", "dilation", "output_padding"),
+    [
+        c
+        for c in itertools.product(
+            (1, 7, 30), (1, 2, 4, 7, 16), (1, 2, 5, 8), (0, 1, 3), (1, 2), (0, 1)
+        )
+        if c[3] <= c[4] * (c[1] - 1)
+        and c[5] < max(c[2], c[4])
+        # MLX refuses inputs shorter than the kernel after its internal padding
+        and (c[0] - 1) * c[2] + 1 + 2 * (c[4] * (c[1] - 1) - c[3]) >= c[4] * (c[1] - 1) + 1
+    ],
+)
+def test_conv_transpose1d_taps_matches_mlx(
+    length, kernel, stride, padding, dilation, output_padding
+):
+    mx.random.seed(7)
+    x = mx.random.normal((2, length, 6))
+    w = mx.random.normal((4, kernel, 6))
+    ref = mx.conv_transpose1d(x, w, stride, padding, dilation, output_padding)
+    out = conv_transpose1d_taps(x, w, stride, padding, dilation, output_padding)
+    assert _max_diff(out, ref) < ATOL
+
+
+def test_sin_squared_matches_mlx_over_a_wide_range():
+    y = mx.array(np.linspace(-300.0, 300.0, 200_001, dtype=np.float32))
+    assert _max_diff(sin_squared(y), mx.sin(y) ** 2) < 5e-5
+
+
+def test_fast_modules_match_the_modules_they_replace():
+    mx.random.seed(3)
+    x = mx.random.normal((1, 50, 16))
+    modules = [
+        nn.Conv1d(16, 8, kernel_size=7, dilation=3, padding=9),
+        nn.Conv1d(16, 8, kernel_size=1),
+        nn.ConvTranspose1d(16, 8, kernel_size=10, stride=5),
+        nn.ConvTranspose1d(16, 8, kernel_size=4, stride=2, padding=1),
+    ]
+    for module in modules:
+        ref = module(x)
+        tree = nn.Sequential(module)
+        swapped = install_fast_modules(tree)
+        assert sum(swapped.values()) == 1
+        assert isinstance(module, (FastConv1d, FastConvTranspose1d))
+        assert _max_diff(module(x), ref) < ATOL
+
+
+def test_mimi_conv_modules_match():
+    from mlx_audio.codec.models.mimi.modules.conv import Conv1d, ConvTranspose1d
+
+    mx.random.seed(4)
+    x = mx.random.normal((2, 16, 40))  # Mimi convs take NCL
+    for module in (Conv1d(16, 8, 3, dilation=2), ConvTranspose1d(16, 8, 8, stride=4)):
+        ref = module(x)
+        install_fast_modules(nn.Sequential(module))
+        assert type(module) in swap_table().values()
+        assert _max_diff(module(x), ref) < ATOL
+
+
+def test_fast_vocoder_matches_stock_vocoder(loaded_qwen3_base):
+    """The whole tiny vocoder with every module swapped back to mlx-audio's own classes."""
+    decoder = loaded_qwen3_base.model.speech_tokenizer.decoder
+    codes = mx.array(np.random.default_rng(0).integers(1, 2048, (1, 16, 6)))
+    fast = decoder(codes)
+    fast_classes = set(swap_table().values())
+    restored = []
+    for _, module in decoder.named_modules():
+        if type(module) in fast_classes:
+            restored.append((module, type(module)))
+            module.__class__ = type(module).__mro__[1]
+    assert restored, "the loaded tiny model runs no fast module"
+    try:
+        stock = decoder(codes)
+    finally:
+        for module, cls in restored:
+            module.__class__ = cls
+    assert _max_diff(fast, stock) < 1e-3
