@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     doctor.add_argument("--no-measure", action="store_true", help="skip the matmul timing")
     doctor.set_defaults(handler=_doctor)
 
+    from finetune import commands
+
+    commands.register(subparsers)
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts

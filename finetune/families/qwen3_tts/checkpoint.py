@@ -75,6 +75,8 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
         # mlx-audio wraps the vocoder in mx.compile, which is slower than the plain module on
         # CPU; the verified plain decoder replaces it (a Module value goes back into the tree).
         model.speech_tokenizer.decoder = decoder
+        if model.speech_tokenizer.decoder is not decoder:
+            raise RuntimeError("could not replace mlx-audio's compiled vocoder")
     runtime = prepare_model(model)
     return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
 

@@ -1,0 +1,227 @@
+"""The fine-tuning commands: preprocess, train, fuse, bake."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SMOKE_STEPS = 5
+
+
+class CommandError(Exception):
+    """A user error: printed as one clear line, exit status 2."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pre = subparsers.add_parser("preprocess", help="encode clips to cached .codec.npy codes")
+    pre.add_argument("--model", required=True, help="model directory (or cached hub id)")
+    pre.add_argument("--input", nargs="+", required=True, type=Path, help="JSONL files")
+    pre.add_argument("--strategy", default="language", choices=("language", "speaker"))
+    pre.add_argument("--max-duration", type=float, default=30.0)
+    pre.set_defaults(handler=_guard(_preprocess))
+
+    train = subparsers.add_parser("train", help="LoRA / QLoRA fine-tuning from a YAML config")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"tiny model + synthetic clips, {SMOKE_STEPS} steps, no dataset",
+    )
+    train.add_argument("--resume", type=Path, help="a checkpoint directory to continue from")
+    train.add_argument("--lora-rank", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--model", help="override model.path")
+    train.add_argument("--output", help="override output_dir")
+    train.add_argument("--progress-file", type=Path, help="also append JSON-lines progress here")
+    train.set_defaults(handler=_guard(_train))
+
+    fuse = subparsers.add_parser("fuse", help="merge an adapter into a standalone checkpoint")
+    fuse.add_argument("--model", required=True)
+    fuse.add_argument("--adapter", required=True, type=Path)
+    fuse.add_argument("--output", required=True, type=Path)
+    fuse.set_defaults(handler=_guard(_fuse))
+
+    bake = subparsers.add_parser("bake", help="bake the mean speaker embedding into a free row")
+    bake.add_argument("--config", required=True, type=Path)
+    bake.add_argument("--checkpoint", required=True, type=Path)
+    bake.add_argument("--output", required=True, type=Path, help="voice package directory")
+    bake.add_argument("--name")
+    bake.add_argument("--slot", type=int)
+    bake.add_argument("--force", action="store_true", help="overwrite an occupied row")
+    bake.add_argument("--fuse-lora", action="store_true", help="merge the adapter into --export")
+    bake.add_argument("--export", type=Path, help="also write a standalone checkpoint")
+    bake.add_argument(
+        "--keep-cloning",
+        action="store_true",
+        help="export a Base model that serves the name AND clones from ref audio",
+    )
+    bake.set_defaults(handler=_guard(_bake))
+
+
+def _guard(handler):
+    """Known user errors become one line on stderr and exit status 2, never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from finetune.audio import AudioError
+        from finetune.config import ConfigError
+        from finetune.data import DataError
+        from finetune.families.qwen3_tts.bake import BakeError
+        from finetune.loading import CheckpointError
+        from finetune.lora import AdapterError, LoRAError
+
+        known = (
+            CommandError,
+            ConfigError,
+            DataError,
+            CheckpointError,
+            AdapterError,
+            LoRAError,
+            BakeError,
+            AudioError,
+            FileNotFoundError,
+        )
+        try:
+            return handler(args)
+        except known as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from finetune import data as data_lib
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+    from finetune.families.qwen3_tts.training import codec_encoder, speech_tokenizer_identity
+
+    clips = data_lib.read_jsonl(
+        args.input, strategy=args.strategy, max_duration_s=args.max_duration
+    )
+    loaded = load_qwen3_tts(args.model)
+    report = data_lib.preprocess(
+        clips, codec_encoder(loaded.model), speech_tokenizer_identity(loaded.path)
+    )
+    print(json.dumps({"clips": len(clips), "encoded": report.encoded, "skipped": report.skipped}))
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "lora.rank": args.lora_rank,
+        "trainer.learning_rate": args.lr,
+        "trainer.num_epochs": args.epochs,
+        "trainer.max_steps": args.max_steps,
+        "model.path": args.model,
+        "output_dir": args.output,
+    }
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finetune.config import load_config
+    from finetune.families.qwen3_tts import training
+    from finetune.progress import ProgressWriter
+
+    config = load_config(args.config, _overrides(args))
+    progress = ProgressWriter(args.progress_file, stream=sys.stdout)
+    workdir = None
+    try:
+        if args.smoke_test:
+            workdir = Path(tempfile.mkdtemp(prefix="vf-smoke-"))
+            config = smoke_config(config, workdir, keep_output=args.output is not None)
+        result = training.train(config, progress=progress, resume=args.resume)
+    finally:
+        progress.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if result.status in ("finished", "stopped") else 1
+
+
+def smoke_config(config, workdir: Path, *, keep_output: bool):
+    """The same config on a tiny model and synthetic clips, for a few steps."""
+    import msgspec
+
+    from finetune.data import synthetic_dataset
+    from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
+
+    model = make_tiny_qwen3_tts(workdir / "model", seed=0)
+    train_jsonl = synthetic_dataset(
+        workdir / "data", 6, seed=0, with_ref=config.model.strategy == "speaker"
+    )
+    val_jsonl = train_jsonl.with_name("val.jsonl")
+    return msgspec.structs.replace(
+        config,
+        model=msgspec.structs.replace(config.model, path=str(model)),
+        data=msgspec.structs.replace(
+            config.data,
+            train=[str(train_jsonl)],
+            val=[str(val_jsonl)] if val_jsonl.exists() else [],
+        ),
+        trainer=msgspec.structs.replace(
+            config.trainer,
+            batch_size=2,
+            grad_accumulation=1,
+            max_steps=SMOKE_STEPS,
+            eval_every=0,
+            save_every=0,
+            learning_rate=max(config.trainer.learning_rate, 1e-3),
+            warmup_steps=0,
+        ),
+        output_dir=config.output_dir if keep_output else str(workdir / "out"),
+    )
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    import json as json_lib
+
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+    from finetune.families.qwen3_tts.export import export_checkpoint
+    from finetune.lora import fuse_lora, load_adapters
+
+    loaded = load_qwen3_tts(args.model)
+    load_adapters(loaded.model.talker, args.adapter)
+    fused = fuse_lora(loaded.model.talker)
+    config = json_lib.loads((loaded.path / "config.json").read_text())
+    export_checkpoint(
+        loaded,
+        args.output,
+        config=config,
+        drop_speaker_encoder=loaded.model.speaker_encoder is None,
+    )
+    print(json.dumps({"output": str(args.output), "fused_layers": len(fused)}))
+    return 0
+
+
+def _bake(args: argparse.Namespace) -> int:
+    from finetune.config import load_config
+    from finetune.families.qwen3_tts.bake import bake
+
+    config = load_config(args.config)
+    result = bake(
+        config,
+        args.checkpoint,
+        args.output,
+        name=args.name,
+        slot=args.slot,
+        force=args.force,
+        fuse=args.fuse_lora,
+        export=args.export,
+        keep_cloning=args.keep_cloning,
+    )
+    print(
+        json.dumps(
+            {
+                "package": str(result.package),
+                "name": result.name,
+                "slot": result.slot,
+                "export": str(result.export) if result.export else None,
+            }
+        )
+    )
+    return 0

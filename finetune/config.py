@@ -1,0 +1,129 @@
+"""Training configuration files (YAML), decoded into typed structs with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+Strategy = Literal["language", "speaker", "duplex"]
+
+QWEN3_TALKER_TARGETS = [
+    r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+]
+QWEN3_CODE_PREDICTOR_TARGETS = [
+    r"code_predictor\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    r"code_predictor\.model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(Strict):
+    path: str
+    family: Literal["qwen3_tts"] = "qwen3_tts"
+    strategy: Strategy = "language"
+
+
+class DataSection(Strict):
+    train: list[str]
+    val: list[str] = []
+    min_duration_s: float = 0.5
+    max_duration_s: float = 30.0
+
+
+class QuantizeSection(Strict):
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+
+
+class LoRASection(Strict):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = msgspec.field(default_factory=lambda: list(QWEN3_TALKER_TARGETS))
+    train_code_predictor: bool = False
+    quantize: QuantizeSection | None = None
+
+
+class TrainerSection(Strict):
+    batch_size: int = 2
+    grad_accumulation: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    num_epochs: int = 1
+    max_steps: int | None = None
+    label_smoothing: float = 0.0
+    sub_talker_weight: float = 0.3
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 3
+    seed: int = 0
+    prefetch: int = 2
+
+
+class SpeakerSection(Strict):
+    name: str = "custom_speaker"
+    slot: int = 3000
+
+
+class TrainConfig(Strict):
+    model: ModelSection
+    data: DataSection
+    lora: LoRASection = msgspec.field(default_factory=LoRASection)
+    trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
+    speaker: SpeakerSection = msgspec.field(default_factory=SpeakerSection)
+    output_dir: str = "checkpoints/run"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora.rank < 1:
+            problems.append("lora.rank must be >= 1")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            problems.append("lora.dropout must be in [0, 1)")
+        if self.trainer.batch_size < 1:
+            problems.append("trainer.batch_size must be >= 1")
+        if not 0.0 <= self.trainer.label_smoothing < 1.0:
+            problems.append("trainer.label_smoothing must be in [0, 1)")
+        if not 0 <= self.speaker.slot < 3072:
+            problems.append("speaker.slot must be a codec_embedding row (0-3071)")
+        if self.data.min_duration_s >= self.data.max_duration_s:
+            problems.append("data.min_duration_s must be below data.max_duration_s")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (relative paths in it are relative to the working directory)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        target[key] = value
+    try:
+        config = msgspec.convert(raw, TrainConfig)
+    except (msgspec.ValidationError, ConfigError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return config

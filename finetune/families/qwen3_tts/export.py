@@ -1,0 +1,70 @@
+"""Write a loaded (possibly modified) Qwen3-TTS model back as a standalone checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS
+from finetune.families.qwen3_tts.hf_layout import main_model_to_hf
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _stored_dtypes(path: Path) -> dict[str, mx.Dtype]:
+    dtypes: dict[str, mx.Dtype] = {}
+    for file in sorted(path.glob("model*.safetensors")):
+        dtypes.update({k: v.dtype for k, v in mx.load(str(file)).items()})
+    return dtypes
+
+
+def export_checkpoint(
+    loaded: LoadedQwen3TTS,
+    out_dir: Path,
+    *,
+    config: dict[str, Any],
+    drop_speaker_encoder: bool,
+) -> Path:
+    """Talker (+ speaker encoder) weights in the base checkpoint's names, layouts and dtypes;
+    every other file (tokenizers, speech tokenizer, generation config) copied from the base."""
+    out_dir = Path(out_dir)
+    prefixes = ("talker.",) if drop_speaker_encoder else ("talker.", "speaker_encoder.")
+    params = {
+        k: np.asarray(v.astype(mx.float32))
+        for k, v in tree_flatten(loaded.model.parameters())
+        if k.startswith(prefixes)
+    }
+    if any(".lora_" in k or ".linear." in k for k in params):
+        raise ValueError("fuse or remove the LoRA layers before exporting a checkpoint")
+    dtypes = _stored_dtypes(loaded.path)
+    weights = {
+        k: mx.array(v).astype(dtypes.get(k, mx.bfloat16))
+        for k, v in sorted(main_model_to_hf(params).items())
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for item in loaded.path.iterdir():
+            if item.name in WEIGHT_FILES or item.name == "config.json":
+                continue
+            target = staging / item.name
+            if item.is_dir():
+                shutil.copytree(item, target)
+            else:
+                shutil.copy2(item, target)
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,478 @@
+"""LoRA and QLoRA layers for MLX models: apply, save / load adapters, fuse, remove.
+
+An adapter directory holds `adapters.safetensors` (the LoRA tensors, plus any fully-trained
+tensors listed in the config's `trained_tensors`) and `adapter_config.json`
+(`{"lora": LoRAConfig.to_dict(), **metadata}`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_LORA_NAMES = ("lora_a", "lora_b")
+
+
+class LoRAError(ValueError):
+    """LoRA cannot be applied as configured."""
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be loaded, with every problem found in it."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"cannot load adapter at {path} ({count}):\n{listing}")
+
+
+class _LoRABranch(nn.Module):
+    """The trainable low-rank branch shared by LoRALinear and QLoRALinear."""
+
+    def __init__(
+        self, input_dims: int, output_dims: int, rank: int, alpha: float, dropout: float
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = alpha / rank
+        bound = 1.0 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
+        self.lora_b = mx.zeros((rank, output_dims))
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    def _lora(self, x: mx.array) -> mx.array:
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return (self.scale * z).astype(x.dtype)
+
+    def _delta(self) -> mx.array:
+        """The fused update in nn.Linear's [out, in] layout, fp32."""
+        a = self.lora_a.astype(mx.float32)
+        b = self.lora_b.astype(mx.float32)
+        return self.scale * (a @ b).T
+
+
+class LoRALinear(_LoRABranch):
+    def __init__(
+        self, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> None:
+        output_dims, input_dims = linear.weight.shape
+        super().__init__(input_dims, output_dims, rank, alpha, dropout)
+        linear.freeze()
+        self.linear = linear
+
+    @classmethod
+    def from_base(
+        cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> LoRALinear:
+        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x) + self._lora(x)
+
+    def fuse(self) -> nn.Linear:
+        weight = self.linear.weight
+        output_dims, input_dims = weight.shape
+        has_bias = "bias" in self.linear
+        fused = nn.Linear(input_dims, output_dims, bias=has_bias)
+        fused.weight = (weight.astype(mx.float32) + self._delta()).astype(weight.dtype)
+        if has_bias:
+            fused.bias = self.linear.bias
+        return fused
+
+
+class QLoRALinear(_LoRABranch):
+    """LoRA over a frozen quantized layer; the low-rank branch stays in full precision."""
+
+    def __init__(
+        self,
+        linear: nn.QuantizedLinear,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ) -> None:
+        output_dims = linear.weight.shape[0]
+        input_dims = linear.weight.shape[1] * 32 // linear.bits
+        super().__init__(input_dims, output_dims, rank, alpha, dropout)
+        linear.freeze()
+        self.linear = linear
+
+    @classmethod
+    def from_base(
+        cls,
+        linear: nn.QuantizedLinear,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ) -> QLoRALinear:
+        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x) + self._lora(x)
+
+    def fuse(self) -> nn.Linear:
+        """A full-precision (fp32) nn.Linear: the dequantized base weight plus the update."""
+        q = self.linear
+        weight = mx.dequantize(
+            q.weight,
+            q.scales,
+            q.get("biases"),
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+            dtype=mx.float32,
+        )
+        output_dims, input_dims = weight.shape
+        has_bias = "bias" in q
+        fused = nn.Linear(input_dims, output_dims, bias=has_bias)
+        fused.weight = weight + self._delta()
+        if has_bias:
+            fused.bias = q.bias.astype(mx.float32)
+        return fused
+
+
+_LORA_TYPES = (LoRALinear, QLoRALinear)
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """Which Linear layers get LoRA, and its hyper-parameters.
+
+    `targets` are regular expressions matched with `re.fullmatch` against module paths relative
+    to `scope` (a path prefix such as "talker"; "" is the whole model).
+    """
+
+    targets: list[str]
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    scope: str = ""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            problems.append(f"alpha must be a number, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.scope, str) or self.scope.strip(".") != self.scope:
+            problems.append(f"scope must be a dotted module path or '', got {self.scope!r}")
+        compiled: list[re.Pattern[str]] = []
+        if isinstance(self.targets, str) or not isinstance(self.targets, list | tuple):
+            problems.append(f"targets must be a list of patterns, got {self.targets!r}")
+        elif not self.targets:
+            problems.append("targets is empty")
+        else:
+            for pattern in self.targets:
+                try:
+                    compiled.append(re.compile(pattern))
+                except (re.error, TypeError) as exc:
+                    problems.append(f"target {pattern!r} is not a regular expression ({exc})")
+        if problems:
+            raise LoRAError("invalid LoRA config: " + "; ".join(problems))
+        self.targets = list(self.targets)
+        self.alpha = float(self.alpha)
+        self.dropout = float(self.dropout)
+        self._patterns = compiled
+
+    def matches(self, relative_path: str) -> bool:
+        return any(p.fullmatch(relative_path) for p in self._patterns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "targets": list(self.targets),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "scope": self.scope,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise LoRAError(f"unknown LoRA config keys: {', '.join(unknown)}")
+        if "targets" not in data:
+            raise LoRAError("LoRA config has no 'targets'")
+        return cls(**data)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | QLoRALinear]]:
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, _LORA_TYPES)]
+
+
+def _replace_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Freeze `model` and wrap every matching Linear under `config.scope`; returns their paths."""
+    if _lora_layers(model):
+        raise LoRAError("the model already has LoRA layers; remove_lora() or fuse_lora() first")
+    prefix = f"{config.scope}." if config.scope else ""
+    modules = model.named_modules()
+    if config.scope and not any(path == config.scope for path, _ in modules):
+        raise LoRAError(f"scope {config.scope!r} names no module of the model")
+
+    replacements: list[tuple[str, nn.Module]] = []
+    not_linear: list[str] = []
+    for path, module in modules:
+        if not path.startswith(prefix) or path == config.scope:
+            continue
+        if not config.matches(path[len(prefix) :]):
+            continue
+        if isinstance(module, nn.QuantizedLinear):
+            layer: nn.Module = QLoRALinear.from_base(
+                module, rank=config.rank, alpha=config.alpha, dropout=config.dropout
+            )
+        elif isinstance(module, nn.Linear):
+            layer = LoRALinear.from_base(
+                module, rank=config.rank, alpha=config.alpha, dropout=config.dropout
+            )
+        else:
+            not_linear.append(f"{path} ({type(module).__name__})")
+            continue
+        replacements.append((path, layer))
+
+    if not_linear:
+        raise LoRAError(
+            f"{len(not_linear)} matched module(s) are not Linear layers: " + ", ".join(not_linear)
+        )
+    if not replacements:
+        where = f" under scope {config.scope!r}" if config.scope else ""
+        raise LoRAError(f"no Linear layer{where} matches any of the targets {config.targets}")
+
+    model.freeze()
+    _replace_modules(model, replacements)
+    return sorted(path for path, _ in replacements)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def lora_state(model: nn.Module) -> dict[str, mx.array]:
+    return {
+        f"{path}.{name}": getattr(layer, name)
+        for path, layer in _lora_layers(model)
+        for name in _LORA_NAMES
+    }
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapters(
+    out_dir: Path | str, model: nn.Module, config: LoRAConfig, metadata: dict[str, Any]
+) -> Path:
+    """Write the adapter directory atomically: built beside `out_dir`, then renamed into place."""
+    out_dir = Path(out_dir)
+    if "lora" in metadata:
+        raise LoRAError("metadata must not hold a 'lora' key (it is written from the config)")
+    tensors = lora_state(model)
+    if not tensors:
+        raise LoRAError("the model has no LoRA layers to save")
+    trained = list(metadata.get("trained_tensors", []))
+    if trained:
+        params = dict(tree_flatten(model.parameters()))
+        absent = [name for name in trained if name not in params]
+        if absent:
+            raise LoRAError(f"trained_tensors not in the model: {', '.join(absent)}")
+        tensors.update({name: params[name] for name in trained})
+    document = json.dumps({"lora": config.to_dict(), **metadata}, indent=2, sort_keys=True)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    token = uuid.uuid4().hex[:12]
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{token}"
+    retired = out_dir.parent / f".{out_dir.name}.old-{token}"
+    try:
+        staging.mkdir()
+        mx.eval(tensors)
+        mx.save_safetensors(str(staging / ADAPTER_WEIGHTS), tensors, metadata={"format": "mlx"})
+        (staging / ADAPTER_CONFIG).write_text(document + "\n")
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            _fsync(staging / name)
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        if out_dir.exists():
+            out_dir.rename(retired)
+        try:
+            staging.rename(out_dir)
+        except BaseException:
+            if retired.exists():
+                retired.rename(out_dir)
+            raise
+        with contextlib.suppress(OSError):
+            _fsync(out_dir.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: Path | str) -> dict[str, Any]:
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(adapter_dir, [f"{ADAPTER_CONFIG}: file is missing"]) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(adapter_dir, [f"{ADAPTER_CONFIG}: not valid JSON ({exc})"]) from exc
+    if not isinstance(config, dict):
+        raise AdapterError(adapter_dir, [f"{ADAPTER_CONFIG}: does not hold an object"])
+    problems: list[str] = []
+    if not isinstance(config.get("lora"), dict):
+        problems.append(f"{ADAPTER_CONFIG}: has no 'lora' object")
+    else:
+        try:
+            LoRAConfig.from_dict(config["lora"])
+        except (LoRAError, TypeError) as exc:
+            problems.append(f"{ADAPTER_CONFIG}: {exc}")
+    trained = config.get("trained_tensors", [])
+    if not isinstance(trained, list) or not all(isinstance(t, str) for t in trained):
+        problems.append(f"{ADAPTER_CONFIG}: 'trained_tensors' must be a list of parameter paths")
+    if problems:
+        raise AdapterError(adapter_dir, problems)
+    return config
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, mx.array]:
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise AdapterError(adapter_dir, [f"{ADAPTER_WEIGHTS}: file is missing"])
+    try:
+        weights = mx.load(str(path), format="safetensors")
+        mx.eval(weights)
+    except Exception as exc:  # mlx raises RuntimeError / ValueError for damaged files
+        raise AdapterError(adapter_dir, [f"{ADAPTER_WEIGHTS}: cannot be read ({exc})"]) from exc
+    return weights
+
+
+def _summarise(kind: str, items: list[str]) -> str:
+    return f"{len(items)} {kind}: " + ", ".join(items)
+
+
+def _weight_problems(
+    model: nn.Module, weights: dict[str, mx.array], trained: list[str]
+) -> tuple[list[str], dict[str, mx.array]]:
+    """Every mismatch between the file and the model; the tensors to load, cast to the model."""
+    expected = lora_state(model)
+    params = dict(tree_flatten(model.parameters()))
+    problems: list[str] = []
+    not_in_model = [name for name in trained if name not in params]
+    if not_in_model:
+        problems.append(_summarise("trained_tensors not in the model", not_in_model))
+    expected.update({name: params[name] for name in trained if name in params})
+
+    unknown = sorted(name for name in weights if name not in expected)
+    missing = sorted(name for name in expected if name not in weights)
+    wrong_shape: list[str] = []
+    wrong_dtype: list[str] = []
+    to_load: dict[str, mx.array] = {}
+    for name in sorted(set(weights) & set(expected)):
+        value, target = weights[name], expected[name]
+        if not mx.issubdtype(value.dtype, mx.floating):
+            wrong_dtype.append(f"{name} ({value.dtype})")
+        elif tuple(value.shape) != tuple(target.shape):
+            wrong_shape.append(f"{name} (file {tuple(value.shape)}, model {tuple(target.shape)})")
+        else:
+            to_load[name] = value.astype(target.dtype)
+    for kind, items in (
+        ("unknown tensor(s) (not LoRA tensors of this model nor trained_tensors)", unknown),
+        ("missing tensor(s)", missing),
+        ("tensor(s) with the wrong shape", wrong_shape),
+        ("tensor(s) with a non-float dtype", wrong_dtype),
+    ):
+        if items:
+            problems.append(_summarise(kind, items))
+    return problems, to_load
+
+
+def _scale_problems(model: nn.Module, lora: LoRAConfig) -> list[str]:
+    scale = lora.alpha / lora.rank
+    counts = Counter(layer.scale for _, layer in _lora_layers(model))
+    off = {s: n for s, n in counts.items() if not math.isclose(s, scale, rel_tol=1e-6)}
+    return [
+        f"{n} LoRA layer(s) have scale {s:g}, the adapter was trained with {scale:g}"
+        for s, n in sorted(off.items())
+    ]
+
+
+def load_adapters(
+    model: nn.Module, adapter_dir: Path | str, *, apply: bool = True
+) -> dict[str, Any]:
+    """Check every tensor of an adapter against `model`, then load it; returns its config.
+
+    With `apply` and no LoRA layers in `model` yet, the saved LoRAConfig is applied first (and
+    undone again if the adapter does not fit).
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = _read_weights(adapter_dir)
+    lora = LoRAConfig.from_dict(config["lora"])
+
+    applied = False
+    if apply and not _lora_layers(model):
+        try:
+            apply_lora(model, lora)
+        except LoRAError as exc:
+            raise AdapterError(adapter_dir, [f"LoRA config does not fit the model: {exc}"]) from exc
+        applied = True
+
+    problems, to_load = _weight_problems(model, weights, config.get("trained_tensors", []))
+    problems.extend(_scale_problems(model, lora))
+    if problems:
+        if applied:
+            remove_lora(model)
+        raise AdapterError(adapter_dir, problems)
+    model.load_weights(list(to_load.items()), strict=False)
+    mx.eval(model.parameters())
+    return config
+
+
+def fuse_lora(model: nn.Module) -> list[str]:
+    """Replace each LoRA layer by a plain (frozen) Linear holding W + scale * (A @ B).T."""
+    fused: list[tuple[str, nn.Module]] = []
+    for path, layer in _lora_layers(model):
+        linear = layer.fuse()
+        linear.freeze()
+        fused.append((path, linear))
+    _replace_modules(model, fused)
+    return sorted(path for path, _ in fused)
+
+
+def remove_lora(model: nn.Module) -> list[str]:
+    """Put the base layers back in place of the LoRA layers; returns their paths."""
+    bases: list[tuple[str, nn.Module]] = [(p, layer.linear) for p, layer in _lora_layers(model)]
+    _replace_modules(model, bases)
+    return sorted(path for path, _ in bases)

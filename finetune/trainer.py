@@ -1,0 +1,327 @@
+"""A small MLX training loop with exact resume.
+
+AdamW, gradient accumulation, global-norm clipping, cosine / linear / constant schedules with
+warmup, validation, best / final / periodic checkpoints with rotation, one `mx.eval` per
+optimizer step, JSON-lines progress and a clean stop on SIGTERM.
+
+A checkpoint holds the trainable tensors, the optimizer state (its step drives the schedule), the
+trainer step and the data position. Randomness (dropout) is reseeded from (seed, step) at every
+step, so a run resumed at step k draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from finetune.progress import ProgressWriter
+
+SCHEDULES = ("cosine", "linear", "constant")
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+LossFn = Callable[[nn.Module, Any], tuple[mx.array, dict[str, mx.array]]]
+SaveWeights = Callable[[nn.Module, Path], None]
+# Yields (epoch, batch_index, batch) forever from the given position.
+BatchSource = Callable[[int, int], Iterator[tuple[int, int, Any]]]
+
+
+@dataclass
+class TrainerConfig:
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    num_epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            problems.append("learning_rate must be a positive number")
+        if self.grad_accumulation < 1:
+            problems.append("grad_accumulation must be >= 1")
+        if self.num_epochs < 1:
+            problems.append("num_epochs must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be >= 1")
+        if self.warmup_steps < 0:
+            problems.append("warmup_steps must be >= 0")
+        if problems:
+            raise ValueError("invalid trainer config: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped"
+    step: int
+    total_steps: int
+    final_dir: Path | None
+    best_dir: Path | None
+    last_loss: float | None
+
+
+class Trainer:
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        batches: BatchSource,
+        batches_per_epoch: int,
+        save_weights: SaveWeights,
+        config: TrainerConfig,
+        output_dir: Path,
+        *,
+        samples_in: Callable[[Any], int] = len,
+        val_batches: list[Any] | None = None,
+        progress: ProgressWriter | None = None,
+    ) -> None:
+        if batches_per_epoch < 1:
+            raise ValueError("no training batches")
+        self.module = module
+        self.loss_fn = loss_fn
+        self.batches = batches
+        self.save_weights = save_weights
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.samples_in = samples_in
+        self.val_batches = val_batches or []
+        self.progress = progress or ProgressWriter()
+        steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accumulation)
+        self.total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+        self.optimizer = optim.AdamW(
+            learning_rate=self._schedule(),
+            betas=[config.beta1, config.beta2],
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+        self.optimizer.init(module.trainable_parameters())
+        self.step = 0
+        self.position = (0, 0)
+        self.best_val: float | None = None
+        self._stop_requested = False
+        self._value_and_grad = nn.value_and_grad(module, self._loss)
+
+    # --- schedule -----------------------------------------------------------------------
+    def _schedule(self) -> Callable[[mx.array], mx.array]:
+        cfg = self.config
+        decay_steps = max(self.total_steps - cfg.warmup_steps, 1)
+        end = cfg.learning_rate * cfg.min_lr_ratio
+        if cfg.schedule == "cosine":
+            main = optim.cosine_decay(cfg.learning_rate, decay_steps, end)
+        elif cfg.schedule == "linear":
+            main = optim.linear_schedule(cfg.learning_rate, end, decay_steps)
+        else:
+            main = lambda _: mx.array(cfg.learning_rate)  # noqa: E731
+        if cfg.warmup_steps == 0:
+            return main
+        warmup = optim.linear_schedule(
+            cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps
+        )
+        return optim.join_schedules([warmup, main], [cfg.warmup_steps])
+
+    # --- one step -----------------------------------------------------------------------
+    def _loss(self, module: nn.Module, batch: Any) -> tuple[mx.array, dict[str, mx.array]]:
+        return self.loss_fn(module, batch)
+
+    def _optimizer_step(self, source: Iterator[tuple[int, int, Any]]) -> tuple[dict, int]:
+        cfg = self.config
+        mx.random.seed(cfg.seed * 1_000_003 + self.step)
+        grads_sum = None
+        parts_sum: dict[str, mx.array] = {}
+        samples = 0
+        for _ in range(cfg.grad_accumulation):
+            epoch, index, batch = next(source)
+            (loss, parts), grads = self._value_and_grad(self.module, batch)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            for key, value in {"loss": loss, **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+            samples += self.samples_in(batch)
+            self.position = (epoch, index + 1)
+        scale = 1.0 / cfg.grad_accumulation
+        grads = tree_map(lambda g: g * scale, grads_sum)
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        self.optimizer.update(self.module, grads)
+        means = {k: v * scale for k, v in parts_sum.items()}
+        mx.eval(self.module.trainable_parameters(), self.optimizer.state, means, grad_norm)
+        report = {k: float(v.item()) for k, v in means.items()}
+        report["grad_norm"] = float(grad_norm.item())
+        return report, samples
+
+    def evaluate(self) -> float | None:
+        if not self.val_batches:
+            return None
+        total = 0.0
+        for batch in self.val_batches:
+            loss, _ = self.loss_fn(self.module, batch)
+            total += float(loss.item())
+        return total / len(self.val_batches)
+
+    # --- loop ---------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: no signal handling there
+            previous = None
+        self.progress.emit(
+            "start",
+            step=self.step,
+            total_steps=self.total_steps,
+            trainable_parameters=sum(
+                v.size for _, v in tree_flatten(self.module.trainable_parameters())
+            ),
+        )
+        source = self.batches(*self.position)
+        started = time.perf_counter()
+        start_step = self.step
+        last_loss = None
+        best_dir = None
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                report, samples = self._optimizer_step(source)
+                self.step += 1
+                last_loss = report["loss"]
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss became {last_loss} at step {self.step}")
+                elapsed = time.perf_counter() - started
+                rate = (self.step - start_step) / max(elapsed, 1e-9)
+                self.progress.emit(
+                    "step",
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    epoch=self.position[0],
+                    lr=float(self.optimizer.learning_rate.item()),
+                    samples_per_s=round(samples / max(time.perf_counter() - t0, 1e-9), 3),
+                    eta_s=round((self.total_steps - self.step) / max(rate, 1e-9), 1),
+                    **{k: round(v, 6) for k, v in report.items()},
+                )
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    best_dir = self._validate() or best_dir
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint(self.output_dir / f"checkpoint-{self.step:06d}")
+                    self._rotate()
+                if self._stop_requested:
+                    path = self.save_checkpoint(self.output_dir / "checkpoint-last")
+                    self.progress.emit("stopped", step=self.step, checkpoint=str(path))
+                    return TrainResult(
+                        "stopped", self.step, self.total_steps, None, best_dir, last_loss
+                    )
+            if self.val_batches:
+                best_dir = self._validate() or best_dir
+            final = self.save_checkpoint(self.output_dir / "checkpoint-final")
+            self.progress.emit(
+                "done",
+                step=self.step,
+                checkpoint=str(final),
+                loss=last_loss,
+                best_val=self.best_val,
+            )
+            return TrainResult("finished", self.step, self.total_steps, final, best_dir, last_loss)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self._stop_requested = True
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _validate(self) -> Path | None:
+        val = self.evaluate()
+        if val is None:
+            return None
+        improved = self.best_val is None or val < self.best_val
+        self.progress.emit("eval", step=self.step, val_loss=round(val, 6), improved=improved)
+        if improved:
+            self.best_val = val
+            return self.save_checkpoint(self.output_dir / "checkpoint-best")
+        return None
+
+    def _rotate(self) -> None:
+        keep = self.config.keep_checkpoints
+        periodic = sorted(self.output_dir.glob("checkpoint-[0-9]*"))
+        for old in periodic[: max(len(periodic) - keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> Path:
+        """Adapters + optimizer + trainer state, written beside `path` and renamed into place."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        self.save_weights(self.module, staging)
+        optimizer_state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_state)
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.position[0],
+            "batch_index": self.position[1],
+            "best_val": self.best_val,
+            "seed": self.config.seed,
+            "config": asdict(self.config),
+        }
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.progress.emit("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def resume(self, checkpoint: Path) -> None:
+        """Restore the weights, optimizer and position saved by `save_checkpoint`."""
+        checkpoint = Path(checkpoint)
+        state_file = checkpoint / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} is not a trainer checkpoint ({STATE_FILE} missing)"
+            )
+        state = json.loads(state_file.read_text())
+        weights = mx.load(str(checkpoint / "adapters.safetensors"))
+        trainable = dict(tree_flatten(self.module.trainable_parameters()))
+        missing = sorted(set(trainable) - set(weights))
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable tensors: {', '.join(missing[:5])}")
+        self.module.load_weights([(k, weights[k]) for k in trainable], strict=False)
+        saved = mx.load(str(checkpoint / OPTIMIZER_FILE))
+        self.optimizer.state = tree_unflatten(list(saved.items()))
+        self.step = int(state["step"])
+        self.position = (int(state["epoch"]), int(state["batch_index"]))
+        self.best_val = state.get("best_val")
+        mx.eval(self.module.trainable_parameters(), self.optimizer.state)
+        self.progress.emit("resume", step=self.step, checkpoint=str(checkpoint))
