@@ -106,7 +106,7 @@ _verified_lock = threading.Lock()
 
 
 def verify_key(secret: str, encoded: str) -> bool:
-    """True when `secret` matches the stored hash `encoded` (False too if `encoded` is malformed)."""
+    """True when `secret` matches the stored hash `encoded` (False if `encoded` is malformed)."""
     try:
         iterations, salt, expected = _parse_hash(encoded)
     except ValueError:

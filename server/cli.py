@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     finetune_cli.register(subparsers)
+    from server import commands
+
+    commands.register(subparsers)
     return parser
 
 

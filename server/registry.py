@@ -462,7 +462,9 @@ class Registry:
 
     def get_job(self, job_id: str) -> Job:
         with self._lock:
-            row = self._connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = (
+                self._connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            )
         if row is None:
             raise JobNotFound(job_id)
         return _job_from_row(row)

@@ -24,13 +24,13 @@ SEQ_FRAMES = 50  # 4 s of audio per clip, batch of 2
 
 
 def child(args: argparse.Namespace) -> None:
-    import finetune  # noqa: F401
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten
 
+    import finetune  # noqa: F401
     from finetune.config import QWEN3_TALKER_TARGETS
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
     from finetune.families.qwen3_tts.forward import qwen3_tts_loss
@@ -59,9 +59,13 @@ def child(args: argparse.Namespace) -> None:
     ids = SpecialIds.from_config(model.config)
     rng = np.random.default_rng(0)
     seqs = [
-        build_sequence(ids, model.tokenizer.encode(chat_text(t)),
-                       rng.integers(0, 2048, (SEQ_FRAMES, 16)).astype(np.int32),
-                       language=None, with_speaker=False)
+        build_sequence(
+            ids,
+            model.tokenizer.encode(chat_text(t)),
+            rng.integers(0, 2048, (SEQ_FRAMES, 16)).astype(np.int32),
+            language=None,
+            with_speaker=False,
+        )
         for t in ("A sentence for the benchmark.", "And a second one, a little longer.")
     ]
     batch = pack(seqs, ids)
@@ -87,8 +91,17 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run(model: Path, mode: str, steps: int, adapter_dir: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", str(model), "--mode", mode,
-           "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--model",
+        str(model),
+        "--mode",
+        mode,
+        "--steps",
+        str(steps),
+    ]
     if adapter_dir is not None:
         cmd += ["--adapter-dir", str(adapter_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -116,23 +129,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vf-bench-ft-") as tmp:
         shapes = {"tiny": make_tiny_qwen3_tts(Path(tmp) / "tiny", seed=0)}
         if args.real:
-            shapes["real-0.6b"] = make_tiny_qwen3_tts(Path(tmp) / "real", seed=0,
-                                                      preset="real-0.6b")
+            shapes["real-0.6b"] = make_tiny_qwen3_tts(
+                Path(tmp) / "real", seed=0, preset="real-0.6b"
+            )
         print(f"batch: 2 clips x {SEQ_FRAMES} frames; median of {args.steps} steps after warm-up")
         print(f"{'shape':10s} {'mode':6s} {'trainable':>12s} {'step (s)':>9s} {'peak (GB)':>10s}")
         for shape, path in shapes.items():
             results = {mode: run(path, mode, args.steps) for mode in ("lora8", "full")}
             for mode, r in results.items():
-                print(f"{shape:10s} {mode:6s} {int(r['trainable_params']):12,d} "
-                      f"{r['step_s']:9.3f} {r['peak_gb']:10.2f}")
+                print(
+                    f"{shape:10s} {mode:6s} {int(r['trainable_params']):12,d} "
+                    f"{r['step_s']:9.3f} {r['peak_gb']:10.2f}"
+                )
             lora, full = results["lora8"], results["full"]
-            print(f"{shape:10s} full / lora8: step time {full['step_s'] / lora['step_s']:.2f}x, "
-                  f"peak memory {full['peak_gb'] / lora['peak_gb']:.2f}x")
+            print(
+                f"{shape:10s} full / lora8: step time {full['step_s'] / lora['step_s']:.2f}x, "
+                f"peak memory {full['peak_gb'] / lora['peak_gb']:.2f}x"
+            )
         if args.real:
             for rank in (8, 16):
                 r = run(shapes["real-0.6b"], f"lora{rank}", 1, Path(tmp) / f"adapter{rank}")
-                print(f"real-0.6b adapter at rank {rank}: {r['adapter_mb']:.1f} MB "
-                      f"(seed pipeline: {23 if rank == 8 else 45} MB)")
+                print(
+                    f"real-0.6b adapter at rank {rank}: {r['adapter_mb']:.1f} MB "
+                    f"(seed pipeline: {23 if rank == 8 else 45} MB)"
+                )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,364 @@
+"""The Litestar application: `create_app(settings)`; the lifespan loads models and services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from server import audio_formats
+from server.auth import KeyStore, Scope, secret_from_headers
+from server.engine.qwen3_batch import Sampling
+from server.engine.worker import Done, Engine, QueueFull, SpeakJob
+from server.errors import (
+    BadRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unprocessable,
+    exception_handler,
+)
+from server.metrics import Metrics
+from server.registry import Voice
+from server.schemas import Health, OpenAISpeechRequest, SpeakRequest, VoiceList, VoiceOut
+from server.settings import Settings
+from server.text_split import split_text
+from server.voices import VoiceService
+
+SAMPLE_RATE = 24_000
+
+
+# --- auth -----------------------------------------------------------------------------------
+def _guard(scope: Scope):
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        keys: KeyStore = connection.app.state.api_keys
+        keys.authenticate(secret_from_headers(connection.headers), scope)
+
+    return guard
+
+
+speak_guard = _guard("speak")
+admin_guard = _guard("admin")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _decode(body: bytes, kind: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def _voice_out(voice: Voice) -> VoiceOut:
+    return VoiceOut(
+        name=voice.name,
+        base_model=voice.base_model,
+        kind=voice.kind,
+        slot=voice.slot,
+        has_adapter=voice.adapter is not None,
+        has_ref_clip=voice.ref_clip is not None,
+        default_language=voice.default_language,
+        created_at=voice.created_at or None,
+        meta=voice.meta,
+    )
+
+
+async def _watch_disconnect(request: Request, job: SpeakJob) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
+class Synthesis:
+    """One request's way through the engine: submit, then audio chunks out."""
+
+    def __init__(
+        self,
+        state: State,
+        voice: Voice,
+        text: str,
+        language: str | None,
+        sampling: Sampling,
+        seed: int | None,
+        stream: bool,
+    ) -> None:
+        settings: Settings = state.settings
+        service: VoiceService = state.voices
+        self.engine: Engine = state.engine
+        self.metrics: Metrics = state.metrics
+        self.job = SpeakJob(
+            voicing=service.voicing(voice),
+            segments=split_text(text),
+            language=language or voice.default_language,
+            sampling=sampling,
+            seed=seed,
+            stream=stream,
+            loop=asyncio.get_running_loop(),
+            out=asyncio.Queue(),
+            chunk_frames=settings.stream_chunk_frames,
+        )
+        self.started = time.perf_counter()
+
+    def submit(self) -> None:
+        try:
+            self.engine.submit(self.job)
+        except QueueFull as exc:
+            raise Overloaded(f"the synthesis queue is full ({exc}); retry shortly") from exc
+
+    async def chunks(self) -> AsyncIterator[np.ndarray]:
+        try:
+            while True:
+                item = await self.job.out.get()
+                if isinstance(item, Done):
+                    self.metrics.synthesis(item.frames / 12.5, item.seconds)
+                    self.metrics.latency(time.perf_counter() - self.started)
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.job.cancel.set()  # no-op when finished; stops the work if the client left
+
+
+def _sampling(settings: Settings, req: SpeakRequest | None) -> Sampling:
+    base = Sampling(max_tokens=settings.max_tokens_per_sentence)
+    if req is None:
+        return base
+    values = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "repetition_penalty": req.repetition_penalty,
+        "max_tokens": req.max_tokens,
+    }
+    fields = {k: v for k, v in values.items() if v is not None}
+    if "max_tokens" in fields:
+        fields["max_tokens"] = min(fields["max_tokens"], settings.max_tokens_per_sentence)
+    problems = []
+    if fields.get("temperature", 0.0) < 0:
+        problems.append("temperature must be >= 0")
+    if not 0 < fields.get("top_p", 1.0) <= 1:
+        problems.append("top_p must be in (0, 1]")
+    if fields.get("top_k", 1) < 0:
+        problems.append("top_k must be >= 0")
+    if fields.get("max_tokens", 1) < 1:
+        problems.append("max_tokens must be >= 1")
+    if problems:
+        raise Unprocessable("; ".join(problems))
+    return dataclasses.replace(base, **fields)
+
+
+def _check_text(settings: Settings, text: str) -> str:
+    if not text.strip():
+        raise Unprocessable("text is empty")
+    if len(text) > settings.max_text_chars:
+        raise PayloadTooLarge(
+            f"text has {len(text)} characters; the limit is {settings.max_text_chars}"
+        )
+    return text
+
+
+def _check_format(fmt: str, stream: bool) -> str:
+    try:
+        name = audio_formats.check_format(fmt)
+    except audio_formats.UnsupportedFormat as exc:
+        raise Unprocessable(str(exc), allowed=list(audio_formats.FORMATS)) from exc
+    if stream and name not in audio_formats.STREAMABLE:
+        raise Unprocessable(
+            f"format {name!r} cannot be streamed; use one of "
+            f"{', '.join(sorted(audio_formats.STREAMABLE))}"
+        )
+    return name
+
+
+async def _respond(
+    request: Request, synthesis: Synthesis, fmt: str, stream: bool, speed: float = 1.0
+) -> Response | Stream:
+    headers = audio_formats.response_headers(fmt, SAMPLE_RATE)
+    if stream:
+        encoder = audio_formats.stream_encoder(fmt, SAMPLE_RATE)
+        synthesis.submit()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield encoder.header()
+                async for chunk in synthesis.chunks():
+                    data = encoder.encode_chunk(chunk)
+                    if data:
+                        yield data
+                yield encoder.finish()
+            finally:
+                encoder.close()
+
+        return Stream(body(), media_type=headers.pop("Content-Type"), headers=headers)
+
+    synthesis.submit()
+    watcher = asyncio.create_task(_watch_disconnect(request, synthesis.job))
+    try:
+        parts = [chunk async for chunk in synthesis.chunks()]
+    finally:
+        watcher.cancel()
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if speed != 1.0:
+        audio = await anyio.to_thread.run_sync(
+            audio_formats.change_speed, audio, speed, SAMPLE_RATE
+        )
+    data = await anyio.to_thread.run_sync(audio_formats.encode, audio, fmt, SAMPLE_RATE)
+    media_type = headers.pop("Content-Type")
+    return Response(data, media_type=media_type, headers=headers)
+
+
+# --- routes -----------------------------------------------------------------------------------
+@post("/speak", guards=[speak_guard], status_code=200, summary="Speech for a speaker name")
+async def speak(request: Request, state: State) -> Response | Stream:
+    req: SpeakRequest = _decode(await request.body(), SpeakRequest)
+    settings: Settings = state.settings
+    text = _check_text(settings, req.text)
+    fmt = _check_format(req.format, req.stream)
+    voice = await anyio.to_thread.run_sync(state.voices.get, req.speaker)
+    synthesis = Synthesis(
+        state, voice, text, req.language, _sampling(settings, req), req.seed, req.stream
+    )
+    return await _respond(request, synthesis, fmt, req.stream)
+
+
+@post("/v1/audio/speech", guards=[speak_guard], status_code=200, summary="OpenAI-compatible speech")
+async def openai_speech(request: Request, state: State) -> Response | Stream:
+    req: OpenAISpeechRequest = _decode(await request.body(), OpenAISpeechRequest)
+    settings: Settings = state.settings
+    text = _check_text(settings, req.input)
+    stream = req.stream_format == "audio"
+    fmt = _check_format(req.response_format, stream)
+    if not 0.25 <= req.speed <= 4.0:
+        raise Unprocessable("speed must be between 0.25 and 4.0")
+    if stream and req.speed != 1.0:
+        raise Unprocessable("speed other than 1.0 is not available while streaming")
+    voice = await anyio.to_thread.run_sync(state.voices.get, req.voice)
+    if req.model not in state.engine.models:
+        raise Unprocessable(
+            f"unknown model {req.model!r}; loaded: {', '.join(sorted(state.engine.models))}"
+        )
+    if voice.base_model != req.model:
+        raise Unprocessable(f"voice {voice.name!r} belongs to model {voice.base_model!r}")
+    synthesis = Synthesis(state, voice, text, None, _sampling(settings, None), None, stream)
+    return await _respond(request, synthesis, fmt, stream, req.speed)
+
+
+@get("/voices", guards=[speak_guard])
+async def list_voices(state: State) -> VoiceList:
+    voices = await anyio.to_thread.run_sync(state.voices.list)
+    return VoiceList(voices=[_voice_out(v) for v in voices])
+
+
+@get("/voices/{name:str}", guards=[speak_guard])
+async def get_voice(state: State, name: str) -> VoiceOut:
+    return _voice_out(await anyio.to_thread.run_sync(state.voices.get, name))
+
+
+@delete("/voices/{name:str}", guards=[admin_guard], status_code=200)
+async def delete_voice(state: State, name: str) -> VoiceOut:
+    return _voice_out(await state.voices.delete(name))
+
+
+@post(
+    "/voices/import",
+    guards=[admin_guard],
+    status_code=201,
+    summary="Register a voice package (.tar.gz / .zip made by `voicefoundry bake`)",
+)
+async def import_voice(request: Request, state: State) -> VoiceOut:
+    settings: Settings = state.settings
+    form = await request.form()
+    package = form.get("package")
+    if package is None or not hasattr(package, "read"):
+        raise Unprocessable("send the voice package as the multipart file field 'package'")
+    data = await package.read()
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"package is larger than {settings.max_upload_bytes} bytes")
+    ref = form.get("ref_clip")
+    ref_bytes = await ref.read() if ref is not None and hasattr(ref, "read") else None
+    voice = await state.voices.import_package(
+        data,
+        name=form.get("name") or None,
+        base_model=form.get("base_model") or None,
+        ref_clip=ref_bytes,
+    )
+    return _voice_out(voice)
+
+
+@get("/healthz")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@get("/readyz")
+async def readyz(state: State) -> Health:
+    models = sorted(state.engine.models) if getattr(state, "engine", None) else []
+    if not models:
+        raise NotReady("no model is loaded yet")
+    return Health(status="ready", models=models)
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> str:
+    return state.metrics.render(state.engine)
+
+
+# --- app ------------------------------------------------------------------------------------
+async def _count_response(message: Any, scope: Any) -> None:
+    if message["type"] == "http.response.start":
+        handler = scope.get("route_handler")
+        route = sorted(handler.paths)[0] if handler is not None else "unmatched"
+        scope["app"].state.metrics.request(route, int(message["status"]))
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The app; models load in the lifespan, never at import."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        from server.startup import start_services
+
+        async with start_services(app, settings):
+            yield
+
+    cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
+    app = Litestar(
+        route_handlers=[
+            speak,
+            openai_speech,
+            list_voices,
+            get_voice,
+            delete_voice,
+            import_voice,
+            healthz,
+            readyz,
+            metrics,
+        ],
+        lifespan=[lifespan],
+        exception_handlers={Exception: exception_handler},
+        openapi_config=OpenAPIConfig(title="voicefoundry", version="0.1.0"),
+        cors_config=cors,
+        state=State({"settings": settings, "metrics": Metrics()}),
+        request_max_body_size=settings.max_upload_bytes,
+        before_send=[_count_response],
+    )
+    return app

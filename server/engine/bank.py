@@ -1,0 +1,244 @@
+"""Hot-swappable LoRA adapters for batched serving (the Punica / S-LoRA idea).
+
+Every targeted Linear of a loaded base model is wrapped once by `BankedLoRALinear`, which holds a
+bank of adapter slots (A: [S, in, r_max], B: [S, r_max, out], scale: [S]; slot 0 is "no
+adapter"). A batch sets one slot index per row on the shared `BankContext`, so requests for
+different adapters run in the same forward pass. Loading an adapter writes its tensors into a
+free slot: the base model is never reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+from safetensors.numpy import load_file
+
+from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+
+
+class BankContext:
+    """Per-forward slot indices, shared by every banked layer of one model."""
+
+    def __init__(self) -> None:
+        self.slot_ids: mx.array | None = None
+
+
+class BankedLoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, slots: int, max_rank: int, ctx: BankContext) -> None:
+        super().__init__()
+        self.base = base
+        out_dims, in_dims = base.weight.shape
+        if isinstance(base, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // base.bits
+        self.lora_a = mx.zeros((slots, in_dims, max_rank))
+        self.lora_b = mx.zeros((slots, max_rank, out_dims))
+        self.scales = mx.zeros((slots,))
+        self._ctx = ctx
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        ids = self._ctx.slot_ids
+        if ids is None:
+            return y
+        a = self.lora_a[ids]  # [B, in, r]
+        b = self.lora_b[ids]  # [B, r, out]
+        scale = self.scales[ids].reshape(-1, *([1] * (x.ndim - 1)))
+        delta = (x.reshape(x.shape[0], -1, x.shape[-1]) @ a) @ b
+        return y + (scale * delta.reshape(*y.shape)).astype(y.dtype)
+
+
+@dataclass
+class AdapterTensors:
+    """An adapter read from disk (off the MLX thread), ready to be installed into a slot."""
+
+    path: Path
+    scale: float
+    rank: int
+    tensors: dict[str, np.ndarray]  # layer path -> lora_a / lora_b arrays
+    nbytes: int
+
+    @classmethod
+    def read(cls, path: Path, module: str = "talker") -> AdapterTensors:
+        path = Path(path)
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text())
+            weights = load_file(str(path / ADAPTER_WEIGHTS))
+        except FileNotFoundError as exc:
+            raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
+        except (OSError, ValueError) as exc:
+            raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
+        if config.get("module", module) != module:
+            raise AdapterError(path, [f"adapter is for module {config.get('module')!r}"])
+        lora = config.get("lora") or {}
+        try:
+            rank, alpha = int(lora["rank"]), float(lora["alpha"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterError(path, ["adapter_config.json lacks lora.rank / lora.alpha"]) from exc
+        extra = sorted(k for k in weights if not k.endswith((".lora_a", ".lora_b")))
+        if extra:
+            raise AdapterError(path, [f"fully trained tensors cannot be banked: {extra[:3]}"])
+        arrays = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+        return cls(path, alpha / rank, rank, arrays, sum(a.nbytes for a in arrays.values()))
+
+
+@dataclass
+class _Slot:
+    key: str
+    nbytes: int
+    in_use: int = 0
+
+
+@dataclass
+class BankStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loads: list[float] = field(default_factory=list)
+
+
+class BankFull(RuntimeError):
+    pass
+
+
+class AdapterBank:
+    """Slots of one base model's banked layers, LRU-evicted under a slot and a byte budget.
+
+    All methods run on the engine's MLX thread, except `AdapterTensors.read` (any thread).
+    """
+
+    def __init__(
+        self, root: nn.Module, targets: list[str], *, slots: int, max_rank: int, max_bytes: int
+    ) -> None:
+        self.ctx = BankContext()
+        self.slots = slots
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self.layers = self._install(root, targets)
+        self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, LRU order
+        self._slots: dict[int, _Slot] = {}
+        self.stats = BankStats()
+        self._lock = threading.Lock()
+
+    def _install(self, root: nn.Module, targets: list[str]) -> dict[str, BankedLoRALinear]:
+        patterns = [re.compile(t) for t in targets]
+        wrapped: dict[str, BankedLoRALinear] = {}
+        for path, module in root.named_modules():
+            if isinstance(module, nn.Linear | nn.QuantizedLinear) and any(
+                p.fullmatch(path) for p in patterns
+            ):
+                wrapped[path] = BankedLoRALinear(module, self.slots, self.max_rank, self.ctx)
+        if not wrapped:
+            raise ValueError("adapter bank: no layer matched the target patterns")
+        root.update_modules(tree_unflatten(list(wrapped.items())))
+        return wrapped
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(s.nbytes for s in self._slots.values())
+
+    def slot_of(self, key: str) -> int | None:
+        return self._resident.get(key)
+
+    def ensure(self, adapter: AdapterTensors) -> int:
+        """The adapter's slot, installing it (evicting idle LRU adapters) if needed."""
+        key = str(adapter.path)
+        slot = self._resident.get(key)
+        if slot is not None:
+            self._resident.move_to_end(key)
+            self.stats.hits += 1
+            return slot
+        self.stats.misses += 1
+        if adapter.rank > self.max_rank:
+            raise AdapterError(
+                adapter.path, [f"rank {adapter.rank} exceeds the bank's max rank {self.max_rank}"]
+            )
+        self._check_layers(adapter)
+        slot = self._free_slot(adapter.nbytes)
+        self._write(slot, adapter)
+        self._slots[slot] = _Slot(key, adapter.nbytes)
+        self._resident[key] = slot
+        return slot
+
+    def _check_layers(self, adapter: AdapterTensors) -> None:
+        problems = []
+        for name, array in adapter.tensors.items():
+            layer_path, _, leaf = name.rpartition(".")
+            layer = self.layers.get(layer_path)
+            if layer is None:
+                problems.append(f"{name}: no banked layer at {layer_path}")
+                continue
+            want = layer.lora_a.shape[1] if leaf == "lora_a" else layer.lora_b.shape[2]
+            got = array.shape[0] if leaf == "lora_a" else array.shape[1]
+            if got != want:
+                problems.append(f"{name}: shape {array.shape} does not fit the base model")
+        if problems:
+            raise AdapterError(adapter.path, problems)
+
+    def _free_slot(self, nbytes: int) -> int:
+        used = set(self._slots)
+        free = [s for s in range(1, self.slots) if s not in used]
+        while not free or self.resident_bytes + nbytes > self.max_bytes:
+            victim = next(
+                (k for k, s in self._resident.items() if self._slots[s].in_use == 0), None
+            )
+            if victim is None:
+                raise BankFull("every adapter slot is busy; try again shortly")
+            slot = self._resident.pop(victim)
+            del self._slots[slot]
+            self._clear(slot)
+            self.stats.evictions += 1
+            free = [s for s in range(1, self.slots) if s not in self._slots]
+        return free[0]
+
+    def _write(self, slot: int, adapter: AdapterTensors) -> None:
+        r = adapter.rank
+        for path, layer in self.layers.items():
+            a = adapter.tensors.get(f"{path}.lora_a")
+            b = adapter.tensors.get(f"{path}.lora_b")
+            if a is None or b is None:
+                self._clear_layer(layer, slot)
+                continue
+            layer.lora_a[slot] = mx.zeros(layer.lora_a.shape[1:])
+            layer.lora_b[slot] = mx.zeros(layer.lora_b.shape[1:])
+            layer.lora_a[slot, :, :r] = mx.array(a)
+            layer.lora_b[slot, :r, :] = mx.array(b)
+            layer.scales[slot] = adapter.scale
+        mx.eval([(layer.lora_a, layer.lora_b, layer.scales) for layer in self.layers.values()])
+
+    def _clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            self._clear_layer(layer, slot)
+
+    @staticmethod
+    def _clear_layer(layer: BankedLoRALinear, slot: int) -> None:
+        layer.scales[slot] = 0.0
+
+    def acquire(self, slot: int) -> None:
+        if slot:
+            self._slots[slot].in_use += 1
+
+    def release(self, slot: int) -> None:
+        if slot and slot in self._slots:
+            self._slots[slot].in_use = max(self._slots[slot].in_use - 1, 0)
+
+    def unload(self, key: str) -> bool:
+        slot = self._resident.get(key)
+        if slot is None or self._slots[slot].in_use:
+            return False
+        del self._resident[key]
+        del self._slots[slot]
+        self._clear(slot)
+        return True
+
+    def set_rows(self, slots: list[int] | None) -> None:
+        self.ctx.slot_ids = None if not slots or not any(slots) else mx.array(slots)

@@ -1,0 +1,229 @@
+"""Batched Qwen3-TTS generation for serving.
+
+The same step as mlx-audio's `Model.generate` (base path), for several requests at once: left
+padded prompts with an attention mask, one adapter-bank slot per row, and one random key per row
+that is split exactly as MLX splits its global key. A request alone with seed s therefore draws
+what `mx.random.seed(s); model.generate(...)` draws, and a request in a batch draws what it
+would draw alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_audio.lm.sample_utils import apply_top_k
+from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
+
+from finetune.families.qwen3_tts.forward import input_embeddings
+from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
+
+REPETITION_CONTEXT = 64
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    max_tokens: int = 2048
+
+
+@dataclass
+class Row:
+    """One request in a batch. `on_frames(codes [n, 16])` is called as frames are made."""
+
+    prompt: mx.array  # [P, H] prefix embeddings
+    sampling: Sampling
+    seed: int | None = None
+    slot: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_frames: Callable[[np.ndarray], None] | None = None
+    frames: list[np.ndarray] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+    key: mx.array | None = None
+
+    def __post_init__(self) -> None:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.key = mx.random.key(seed)
+
+    def next_key(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+class Qwen3Prompter:
+    """Prefix embeddings, the same mlx-audio builds (pinned by tests/test_qwen3_layout.py)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.ids = SpecialIds.from_config(model.config)
+
+    def speaker_vector(self, name: str) -> mx.array:
+        spk_id = self.model.config.talker_config.spk_id or {}
+        row = spk_id[name.lower()]
+        row = row[0] if isinstance(row, list | tuple) else row
+        return self.model.talker.model.codec_embedding.weight[int(row)]
+
+    def prompt(self, text: str, language: str | None, speaker: mx.array | None) -> mx.array:
+        chat = self.model.tokenizer.encode(chat_text(text))
+        seq = build_sequence(
+            self.ids,
+            chat,
+            np.zeros((0, 16), np.int32),
+            language=language,
+            with_speaker=speaker is not None,
+        )
+        spk = None if speaker is None else speaker.reshape(1, -1)
+        embeds = input_embeddings(self.model.talker, pack([seq], self.ids), spk)
+        return embeds[0]
+
+
+class Qwen3BatchGenerator:
+    def __init__(self, model: Any, set_rows: Callable[[list[int] | None], None]) -> None:
+        self.model = model
+        self.talker = model.talker
+        self.set_rows = set_rows
+        config = model.config.talker_config
+        self.eos = config.codec_eos_token_id
+        self.suppress = mx.array(
+            [i for i in range(config.vocab_size - 1024, config.vocab_size) if i != self.eos],
+            dtype=mx.int32,
+        )
+        tts = mx.array([[model.config.tts_pad_token_id]])
+        self.tts_pad = self.talker.text_projection(self.talker.get_text_embeddings()(tts))
+
+    def run(self, rows: list[Row]) -> None:
+        """Generate until every row hit codec_eos, its max_tokens, or was cancelled."""
+        active = [r for r in rows if not r.cancel.is_set()]
+        if not active:
+            return
+        lengths = [r.prompt.shape[0] for r in active]
+        longest = max(lengths)
+        mask = None
+        if len(set(lengths)) > 1:
+            width = active[0].prompt.shape[1]
+            padded = [
+                mx.concatenate([mx.zeros((longest - n, width), r.prompt.dtype), r.prompt])
+                for r, n in zip(active, lengths, strict=True)
+            ]
+            embeds = mx.stack(padded)
+            mask = mx.array([[0] * (longest - n) + [1] * n for n in lengths])
+        else:
+            embeds = mx.stack([r.prompt for r in active])
+        cache = self.talker.make_cache()
+        code_cache = self.talker.code_predictor.make_cache()
+        self.set_rows([r.slot for r in active])
+        try:
+            logits, hidden = self.talker(embeds, cache=cache, attention_mask=mask)
+            step = 0
+            while active:
+                tokens = mx.concatenate(
+                    [
+                        self._sample(logits[i : i + 1, -1], r, first=True)
+                        for i, r in enumerate(active)
+                    ]
+                )  # [B, 1]
+                codes = self._predict_codes(tokens, hidden[:, -1:, :], active, code_cache)
+                next_embeds = self.tts_pad + self._codec_embeds(codes)
+                mx.eval(codes, next_embeds)
+                step += 1
+                keep = self._record(active, np.array(codes), step)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = mx.array(keep)
+                    for c in cache:
+                        c.keys, c.values = c.keys[index], c.values[index]
+                    next_embeds = next_embeds[index]
+                    hidden = hidden[index]
+                    if mask is not None:
+                        mask = mask[index]
+                    active = [active[i] for i in keep]
+                    self.set_rows([r.slot for r in active])
+                if mask is not None:
+                    mask = mx.concatenate([mask, mx.ones((mask.shape[0], 1), mask.dtype)], 1)
+                logits, hidden = self.talker(next_embeds, cache=cache, attention_mask=mask)
+        finally:
+            self.set_rows(None)
+
+    def _record(self, active: list[Row], codes: np.ndarray, step: int) -> list[int]:
+        keep = []
+        for i, row in enumerate(active):
+            token = int(codes[i, 0])
+            if token == self.eos:
+                row.finished = True
+            elif row.cancel.is_set():
+                pass
+            else:
+                row.generated.append(token)
+                row.frames.append(codes[i])
+                if row.on_frames is not None:
+                    row.on_frames(codes[i : i + 1])
+                if step < row.sampling.max_tokens:
+                    keep.append(i)
+        return keep
+
+    def _predict_codes(
+        self, tokens: mx.array, hidden: mx.array, rows: list[Row], code_cache: list
+    ) -> mx.array:
+        for c in code_cache:
+            c.keys, c.values, c.offset = None, None, 0
+        predictor = self.talker.code_predictor
+        out = [tokens]
+        for idx in range(predictor.num_code_groups - 1):
+            if idx == 0:
+                code_input = mx.concatenate(
+                    [hidden, self.talker.get_input_embeddings()(tokens)], axis=1
+                )
+            else:
+                code_input = predictor.codec_embedding[idx - 1](out[-1])
+            logits, code_cache, _ = predictor(code_input, cache=code_cache, generation_step=idx)
+            out.append(
+                mx.concatenate(
+                    [
+                        self._sample(logits[i : i + 1, -1], r, first=False)
+                        for i, r in enumerate(rows)
+                    ]
+                )
+            )
+        return mx.concatenate(out, axis=1)  # [B, 16]
+
+    def _codec_embeds(self, codes: mx.array) -> mx.array:
+        embed = self.talker.get_input_embeddings()(codes[:, :1])
+        for i, table in enumerate(self.talker.code_predictor.codec_embedding):
+            embed = embed + table(codes[:, i + 1 : i + 2])
+        return embed
+
+    def _sample(self, logits: mx.array, row: Row, *, first: bool) -> mx.array:
+        """mlx-audio's `_sample_token` for one row ([1, V] logits -> [1, 1] token)."""
+        opts = row.sampling
+        if first:
+            logits = mx.put_along_axis(
+                logits, self.suppress[None, :], mx.array(float("-inf"), logits.dtype), axis=-1
+            )
+            if row.generated and opts.repetition_penalty != 1.0:
+                recent = sorted(set(row.generated[-REPETITION_CONTEXT:]))
+                ids = mx.array([t for t in recent if t < logits.shape[-1]], dtype=mx.int32)
+                if ids.size:
+                    chosen = mx.take(logits, ids, axis=-1)
+                    penalised = mx.where(
+                        chosen < 0,
+                        chosen * opts.repetition_penalty,
+                        chosen / opts.repetition_penalty,
+                    )
+                    logits = mx.put_along_axis(logits, ids[None, :], penalised, axis=-1)
+        if opts.temperature <= 0:
+            return mx.argmax(logits, axis=-1, keepdims=True)
+        logits = logits / opts.temperature
+        if 0 < opts.top_k < logits.shape[-1]:
+            logits = apply_top_k(logits, opts.top_k)
+        logits = _apply_probability_filters(logits, opts.top_p, 0.0)
+        return mx.random.categorical(logits, key=row.next_key())[:, None]

@@ -1,0 +1,276 @@
+"""ONE thread owns every MLX call. Requests are queued with a cancel event each, batched per
+base model, and their audio handed back to the event loop as it is made."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from server.engine.bank import AdapterTensors, BankFull
+from server.engine.models import EngineModel
+from server.engine.qwen3_batch import Row, Sampling
+
+DECODE_CONTEXT_FRAMES = 25
+
+
+@dataclass
+class Voicing:
+    """How a request's voice is made: a speaker name, a clone clip, or neither; + an adapter."""
+
+    model: str
+    speaker_name: str | None = None
+    ref_clip: Path | None = None
+    adapter: Path | None = None
+
+
+@dataclass
+class SpeakJob:
+    voicing: Voicing
+    segments: list[str]
+    language: str | None
+    sampling: Sampling
+    seed: int | None
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    chunk_frames: int = 6
+    cancel: threading.Event = field(default_factory=threading.Event)
+    next_segment: int = 0
+    frames_made: int = 0
+    sent: int = 0  # frames of the current segment already streamed
+    started: float = field(default_factory=time.perf_counter)
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclass
+class Done:
+    frames: int
+    seconds: float
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class EngineStats:
+    def __init__(self) -> None:
+        self.batch_sizes: dict[int, int] = {}
+        self.audio_seconds = 0.0
+        self.busy_seconds = 0.0
+
+    def batch(self, size: int) -> None:
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+
+class Engine:
+    def __init__(self, *, max_queue: int, max_batch: int) -> None:
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.models: dict[str, EngineModel] = {}
+        self.stats = EngineStats()
+        self._inbox: queue.Queue[SpeakJob | tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
+
+    # --- lifecycle (called from the event loop) -------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put((lambda: None, Future()))
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # --- control tasks run on the MLX thread between batches --------------------------------
+    def call(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return future
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self.call(fn))
+
+    # --- speech ---------------------------------------------------------------------------
+    def submit(self, job: SpeakJob) -> None:
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull(f"{self._pending} requests queued")
+            self._pending += 1
+        self._inbox.put(job)
+
+    def _run(self) -> None:
+        deferred: deque[SpeakJob] = deque()
+        while not self._stop.is_set():
+            try:
+                item = deferred.popleft() if deferred else self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(item, tuple):
+                self._control(*item)
+                continue
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, tuple):
+                    self._control(*more)
+                elif more.voicing.model == item.voicing.model:
+                    batch.append(more)
+                else:
+                    deferred.append(more)
+            again = self._speak(batch)
+            deferred.extendleft(reversed(again))
+        for job in list(deferred):
+            job.send(RuntimeError("server shutting down"))
+
+    @staticmethod
+    def _control(fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            future.set_exception(exc)
+
+    def _speak(self, jobs: list[SpeakJob]) -> list[SpeakJob]:
+        """Run one segment of every job together; return the jobs with segments left."""
+        started = time.perf_counter()
+        live: list[tuple[SpeakJob, Row]] = []
+        model = self.models.get(jobs[0].voicing.model)
+        for job in jobs:
+            if job.cancel.is_set():
+                self._finish(job, RuntimeError("cancelled"))
+                continue
+            if model is None:
+                self._finish(job, KeyError(f"model {job.voicing.model!r} is not loaded"))
+                continue
+            try:
+                live.append((job, self._row(model, job)))
+            except Exception as exc:  # a bad voice fails its own request, never the worker
+                self._finish(job, exc)
+        if not live:
+            return []
+        self.stats.batch(len(live))
+        try:
+            model.generator.run([row for _, row in live])
+        except Exception as exc:
+            for job, row in live:
+                model.bank.release(row.slot)
+                self._finish(job, exc)
+            return []
+        again = []
+        for job, row in live:
+            model.bank.release(row.slot)
+            if job.cancel.is_set():
+                self._finish(job, RuntimeError("cancelled"))
+                continue
+            try:
+                self._deliver(model, job, row)
+            except Exception as exc:
+                self._finish(job, exc)
+                continue
+            job.next_segment += 1
+            if job.next_segment < len(job.segments):
+                again.append(job)
+            else:
+                self._finish(job, None)
+        self.stats.busy_seconds += time.perf_counter() - started
+        return again
+
+    def _row(self, model: EngineModel, job: SpeakJob) -> Row:
+        v = job.voicing
+        speaker = None
+        if v.speaker_name is not None:
+            speaker = model.prompter.speaker_vector(v.speaker_name)
+        elif v.ref_clip is not None:
+            speaker = model.clone_vector(v.ref_clip)
+        slot = 0
+        if v.adapter is not None:
+            slot = model.bank.slot_of(str(v.adapter)) or 0
+            if not slot:
+                slot = model.bank.ensure(AdapterTensors.read(v.adapter))
+            model.bank.acquire(slot)
+        text = job.segments[job.next_segment]
+        seed = None if job.seed is None else job.seed + job.next_segment
+        row = Row(
+            prompt=model.prompter.prompt(text, job.language, speaker),
+            sampling=job.sampling,
+            seed=seed,
+            slot=slot,
+            cancel=job.cancel,
+        )
+        if job.stream:
+            job.sent = 0
+            row.on_frames = self._streamer(model, job, row)
+        return row
+
+    def _streamer(self, model: EngineModel, job: SpeakJob, row: Row) -> Callable:
+        def on_frames(_: np.ndarray) -> None:
+            made = len(row.frames)
+            if made - job.sent >= job.chunk_frames:
+                job.send(self._decode_range(model, row.frames, job.sent, made))
+                job.sent = made
+
+        return on_frames
+
+    @staticmethod
+    def _decode_range(
+        model: EngineModel, frames: list[np.ndarray], start: int, end: int
+    ) -> np.ndarray:
+        """Frames [start, end) as audio, decoded with left context for continuity."""
+        ctx = min(start, DECODE_CONTEXT_FRAMES)
+        codes = mx.array(np.stack(frames[start - ctx : end]))[None].transpose(0, 2, 1)
+        wav = model.model.speech_tokenizer.decoder(codes)[0, 0]
+        upsample = model.model.speech_tokenizer.decode_upsample_rate
+        return np.array(wav[ctx * upsample :], dtype=np.float32)
+
+    def _deliver(self, model: EngineModel, job: SpeakJob, row: Row) -> None:
+        job.frames_made += len(row.frames)
+        if not row.frames:
+            return
+        if job.stream:
+            if job.sent < len(row.frames):
+                job.send(self._decode_range(model, row.frames, job.sent, len(row.frames)))
+            return
+        # The same decode and trim as mlx-audio's non-streaming generate.
+        codes = mx.array(np.stack(row.frames))[None]
+        audio, lengths = model.model.speech_tokenizer.decode(codes)
+        audio = audio[0]
+        valid = int(lengths[0])
+        if 0 < valid < audio.shape[0]:
+            audio = audio[:valid]
+        job.send(np.array(audio, dtype=np.float32))
+
+    def _finish(self, job: SpeakJob, error: BaseException | None) -> None:
+        with self._pending_lock:
+            self._pending = max(self._pending - 1, 0)
+        if error is not None:
+            job.send(error)
+        else:
+            seconds = time.perf_counter() - job.started
+            self.stats.audio_seconds += job.frames_made / 12.5
+            job.send(Done(frames=job.frames_made, seconds=seconds))
+
+
+__all__ = ["BankFull", "Done", "Engine", "QueueFull", "SpeakJob", "Voicing"]

@@ -1,0 +1,73 @@
+"""Service settings: defaults, then a YAML/JSON file, then VOICEFOUNDRY_* environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "VOICEFOUNDRY_"
+DEMO_MODEL = "qwen3-tiny"
+
+
+class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str  # a local directory or a hub id already in the local cache
+    family: str = "qwen3_tts"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "./data"
+    demo: bool = False
+    models: dict[str, ModelSpec] = {}
+    api_keys_file: str | None = None
+    cors_origins: list[str] = []
+    max_queue: int = 64
+    max_batch: int = 8
+    max_text_chars: int = 5000
+    max_tokens_per_sentence: int = 1024
+    stream_chunk_frames: int = 6
+    adapter_slots: int = 8
+    adapter_max_rank: int = 32
+    adapter_max_bytes: int = 512 * 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
+    raw: dict[str, Any] = {}
+    if file is not None:
+        try:
+            text = Path(file).read_text()
+            raw = json.loads(text) if str(file).endswith(".json") else yaml.safe_load(text) or {}
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise SettingsError(f"{file}: {exc}") from exc
+    for field in Settings.__struct_fields__:
+        value = os.environ.get(ENV_PREFIX + field.upper())
+        if value is not None:
+            raw[field] = _parse_env(value)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from exc
+
+
+def _parse_env(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -1,0 +1,320 @@
+"""Voices: resolving a speaker name, importing voice packages, deleting, restoring at start.
+
+A voice is registered only after it actually loaded into the running model; per-name locks
+make import and delete atomic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mlx.core as mx
+import numpy as np
+
+from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT
+from server.engine.bank import AdapterTensors
+from server.engine.worker import Engine, Voicing
+from server.errors import BadRequest, Conflict, NotFound, Unprocessable
+from server.registry import Registry, Voice, validate_name
+
+DEFAULT_SLOT = 3000
+
+
+class VoiceService:
+    def __init__(self, registry: Registry, engine: Engine, data_dir: Path) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.voices_dir = data_dir / "voices"
+        self.voices_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- lookups --------------------------------------------------------------------------
+    def builtin(self) -> dict[str, str]:
+        """Built-in speaker name -> model name, for speakers the checkpoints themselves name."""
+        registered = {v.name for v in self.registry.list()}
+        out: dict[str, str] = {}
+        for model in self.engine.models.values():
+            for name in model.builtin_speakers():
+                if name not in registered:
+                    out.setdefault(name, model.name)
+        return out
+
+    def get(self, name: str) -> Voice:
+        key = name.strip().lower()
+        if self.registry.exists(key):
+            return self.registry.get(key)
+        model = self.builtin().get(key)
+        if model is None:
+            raise NotFound(f"unknown speaker {name!r}")
+        return Voice(
+            name=key,
+            base_model=model,
+            kind="builtin",
+            adapter=None,
+            slot=None,
+            ref_clip=None,
+            default_language=None,
+            meta={},
+        )
+
+    def list(self) -> list[Voice]:
+        builtins = [self.get(n) for n in self.builtin()]
+        return sorted(self.registry.list() + builtins, key=lambda v: v.name)
+
+    def voicing(self, voice: Voice) -> Voicing:
+        if voice.base_model not in self.engine.models:
+            raise Conflict(
+                f"voice {voice.name!r} needs model {voice.base_model!r}, which is not loaded"
+            )
+        adapter = self._path(voice.adapter)
+        if voice.kind in ("builtin", "baked"):
+            return Voicing(model=voice.base_model, speaker_name=voice.name, adapter=adapter)
+        if voice.slot is not None:
+            return Voicing(model=voice.base_model, speaker_name=voice.name, adapter=adapter)
+        return Voicing(model=voice.base_model, ref_clip=self._path(voice.ref_clip), adapter=adapter)
+
+    def _path(self, stored: str | None) -> Path | None:
+        return None if stored is None else (self.registry.data_dir / stored)
+
+    # --- restore --------------------------------------------------------------------------
+    async def restore(self) -> list[str]:
+        """Write every baked voice's row back into its (freshly loaded) model."""
+        restored = []
+        for voice in self.registry.list():
+            if voice.slot is None or voice.base_model not in self.engine.models:
+                continue
+            embedding = self._embedding(self.voices_dir / voice.name)
+            model = self.engine.models[voice.base_model]
+            await self.engine.run(lambda m=model, v=voice, e=embedding: m.bake(v.name, v.slot, e))
+            restored.append(voice.name)
+        return restored
+
+    @staticmethod
+    def _embedding(folder: Path) -> np.ndarray:
+        meta = json.loads((folder / "voice.json").read_text())
+        file = folder / meta.get("embedding", "speaker_embedding.safetensors")
+        return np.array(mx.load(str(file))["embedding"], dtype=np.float32)
+
+    # --- import ---------------------------------------------------------------------------
+    async def import_package(
+        self,
+        archive: bytes,
+        *,
+        name: str | None,
+        base_model: str | None,
+        ref_clip: bytes | None = None,
+    ) -> Voice:
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
+        try:
+            await anyio.to_thread.run_sync(_extract, archive, staging)
+            meta = _read_meta(staging)
+            voice_name = validate_name(name or meta["name"])
+            model_name = base_model or self._default_model()
+            if model_name not in self.engine.models:
+                raise Unprocessable(
+                    f"unknown base model {model_name!r}; loaded: "
+                    f"{', '.join(sorted(self.engine.models))}"
+                )
+            async with self.registry.alock(voice_name):
+                if self.registry.exists(voice_name) or voice_name in self.builtin():
+                    raise Conflict(f"voice {voice_name!r} already exists")
+                if ref_clip is not None:
+                    (staging / "ref.wav").write_bytes(ref_clip)
+                return await self._install(staging, meta, voice_name, model_name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _default_model(self) -> str:
+        if len(self.engine.models) != 1:
+            raise BadRequest("several models are loaded: name base_model")
+        return next(iter(self.engine.models))
+
+    async def _install(
+        self, staging: Path, meta: dict[str, Any], name: str, model_name: str
+    ) -> Voice:
+        model = self.engine.models[model_name]
+        adapter_dir = staging / meta["adapter"] if meta.get("adapter") else None
+        tensors = None
+        if adapter_dir is not None:
+            tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter_dir)
+        embedding = None
+        slot = None
+        if (staging / meta.get("embedding", "speaker_embedding.safetensors")).is_file():
+            embedding = self._embedding(staging)
+            slot = self._free_slot(model_name, int(meta.get("slot", DEFAULT_SLOT)))
+        target = self.voices_dir / name
+        final_adapter = target / meta["adapter"] if adapter_dir is not None else None
+
+        def load() -> None:
+            if tensors is not None:
+                # Verify the adapter fits the model by installing it, then free the slot: the
+                # final copy (under the voice's own folder) loads on demand.
+                model.bank.ensure(tensors)
+                model.bank.unload(str(tensors.path))
+            if embedding is not None and slot is not None:
+                model.bake(name, slot, embedding)
+
+        await self.engine.run(load)
+        try:
+            staging.rename(target)
+            ref = target / "ref.wav"
+            kind = "baked" if slot is not None else ("adapter" if final_adapter else "clone")
+            voice = Voice(
+                name=name,
+                base_model=model_name,
+                kind=kind,
+                adapter=str(final_adapter.relative_to(self.registry.data_dir))
+                if final_adapter
+                else None,
+                slot=slot,
+                ref_clip=str(ref.relative_to(self.registry.data_dir)) if ref.is_file() else None,
+                default_language=meta.get("language"),
+                meta={"strategy": meta.get("strategy"), "source": "package"},
+            )
+            return await anyio.to_thread.run_sync(self.registry.add, voice)
+        except BaseException:
+            await self.engine.run(lambda: model.unbake(name))
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def _free_slot(self, model_name: str, wanted: int) -> int:
+        model = self.engine.models[model_name].model
+        talker = model.config.talker_config
+        taken = set(self.registry.used_slots(model_name))
+        taken |= {int(v) for v in (talker.spk_id or {}).values()}
+        reserved = {
+            talker.codec_pad_id,
+            talker.codec_bos_id,
+            talker.codec_eos_token_id,
+            talker.codec_think_id,
+            talker.codec_nothink_id,
+            talker.codec_think_bos_id,
+            talker.codec_think_eos_id,
+            *(talker.codec_language_id or {}).values(),
+        }
+        order = [
+            wanted,
+            *range(DEFAULT_SLOT, talker.vocab_size),
+            *range(FIRST_FREE_ROW, DEFAULT_SLOT),
+        ]
+        for slot in order:
+            if FIRST_FREE_ROW <= slot < talker.vocab_size and slot not in taken | reserved:
+                return slot
+        raise Conflict(f"model {model_name!r} has no free speaker row left")
+
+    # --- clone voices from an uploaded clip ---------------------------------------------------
+    async def add_clone(
+        self, name: str, model_name: str, clip: bytes, language: str | None = None
+    ) -> Voice:
+        from finetune.audio import decode_audio_bytes, write_wav
+
+        name = validate_name(name)
+        wav = await anyio.to_thread.run_sync(decode_audio_bytes, clip)
+        async with self.registry.alock(name):
+            if self.registry.exists(name) or name in self.builtin():
+                raise Conflict(f"voice {name!r} already exists")
+            folder = self.voices_dir / name
+            folder.mkdir(parents=True)
+            try:
+                write_wav(folder / "ref.wav", wav)
+                model = self.engine.models[model_name]
+                await self.engine.run(lambda: model.clone_vector(folder / "ref.wav"))
+                voice = Voice(
+                    name=name,
+                    base_model=model_name,
+                    kind="clone",
+                    adapter=None,
+                    slot=None,
+                    ref_clip=str((folder / "ref.wav").relative_to(self.registry.data_dir)),
+                    default_language=language,
+                    meta={},
+                )
+                return await anyio.to_thread.run_sync(self.registry.add, voice)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+    # --- delete ---------------------------------------------------------------------------
+    async def delete(self, name: str) -> Voice:
+        key = name.strip().lower()
+        async with self.registry.alock(key):
+            voice = await anyio.to_thread.run_sync(self.registry.get, key)
+            model = self.engine.models.get(voice.base_model)
+            if model is not None:
+                adapter = self._path(voice.adapter)
+
+                def unload() -> None:
+                    if voice.slot is not None:
+                        model.unbake(voice.name)
+                    if adapter is not None:
+                        model.bank.unload(str(adapter))
+                    if voice.ref_clip:
+                        model.clone_cache.pop(str(self._path(voice.ref_clip)), None)
+
+                await self.engine.run(unload)
+            await anyio.to_thread.run_sync(self.registry.delete, key)
+            shutil.rmtree(self.voices_dir / key, ignore_errors=True)
+            return voice
+
+
+def _extract(archive: bytes, into: Path) -> None:
+    """A .tar(.gz) or .zip voice package, refusing links and paths outside `into`."""
+    root = into.resolve()
+    if zipfile.is_zipfile(io.BytesIO(archive)):
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            for info in zf.infolist():
+                _check_member(root, info.filename)
+            zf.extractall(into)
+        return
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tf:
+            for member in tf.getmembers():
+                if not (member.isfile() or member.isdir()):
+                    raise BadRequest(f"voice package holds a link or device: {member.name}")
+                _check_member(root, member.name)
+            tf.extractall(into, filter="data")
+    except tarfile.TarError as exc:
+        raise BadRequest(f"voice package is not a .tar.gz or .zip archive: {exc}") from exc
+    # Packages made with `tar -C parent folder` hold one top-level folder: unwrap it.
+    entries = list(into.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and not (into / "voice.json").exists():
+        inner = entries[0]
+        for item in inner.iterdir():
+            item.rename(into / item.name)
+        inner.rmdir()
+
+
+def _check_member(root: Path, name: str) -> None:
+    target = (root / name).resolve()
+    if root != target and root not in target.parents:
+        raise BadRequest(f"voice package path escapes the package: {name}")
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / "voice.json").read_text())
+    except FileNotFoundError as exc:
+        raise Unprocessable("voice package has no voice.json") from exc
+    except ValueError as exc:
+        raise Unprocessable(f"voice.json is not valid JSON: {exc}") from exc
+    if meta.get("format") != PACKAGE_FORMAT:
+        raise Unprocessable(f"voice.json format must be {PACKAGE_FORMAT!r}")
+    if meta.get("family") != "qwen3_tts":
+        raise Unprocessable(f"voice package family {meta.get('family')!r} is not served")
+    return meta
+
+
+def pack_directory(folder: Path) -> bytes:
+    """A voice package directory as .tar.gz bytes (what the CLI uploads)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for item in sorted(Path(folder).rglob("*")):
+            tf.add(item, arcname=str(item.relative_to(folder)), recursive=False)
+    return buffer.getvalue()
