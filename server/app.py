@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -18,6 +18,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.params import Parameter
 from litestar.response import Stream
 
 from server import audio_formats
@@ -233,10 +234,9 @@ async def speak(request: Request, state: State) -> Response | Stream:
     settings: Settings = state.settings
     text = _check_text(settings, req.text)
     fmt = _check_format(req.format, req.stream)
+    sampling = _sampling(settings, req)
     voice = await anyio.to_thread.run_sync(state.voices.get, req.speaker)
-    synthesis = Synthesis(
-        state, voice, text, req.language, _sampling(settings, req), req.seed, req.stream
-    )
+    synthesis = Synthesis(state, voice, text, req.language, sampling, req.seed, req.stream)
     return await _respond(request, synthesis, fmt, req.stream)
 
 
@@ -269,12 +269,12 @@ async def list_voices(state: State) -> VoiceList:
 
 
 @get("/voices/{name:str}", guards=[speak_guard])
-async def get_voice(state: State, name: str) -> VoiceOut:
+async def get_voice(state: State, name: Annotated[str, Parameter()]) -> VoiceOut:
     return _voice_out(await anyio.to_thread.run_sync(state.voices.get, name))
 
 
 @delete("/voices/{name:str}", guards=[admin_guard], status_code=200)
-async def delete_voice(state: State, name: str) -> VoiceOut:
+async def delete_voice(state: State, name: Annotated[str, Parameter()]) -> VoiceOut:
     return _voice_out(await state.voices.delete(name))
 
 

@@ -23,7 +23,7 @@ import io
 import math
 import struct
 from functools import cache
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 import soundfile as sf
@@ -51,16 +51,8 @@ STREAMABLE: Final[frozenset[str]] = frozenset({"wav", "pcm", "mp3", "opus"})
 
 OPUS_SAMPLE_RATES: Final[tuple[int, ...]] = (8_000, 12_000, 16_000, 24_000, 48_000)
 MP3_SAMPLE_RATES: Final[tuple[int, ...]] = (
-    8_000,
-    11_025,
-    12_000,
-    16_000,
-    22_050,
-    24_000,
-    32_000,
-    44_100,
-    48_000,
-)
+    8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000,
+)  # fmt: skip
 
 MIN_SPEED: Final = 0.25
 MAX_SPEED: Final = 4.0
@@ -193,6 +185,14 @@ def wav_header(sample_rate: int = DEFAULT_SAMPLE_RATE, data_bytes: int | None = 
     )
 
 
+def _sndfile_options(fmt: AudioFormat) -> dict[str, Any]:
+    major, subtype = _SNDFILE_CODECS[fmt]
+    options: dict[str, Any] = {"format": major, "subtype": subtype}
+    if fmt == "mp3":
+        options.update(compression_level=_MP3_COMPRESSION_LEVEL, bitrate_mode="CONSTANT")
+    return options
+
+
 def _min_frames(sample_rate: int) -> int:
     # Codecs cannot represent an empty clip; 20 ms of silence keeps the file playable.
     return max(1, sample_rate // 50)
@@ -216,22 +216,10 @@ def encode(audio: np.ndarray, fmt: str, sample_rate: int = DEFAULT_SAMPLE_RATE) 
     x = _as_mono(audio)
     if x.size == 0:
         x = np.zeros(_min_frames(rate), dtype=np.float32)
-    major, subtype = _SNDFILE_CODECS[name]
     out = io.BytesIO()
-    if name == "flac":
-        sf.write(out, _pcm16(x), rate, format=major, subtype=subtype)
-    elif name == "mp3":
-        sf.write(
-            out,
-            x,
-            rate,
-            format=major,
-            subtype=subtype,
-            compression_level=_MP3_COMPRESSION_LEVEL,
-            bitrate_mode="CONSTANT",
-        )
-    else:
-        sf.write(out, x, rate, format=major, subtype=subtype)
+    # FLAC gets the exact int16 samples of wav/pcm; the lossy codecs take float input.
+    samples = _pcm16(x) if name == "flac" else x
+    sf.write(out, samples, rate, **_sndfile_options(name))
     return out.getvalue()
 
 
@@ -326,21 +314,9 @@ class StreamEncoder:
         self._sink: _ForwardSink | None = None
         self._file: sf.SoundFile | None = None
         if fmt in ("mp3", "opus"):
-            major, subtype = _SNDFILE_CODECS[fmt]
             self._sink = _ForwardSink()
-            extra = (
-                {"compression_level": _MP3_COMPRESSION_LEVEL, "bitrate_mode": "CONSTANT"}
-                if fmt == "mp3"
-                else {}
-            )
             self._file = sf.SoundFile(
-                self._sink,
-                "w",
-                samplerate=sample_rate,
-                channels=1,
-                format=major,
-                subtype=subtype,
-                **extra,
+                self._sink, "w", samplerate=sample_rate, channels=1, **_sndfile_options(fmt)
             )
             if fmt == "opus":
                 _set_ogg_page_latency(self._file, _STREAM_OPUS_PAGE_MS)

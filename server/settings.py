@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cors_origins: list[str] = []
     max_queue: int = 64
     max_batch: int = 8
+    batch_window_ms: float = 10.0
     max_text_chars: int = 5000
     max_tokens_per_sentence: int = 1024
     stream_chunk_frames: int = 6

@@ -34,7 +34,11 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         if settings.api_keys_file
         else KeyStore([])
     )
-    engine = Engine(max_queue=settings.max_queue, max_batch=settings.max_batch)
+    engine = Engine(
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        batch_window_s=settings.batch_window_ms / 1000,
+    )
     engine.start()
     voices = VoiceService(registry, engine, data)
     app.state.update({"registry": registry, "api_keys": keys, "engine": engine, "voices": voices})

@@ -46,3 +46,39 @@ def speaker_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from finetune.data import synthetic_dataset
 
     return synthetic_dataset(tmp_path_factory.mktemp("speaker_data"), 6, seed=3, with_ref=True)
+
+
+@pytest.fixture(scope="session")
+def voice_package(tiny_qwen3_base: Path, speaker_dataset: Path, tmp_path_factory) -> Path:
+    """A real voice package: 2 LoRA steps of the speaker strategy, then `bake`."""
+    import io
+
+    from finetune.config import (
+        DataSection,
+        LoRASection,
+        ModelSection,
+        SpeakerSection,
+        TrainConfig,
+        TrainerSection,
+    )
+    from finetune.families.qwen3_tts.bake import bake
+    from finetune.families.qwen3_tts.training import prepare_run
+    from finetune.progress import ProgressWriter
+
+    work = tmp_path_factory.mktemp("voice_package")
+    config = TrainConfig(
+        model=ModelSection(path=str(tiny_qwen3_base), strategy="speaker"),
+        data=DataSection(train=[str(speaker_dataset)]),
+        lora=LoRASection(rank=4, alpha=8.0),
+        trainer=TrainerSection(batch_size=2, max_steps=2, learning_rate=5e-3, prefetch=0),
+        speaker=SpeakerSection(name="packaged", slot=3000),
+        output_dir=str(work / "run"),
+    )
+    run = prepare_run(config, progress=ProgressWriter(stream=io.StringIO()))
+    run.trainer.train()
+    return bake(config, work / "run" / "checkpoint-final", work / "package").package
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -76,9 +76,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, *, max_queue: int, max_batch: int) -> None:
+    def __init__(self, *, max_queue: int, max_batch: int, batch_window_s: float = 0.01) -> None:
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
         self.models: dict[str, EngineModel] = {}
         self.stats = EngineStats()
         self._inbox: queue.Queue[SpeakJob | tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -128,9 +129,16 @@ class Engine:
                 self._control(*item)
                 continue
             batch = [item]
+            # Wait a moment for companions: requests arriving together run as one batch.
+            deadline = time.monotonic() + self.batch_window_s
             while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
                 try:
-                    more = self._inbox.get_nowait()
+                    more = (
+                        self._inbox.get(timeout=remaining)
+                        if remaining > 0
+                        else self._inbox.get_nowait()
+                    )
                 except queue.Empty:
                     break
                 if isinstance(more, tuple):

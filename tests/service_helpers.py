@@ -1,0 +1,72 @@
+"""Helpers for service tests: voice packages, settings, a real server process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wav_samples(data: bytes) -> np.ndarray:
+    audio, rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24_000
+    return audio
+
+
+@contextlib.contextmanager
+def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
+    """`python -m server serve` on 127.0.0.1 with the given settings; yields its base URL."""
+    port = free_port()
+    settings = {**settings, "host": "127.0.0.1", "port": port}
+    config = Path(settings["data_dir"]) / f"settings-{port}.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps(settings))
+    log = open(config.with_suffix(".log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--config", str(config)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {config.with_suffix('.log').read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(config.with_suffix(".log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,229 @@
+"""A real server process on 127.0.0.1: streaming, the openai client, batching, hot-swap, load."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from server.voices import pack_directory
+from tests.service_helpers import server_process, wav_samples
+
+MODEL = "tiny"
+
+
+def _import(url: str, package: Path, name: str, ref: Path | None = None) -> httpx.Response:
+    files = {"package": ("p.tar.gz", pack_directory(package), "application/gzip")}
+    if ref is not None:
+        files["ref_clip"] = ("ref.wav", ref.read_bytes(), "audio/wav")
+    return httpx.post(f"{url}/voices/import", files=files, data={"name": name}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_qwen3_base, voice_package, speaker_dataset):
+    data = tmp_path_factory.mktemp("server_data")
+    settings = {
+        "data_dir": str(data),
+        "models": {MODEL: {"path": str(tiny_qwen3_base)}},
+        "max_batch": 8,
+        "batch_window_ms": 150,
+        "max_queue": 6,
+        "stream_chunk_frames": 3,
+        "max_tokens_per_sentence": 12,
+    }
+    ref = speaker_dataset.parent / "ref.wav"
+    with server_process(settings) as url:
+        for name in ("alpha", "beta"):
+            assert _import(url, voice_package, name, ref=ref).status_code == 201
+        yield url
+
+
+def test_streamed_wav_is_one_continuous_container(server):
+    body = {
+        "speaker": "alpha",
+        "text": "First sentence here. Then a second one.",
+        "stream": True,
+        "max_tokens": 9,
+        "seed": 2,
+    }
+    chunks = []
+    with httpx.stream("POST", f"{server}/speak", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "audio/wav"
+        assert response.headers.get("transfer-encoding") == "chunked"
+        chunks = list(response.iter_bytes())
+    data = b"".join(chunks)
+    assert len(chunks) >= 3, "audio did not arrive in pieces"
+    assert data[:4] == b"RIFF" and struct.unpack("<I", data[4:8])[0] == 0xFFFFFFFF
+    assert data.count(b"RIFF") == 1, "one container per chunk"
+    audio = np.frombuffer(data[44:], dtype="<i2")
+    # Two sentences of at most 9 frames each, 1920 samples a frame.
+    assert 0 < audio.size <= 2 * 9 * 1920 and audio.size % 2 == 0
+
+
+def test_streamed_pcm_matches_the_requested_sentences(server):
+    body = {
+        "speaker": "alpha",
+        "text": "Only one sentence.",
+        "stream": True,
+        "format": "pcm",
+        "max_tokens": 6,
+        "seed": 4,
+    }
+    response = httpx.post(f"{server}/speak", json=body, timeout=120)
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/pcm"
+    assert len(response.content) == 6 * 1920 * 2
+
+
+def test_long_unpunctuated_text_still_streams(server):
+    text = " ".join(["word"] * 120)  # ~600 characters, no punctuation at all
+    body = {"speaker": "beta", "text": text, "stream": True, "format": "pcm", "max_tokens": 2}
+    response = httpx.post(f"{server}/speak", json=body, timeout=300)
+    assert response.status_code == 200
+    assert len(response.content) >= 2 * 2 * 1920 * 2  # more than one sentence-sized piece
+
+
+def test_openai_python_client_speaks(server, tmp_path):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    result = client.audio.speech.create(
+        model=MODEL, voice="alpha", input="Hello OpenAI.", response_format="wav"
+    )
+    audio, rate = sf.read(io.BytesIO(result.content))
+    assert rate == 24_000 and audio.size > 0
+    mp3 = client.audio.speech.create(
+        model=MODEL, voice="beta", input="Hi.", response_format="mp3", speed=1.5
+    )
+    assert mp3.content[:3] == b"ID3" or mp3.content[0] == 0xFF
+    with client.audio.speech.with_streaming_response.create(
+        model=MODEL,
+        voice="alpha",
+        input="Streaming now.",
+        response_format="pcm",
+        extra_body={"stream_format": "audio"},
+    ) as streamed:
+        out = tmp_path / "s.pcm"
+        streamed.stream_to_file(out)
+    assert out.stat().st_size > 0 and out.stat().st_size % 2 == 0
+    from openai import UnprocessableEntityError
+
+    with pytest.raises(UnprocessableEntityError):
+        client.audio.speech.create(model=MODEL, voice="alpha", input="x", response_format="aac")
+
+
+def test_two_adapters_in_one_batch_get_their_solo_audio(server):
+    bodies = [
+        {"speaker": "alpha", "text": "First voice speaking.", "seed": 5, "max_tokens": 6},
+        {"speaker": "beta", "text": "The second voice, longer.", "seed": 9, "max_tokens": 6},
+    ]
+    solo = [httpx.post(f"{server}/speak", json=b, timeout=120).content for b in bodies]
+
+    async def together() -> list[bytes]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            responses = await asyncio.gather(
+                *(client.post(f"{server}/speak", json=b) for b in bodies)
+            )
+        return [r.content for r in responses]
+
+    before = _batches(server)
+    assert asyncio.run(together()) == solo
+    after = _batches(server)
+    assert after.get("2", 0) > before.get("2", 0), after
+    assert wav_samples(solo[0]).size > 0
+
+
+def _batches(url: str) -> dict[str, int]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("voicefoundry_batch_size_total"):
+            size = line.split('size="')[1].split('"')[0]
+            out[size] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def test_importing_a_voice_while_others_stream_fails_none(server, voice_package, speaker_dataset):
+    failures: list[str] = []
+
+    def stream(name: str) -> None:
+        body = {
+            "speaker": name,
+            "text": "Streaming during an import. Still going.",
+            "stream": True,
+            "format": "pcm",
+            "max_tokens": 8,
+        }
+        try:
+            with httpx.stream("POST", f"{server}/speak", json=body, timeout=300) as r:
+                data = b"".join(r.iter_bytes())
+            if r.status_code != 200 or not data:
+                failures.append(f"{name}: {r.status_code}")
+        except httpx.HTTPError as exc:
+            failures.append(f"{name}: {exc}")
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in ("alpha", "beta", "alpha")]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    created = _import(server, voice_package, "gamma", ref=speaker_dataset.parent / "ref.wav")
+    for t in threads:
+        t.join(300)
+    assert created.status_code == 201, created.text
+    assert failures == []
+    fresh = httpx.post(
+        f"{server}/speak",
+        json={"speaker": "gamma", "text": "New voice.", "max_tokens": 4},
+        timeout=120,
+    )
+    assert fresh.status_code == 200 and wav_samples(fresh.content).size > 0
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    body = {"speaker": "alpha", "text": "A sentence. Another one. And a third.", "max_tokens": 12}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(
+                *(client.post(f"{server}/speak", json=body) for _ in range(12))
+            )
+
+    responses = asyncio.run(flood())
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"].isdigit()
+    assert refused.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_client_that_disconnects_frees_the_engine(server):
+    body = {
+        "speaker": "beta",
+        "text": "This request is abandoned. " * 8,
+        "stream": True,
+        "format": "pcm",
+        "max_tokens": 40,
+    }
+    with httpx.stream("POST", f"{server}/speak", json=body, timeout=120) as response:
+        next(response.iter_bytes())
+    # The cancelled request must not keep the engine busy: a new request is served promptly.
+    start = time.monotonic()
+    quick = httpx.post(
+        f"{server}/speak", json={"speaker": "alpha", "text": "Quick.", "max_tokens": 2}, timeout=120
+    )
+    assert quick.status_code == 200
+    assert time.monotonic() - start < 30
+    depth = [
+        ln
+        for ln in httpx.get(f"{server}/metrics").text.splitlines()
+        if ln.startswith("voicefoundry_queue_depth")
+    ]
+    assert depth == ["voicefoundry_queue_depth 0"]
