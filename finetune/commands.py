@@ -145,10 +145,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def smoke_config(config, workdir: Path, *, keep_output: bool):
     """The same config on a tiny model and synthetic clips, for a few steps."""
-    import msgspec
-
     from finetune.data import synthetic_dataset
     from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
+
+    import msgspec
 
     model = make_tiny_qwen3_tts(workdir / "model", seed=0)
     train_jsonl = synthetic_dataset(

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from finetune.audio import TARGET_SAMPLE_RATE, AudioError, duration_s, load_audio, write_wav
+
 import numpy as np
 import soundfile as sf
-
-from finetune.audio import TARGET_SAMPLE_RATE, AudioError, duration_s, load_audio, write_wav
 
 __all__ = [
     "NUM_CODEBOOKS",

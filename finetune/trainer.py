@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.progress import ProgressWriter
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-
-from finetune.progress import ProgressWriter
 
 SCHEDULES = ("cosine", "linear", "constant")
 STATE_FILE = "trainer_state.json"

@@ -23,6 +23,7 @@ from litestar.response import Stream
 
 from server import audio_formats
 from server.auth import KeyStore, Scope, secret_from_headers
+from server.engine.bank import AdapterTensors
 from server.engine.qwen3_batch import Sampling
 from server.engine.worker import Done, Engine, QueueFull, SpeakJob
 from server.errors import (
@@ -118,6 +119,15 @@ class Synthesis:
         )
         self.started = time.perf_counter()
 
+    async def prepare(self) -> None:
+        """Read the voice's adapter off the MLX thread; install it between batches."""
+        adapter = self.job.voicing.adapter
+        model = self.engine.models.get(self.job.voicing.model)
+        if adapter is None or model is None or model.bank.slot_of(str(adapter)):
+            return
+        tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter)
+        await self.engine.run(lambda: model.bank.ensure(tensors))
+
     def submit(self) -> None:
         try:
             self.engine.submit(self.job)
@@ -194,6 +204,7 @@ async def _respond(
     request: Request, synthesis: Synthesis, fmt: str, stream: bool, speed: float = 1.0
 ) -> Response | Stream:
     headers = audio_formats.response_headers(fmt, SAMPLE_RATE)
+    await synthesis.prepare()
     if stream:
         encoder = audio_formats.stream_encoder(fmt, SAMPLE_RATE)
         synthesis.submit()
@@ -235,6 +246,8 @@ async def speak(request: Request, state: State) -> Response | Stream:
     text = _check_text(settings, req.text)
     fmt = _check_format(req.format, req.stream)
     sampling = _sampling(settings, req)
+    if req.instruct:
+        raise Unprocessable("instruct is not supported by the served Qwen3-TTS models yet")
     voice = await anyio.to_thread.run_sync(state.voices.get, req.speaker)
     synthesis = Synthesis(state, voice, text, req.language, sampling, req.seed, req.stream)
     return await _respond(request, synthesis, fmt, req.stream)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.lora import AdapterError
+
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.exceptions import ValidationException as LitestarValidation
 
-from finetune.lora import AdapterError
 from server.auth import Forbidden, Unauthorized
 from server.registry import InvalidVoiceName, SlotInUse, VoiceExists, VoiceNotFound
 

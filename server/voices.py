@@ -15,11 +15,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT
+
 import anyio
 import mlx.core as mx
 import numpy as np
 
-from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT
 from server.engine.bank import AdapterTensors
 from server.engine.worker import Engine, Voicing
 from server.errors import BadRequest, Conflict, NotFound, Unprocessable

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import finetune  # noqa: F401  (optimised BLAS before mlx.core is imported)
+
+import pytest
 
 
 @pytest.fixture(scope="session")

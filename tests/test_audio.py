@@ -5,10 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-import pytest
-import soundfile as sf
-
 from finetune.audio import (
     TARGET_SAMPLE_RATE,
     AudioError,
@@ -22,6 +18,10 @@ from finetune.audio import (
     trim_silence,
     write_wav,
 )
+
+import numpy as np
+import pytest
+import soundfile as sf
 
 SR = TARGET_SAMPLE_RATE
 

@@ -10,10 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-import soundfile as sf
-
 from finetune.audio import load_audio, write_wav
 from finetune.data import (
     BatchPlan,
@@ -31,6 +27,10 @@ from finetune.data import (
     sidecar_path,
     synthetic_dataset,
 )
+
+import numpy as np
+import pytest
+import soundfile as sf
 
 SR = 24_000
 HOP = 1920  # 24 kHz / 12.5 Hz

@@ -5,13 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -29,6 +22,13 @@ from finetune.lora import (
     save_adapters,
     trainable_parameters,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 HIDDEN = 64
 ATTN_QV = r"model\.layers\.\d+\.self_attn\.(q|v)_proj"

@@ -7,11 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 from finetune.config import DataSection, LoRASection, ModelSection, TrainConfig, TrainerSection
 from finetune.families.qwen3_tts.bake import BakeError, bake
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
@@ -24,6 +19,11 @@ from finetune.families.qwen3_tts.training import (
 )
 from finetune.lora import LoRAConfig, apply_lora, fuse_lora, lora_state
 from finetune.progress import ProgressWriter
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 BUILTINS = {"vivian": 3065, "ryan": 3061}
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from finetune.families.qwen3_tts.forward import input_embeddings, qwen3_tts_loss
 from finetune.families.qwen3_tts.layout import (
     IGNORE,
@@ -14,6 +10,10 @@ from finetune.families.qwen3_tts.layout import (
     chat_text,
     pack,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 REF = mx.array((0.3 * np.sin(np.linspace(0, 3000, 36_000))).astype(np.float32))
 

@@ -6,15 +6,15 @@ import io
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from finetune.config import DataSection, LoRASection, ModelSection, TrainConfig, TrainerSection
 from finetune.data import load_codes, read_jsonl, synthetic_dataset
 from finetune.families.qwen3_tts.training import prepare_run, speech_tokenizer_identity
 from finetune.progress import ProgressWriter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 
 def _config(model: Path, train: Path, out: Path, **trainer) -> TrainConfig:

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 from finetune.runtime.accelerate import (
     FastConv1d,
     FastConvTranspose1d,
@@ -17,6 +12,11 @@ from finetune.runtime.accelerate import (
 )
 from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 ATOL = 1e-4
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.audio import load_audio
+from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+from finetune.lora import fuse_lora, load_adapters
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from litestar.testing import AsyncTestClient
 
-from finetune.audio import load_audio
-from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
-from finetune.lora import fuse_lora, load_adapters
 from server.app import create_app
 from server.auth import KeyStore
 from server.registry import Registry, Voice

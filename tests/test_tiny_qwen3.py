@@ -10,15 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
 from finetune.families.qwen3_tts.hf_layout import speech_tokenizer_to_hf
 from finetune.families.qwen3_tts.tiny import BUILTIN_SPEAKERS, make_tiny_qwen3_tts
 from finetune.loading import CheckpointError
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 REF = (0.3 * np.sin(np.linspace(0, 2400, 36_000))).astype(np.float32)
 
@@ -119,15 +119,15 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
 
 
 def test_hf_layout_is_the_exact_inverse_of_mlx_audio_sanitize():
-    from mlx_audio.tts.models.qwen3_tts.config import Qwen3TTSTokenizerConfig
-    from mlx_audio.tts.models.qwen3_tts.speech_tokenizer import Qwen3TTSSpeechTokenizer
-
     from finetune.families.qwen3_tts.tiny import (
         PRESETS,
         _random_parameters,
         speech_tokenizer_config,
         st_config_for_mlx,
     )
+
+    from mlx_audio.tts.models.qwen3_tts.config import Qwen3TTSTokenizerConfig
+    from mlx_audio.tts.models.qwen3_tts.speech_tokenizer import Qwen3TTSSpeechTokenizer
 
     cfg = Qwen3TTSTokenizerConfig(**st_config_for_mlx(speech_tokenizer_config(PRESETS["tiny"])))
     module = Qwen3TTSSpeechTokenizer(cfg)

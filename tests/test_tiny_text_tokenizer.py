@@ -7,13 +7,13 @@ import time
 import unicodedata
 from pathlib import Path
 
-import pytest
-
 from finetune.families.qwen3_tts.text_tokenizer import (
     ADDED_TOKENS,
     bytes_to_unicode,
     write_tiny_qwen_tokenizer,
 )
+
+import pytest
 
 TEXT_VOCAB_SIZE = 151936  # the talker's text embedding rows
 FILES = ("merges.txt", "tokenizer_config.json", "vocab.json")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def conv1d_fast_ok(dilation: int, groups: int) -> bool:

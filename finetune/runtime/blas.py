@@ -87,6 +87,8 @@ def active_blas_library() -> str:
     """
     libs = _mapped_libraries()
     st = _state
+    if st is not None and st.mlx_imported_first:
+        libs = [lib for lib in libs if "openblas" not in Path(lib).name] or libs
     if st is not None and st.loaded_path is not None:
         real = os.path.realpath(st.loaded_path)
         if real in libs or st.loaded_path in libs:

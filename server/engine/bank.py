@@ -16,13 +16,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 from safetensors.numpy import load_file
-
-from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 
 
 class BankContext:

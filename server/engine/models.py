@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-
 from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, QWEN3_TALKER_TARGETS
 from finetune.families.qwen3_tts.bake import bake_into_model, check_slot, unbake_from_model
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
+
+import mlx.core as mx
+import numpy as np
+
 from server.engine.bank import AdapterBank
 from server.engine.qwen3_batch import Qwen3BatchGenerator, Qwen3Prompter
 

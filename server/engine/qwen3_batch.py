@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.families.qwen3_tts.forward import input_embeddings
+from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
+
 import mlx.core as mx
 import numpy as np
 from mlx_audio.lm.sample_utils import apply_top_k
 from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
-
-from finetune.families.qwen3_tts.forward import input_embeddings
-from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
 
 REPETITION_CONTEXT = 64
 

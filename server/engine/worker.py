@@ -86,6 +86,7 @@ class Engine:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
+        self._current: list[SpeakJob] = []
         self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
 
     # --- lifecycle (called from the event loop) -------------------------------------------
@@ -93,9 +94,22 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in flight (up to `timeout`), then fail whatever is still queued."""
         self._stop.set()
         self._inbox.put((lambda: None, Future()))
         self._thread.join(timeout)
+        for job in self._current:
+            job.cancel.set()
+        self._thread.join(timeout)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, SpeakJob):
+                self._finish(item, RuntimeError("server shutting down"))
+            else:
+                item[1].cancel()
 
     @property
     def queue_depth(self) -> int:
@@ -147,10 +161,12 @@ class Engine:
                     batch.append(more)
                 else:
                     deferred.append(more)
+            self._current = batch
             again = self._speak(batch)
+            self._current = []
             deferred.extendleft(reversed(again))
         for job in list(deferred):
-            job.send(RuntimeError("server shutting down"))
+            self._finish(job, RuntimeError("server shutting down"))
 
     @staticmethod
     def _control(fn: Callable[[], Any], future: Future) -> None:

@@ -24,18 +24,18 @@ SEQ_FRAMES = 50  # 4 s of audio per clip, batch of 2
 
 
 def child(args: argparse.Namespace) -> None:
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx.utils import tree_flatten
-
     import finetune  # noqa: F401
     from finetune.config import QWEN3_TALKER_TARGETS
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
     from finetune.families.qwen3_tts.forward import qwen3_tts_loss
     from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
     from finetune.lora import LoRAConfig, apply_lora, save_adapters
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
 
     loaded = load_qwen3_tts(args.model)
     model, talker = loaded.model, loaded.model.talker

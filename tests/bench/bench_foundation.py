@@ -26,12 +26,12 @@ TEXT = "The quick brown fox jumps over the lazy dog, twice."
 
 
 def child(args: argparse.Namespace) -> None:
-    import mlx.core as mx
-    import numpy as np
-
     import finetune  # noqa: F401  (BLAS before mlx)
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
     from finetune.runtime.doctor import matmul_gflops
+
+    import mlx.core as mx
+    import numpy as np
 
     out: dict[str, float] = {"matmul_gflops": matmul_gflops(n=1024, repeats=5)}
     ref = mx.array((0.3 * np.sin(np.linspace(0, 3000, 48_000))).astype(np.float32))

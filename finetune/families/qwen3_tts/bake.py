@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-
 from finetune import data as data_lib
 from finetune.config import TrainConfig
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
 from finetune.families.qwen3_tts.export import export_checkpoint
 from finetune.families.qwen3_tts.training import FAMILY, mean_speaker_embedding
 from finetune.lora import fuse_lora, load_adapters, read_adapter_config
+
+import mlx.core as mx
+import numpy as np
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 FIRST_FREE_ROW = 2048  # rows below are audio codes; 2048-3071 are never sampled as audio

@@ -11,10 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 from finetune.loading import (
     CheckpointError,
     captured_output,
@@ -24,6 +20,10 @@ from finetune.loading import (
     tail,
 )
 from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 @dataclass

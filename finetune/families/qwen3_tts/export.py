@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS
+from finetune.families.qwen3_tts.hf_layout import main_model_to_hf
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-
-from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS
-from finetune.families.qwen3_tts.hf_layout import main_model_to_hf
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune.families.qwen3_tts.layout import IGNORE, NO_CODEC, PackedBatch
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from finetune.families.qwen3_tts.layout import IGNORE, NO_CODEC, PackedBatch
 
 SUB_TALKER_WEIGHT = 0.3
 

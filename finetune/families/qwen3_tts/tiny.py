@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.families.qwen3_tts.hf_layout import main_model_to_hf, speech_tokenizer_to_hf
+from finetune.families.qwen3_tts.text_tokenizer import write_tiny_qwen_tokenizer
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-
-from finetune.families.qwen3_tts.hf_layout import main_model_to_hf, speech_tokenizer_to_hf
-from finetune.families.qwen3_tts.text_tokenizer import write_tiny_qwen_tokenizer
 
 VARIANTS = ("base", "custom_voice")
 

@@ -12,10 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-
 from finetune import data as data_lib
 from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, TrainConfig
@@ -31,6 +27,10 @@ from finetune.families.qwen3_tts.layout import (
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
 from finetune.progress import ProgressWriter
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 FAMILY = "qwen3_tts"
 
