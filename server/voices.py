@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT
+from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT, reserved_rows
 
 import anyio
 import mlx.core as mx
@@ -190,16 +190,7 @@ class VoiceService:
         talker = model.config.talker_config
         taken = set(self.registry.used_slots(model_name))
         taken |= {int(v) for v in (talker.spk_id or {}).values()}
-        reserved = {
-            talker.codec_pad_id,
-            talker.codec_bos_id,
-            talker.codec_eos_token_id,
-            talker.codec_think_id,
-            talker.codec_nothink_id,
-            talker.codec_think_bos_id,
-            talker.codec_think_eos_id,
-            *(talker.codec_language_id or {}).values(),
-        }
+        reserved = reserved_rows(talker)
         order = [
             wanted,
             *range(DEFAULT_SLOT, talker.vocab_size),

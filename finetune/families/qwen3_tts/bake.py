@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from finetune.config import TrainConfig
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
 from finetune.families.qwen3_tts.export import export_checkpoint
 from finetune.families.qwen3_tts.training import FAMILY, mean_speaker_embedding
+from finetune.fsutil import atomic_directory
 from finetune.lora import fuse_lora, load_adapters, read_adapter_config
 
 import mlx.core as mx
@@ -48,12 +48,9 @@ def _row(value: Any) -> int:
     return int(value[0] if isinstance(value, list | tuple) else value)
 
 
-def check_slot(model: Any, name: str, slot: int, *, force: bool) -> None:
-    vocab = model.config.talker_config.vocab_size
-    if not FIRST_FREE_ROW <= slot < vocab:
-        raise BakeError(f"slot {slot} is not a speaker row ({FIRST_FREE_ROW}-{vocab - 1})")
-    talker = model.config.talker_config
-    reserved = {
+def reserved_rows(talker: Any) -> set[int]:
+    """codec_embedding rows that hold special codec tokens (never a speaker)."""
+    return {
         talker.codec_pad_id,
         talker.codec_bos_id,
         talker.codec_eos_token_id,
@@ -63,6 +60,14 @@ def check_slot(model: Any, name: str, slot: int, *, force: bool) -> None:
         talker.codec_think_eos_id,
         *(talker.codec_language_id or {}).values(),
     }
+
+
+def check_slot(model: Any, name: str, slot: int, *, force: bool) -> None:
+    vocab = model.config.talker_config.vocab_size
+    if not FIRST_FREE_ROW <= slot < vocab:
+        raise BakeError(f"slot {slot} is not a speaker row ({FIRST_FREE_ROW}-{vocab - 1})")
+    talker = model.config.talker_config
+    reserved = reserved_rows(talker)
     if slot in reserved:
         raise BakeError(f"slot {slot} holds a special codec token")
     owner = occupied_rows(model).get(slot)
@@ -178,10 +183,7 @@ def write_package(
     base: LoadedQwen3TTS,
 ) -> Path:
     """A voice package: what the server hot-loads (voice.json + embedding + adapter)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(Path(output)) as staging:
         mx.save_safetensors(str(staging / EMBEDDING_FILE), {"embedding": mx.array(embedding)})
         if adapter_dir is not None:
             shutil.copytree(
@@ -206,13 +208,7 @@ def write_package(
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         (staging / "voice.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return Path(output)
 
 
 def export_baked(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS
 from finetune.families.qwen3_tts.hf_layout import main_model_to_hf
+from finetune.fsutil import atomic_directory
 
 import mlx.core as mx
 import numpy as np
@@ -48,9 +48,7 @@ def export_checkpoint(
         k: mx.array(v).astype(dtypes.get(k, mx.bfloat16))
         for k, v in sorted(main_model_to_hf(params).items())
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         for item in loaded.path.iterdir():
             if item.name in WEIGHT_FILES or item.name == "config.json":
                 continue
@@ -61,10 +59,4 @@ def export_checkpoint(
                 shutil.copy2(item, target)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -11,14 +11,13 @@ a kernel-1 conv with <= 64 input channels is guessed wrong. Every such conv here
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.families.qwen3_tts.hf_layout import main_model_to_hf, speech_tokenizer_to_hf
 from finetune.families.qwen3_tts.text_tokenizer import write_tiny_qwen_tokenizer
+from finetune.fsutil import atomic_directory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -433,9 +432,7 @@ def make_tiny_qwen3_tts(
         usage_key = key[: -len("embed.weight")] + "cluster_usage"
         speech[usage_key] = rng.uniform(0.5, 2.0, speech[key].shape[:1]).astype(np.float32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         _write_json(staging / "config.json", config)
         _write_json(staging / "generation_config.json", GENERATION_CONFIG)
         _write_json(staging / "preprocessor_config.json", PREPROCESSOR_CONFIG)
@@ -446,12 +443,6 @@ def make_tiny_qwen3_tts(
         _write_json(speech_dir / "config.json", st_config)
         _write_json(speech_dir / "preprocessor_config.json", SPEECH_PREPROCESSOR_CONFIG)
         _save(speech_dir / "model.safetensors", speech_tokenizer_to_hf(speech), mx.float32)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
