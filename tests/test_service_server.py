@@ -227,3 +227,79 @@ def test_a_client_that_disconnects_frees_the_engine(server):
         if ln.startswith("voicefoundry_queue_depth")
     ]
     assert depth == ["voicefoundry_queue_depth 0"]
+
+
+def test_demo_mode_serves_its_three_voices_offline(tmp_path):
+    """The README's first command: `serve --demo` builds everything it needs, then serves."""
+    settings = {"data_dir": str(tmp_path / "data"), "demo": True, "max_tokens_per_sentence": 4}
+    with server_process(settings, timeout=600) as url:
+        voices = {v["name"]: v["kind"] for v in httpx.get(f"{url}/voices").json()["voices"]}
+        assert voices == {"demo-adapter": "adapter", "demo-baked": "baked", "demo-clone": "clone"}
+        for name in voices:
+            r = httpx.post(f"{url}/speak", json={"speaker": name, "text": "Hi."}, timeout=120)
+            assert r.status_code == 200 and wav_samples(r.content).size > 0
+
+
+def test_graceful_shutdown_ends_in_flight_work_cleanly(
+    tmp_path, tiny_qwen3_base, voice_package, speaker_dataset
+):
+    import os
+    import signal
+    import subprocess as sp
+
+    settings = {
+        "data_dir": str(tmp_path / "data"),
+        "models": {MODEL: {"path": str(tiny_qwen3_base)}},
+        "shutdown_grace_s": 3,
+        "max_tokens_per_sentence": 400,
+        "stream_chunk_frames": 2,
+    }
+    with server_process(settings) as url:
+        pid = int(
+            sp.run(
+                ["pgrep", "-f", f"settings-{url.rsplit(':', 1)[1]}"], capture_output=True, text=True
+            ).stdout.split()[0]
+        )
+        assert (
+            _import(url, voice_package, "v", ref=speaker_dataset.parent / "ref.wav").status_code
+            == 201
+        )
+        received: list[int] = []
+        errors: list[str] = []
+
+        def stream() -> None:
+            body = {
+                "speaker": "v",
+                "text": "A very long sentence that goes on.",
+                "stream": True,
+                "format": "pcm",
+            }
+            try:
+                with httpx.stream("POST", f"{url}/speak", json=body, timeout=120) as r:
+                    for chunk in r.iter_bytes():
+                        received.append(len(chunk))
+            except httpx.HTTPError as exc:  # a cut stream is fine; a hang is not
+                errors.append(type(exc).__name__)
+
+        client = threading.Thread(target=stream)
+        client.start()
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received, "no audio before shutdown"
+        start = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        client.join(60)
+        assert not client.is_alive(), "the client hung after the server shut down"
+        while _running(pid) and time.monotonic() - start < 30:
+            time.sleep(0.2)
+        assert not _running(pid), "the server did not stop after its grace period"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped by the test's Popen."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
