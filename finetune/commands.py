@@ -64,6 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bake.set_defaults(handler=_guard(_bake))
 
+    job = subparsers.add_parser(
+        "run-job",
+        help="validate, preprocess, train and bake one job "
+        "(what the server runs in a separate process)",
+    )
+    job.add_argument("--spec", required=True, type=Path)
+    job.set_defaults(handler=_guard(_run_job))
+
 
 def _guard(handler):
     """Known user errors become one line on stderr and exit status 2, never a traceback."""
@@ -225,3 +233,14 @@ def _bake(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from finetune.job import run_job
+    from finetune.progress import ProgressWriter
+
+    progress = ProgressWriter(stream=sys.stdout)
+    try:
+        return run_job(args.spec, progress)
+    finally:
+        progress.close()

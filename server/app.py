@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -19,7 +22,7 @@ from litestar.datastructures import State
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, Stream
 
 from server import audio_formats
 from server.auth import KeyStore, Scope, secret_from_headers
@@ -34,11 +37,13 @@ from server.errors import (
     Unprocessable,
     exception_handler,
 )
+from server.jobs import TERMINAL, JobService
 from server.metrics import Metrics
 from server.registry import Voice
 from server.schemas import Health, OpenAISpeechRequest, SpeakRequest, VoiceList, VoiceOut
 from server.settings import Settings
 from server.text_split import split_text
+from server.uploads import receive_multipart
 from server.voices import VoiceService
 
 SAMPLE_RATE = 24_000
@@ -317,6 +322,81 @@ async def import_voice(request: Request, state: State) -> VoiceOut:
     return _voice_out(voice)
 
 
+def _job_out(job) -> dict[str, Any]:
+    payload = dict(job.payload)
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        **payload,
+    }
+
+
+@post(
+    "/voices",
+    guards=[admin_guard],
+    status_code=202,
+    summary="Fine-tune a new voice or language from uploaded clips",
+)
+async def create_voice_job(request: Request, state: State) -> Response[dict[str, Any]]:
+    settings: Settings = state.settings
+    jobs: JobService = state.jobs
+    incoming = jobs.root / f".incoming-{uuid.uuid4().hex}"
+    try:
+        upload = await receive_multipart(
+            request, incoming / "upload", max_bytes=settings.max_upload_bytes
+        )
+        job_request = await anyio.to_thread.run_sync(jobs.validate, upload, incoming)
+        shutil.rmtree(incoming / "upload")
+        job = await anyio.to_thread.run_sync(jobs.create, job_request, incoming)
+    except BaseException:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
+        raise
+    return Response(_job_out(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+@get("/jobs", guards=[admin_guard])
+async def list_jobs(state: State) -> dict[str, Any]:
+    jobs = await anyio.to_thread.run_sync(state.registry.list_jobs)
+    return {"jobs": [_job_out(j) for j in jobs]}
+
+
+@get("/jobs/{job_id:str}", guards=[admin_guard])
+async def get_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[str, Any]:
+    return _job_out(await anyio.to_thread.run_sync(state.jobs.get, job_id))
+
+
+@delete("/jobs/{job_id:str}", guards=[admin_guard], status_code=200)
+async def cancel_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[str, Any]:
+    return _job_out(await state.jobs.cancel(job_id))
+
+
+@get("/jobs/{job_id:str}/events", guards=[admin_guard])
+async def job_events(state: State, job_id: Annotated[str, Parameter()]) -> ServerSentEvent:
+    jobs: JobService = state.jobs
+    job = jobs.get(job_id)
+    queue = jobs.subscribe(job_id)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            current = jobs.get(job_id)
+            yield json.dumps({"event": "state", **_job_out(current)})
+            if current.state in TERMINAL:
+                return
+            while True:
+                event = await queue.get()
+                yield json.dumps(event)
+                if event.get("event") == "state" and event.get("state") in TERMINAL:
+                    return
+        finally:
+            jobs.unsubscribe(job_id, queue)
+
+    del job
+    return ServerSentEvent(events())
+
+
 @get("/healthz")
 async def healthz() -> Health:
     return Health(status="ok")
@@ -362,6 +442,11 @@ def create_app(settings: Settings) -> Litestar:
             get_voice,
             delete_voice,
             import_voice,
+            create_voice_job,
+            list_jobs,
+            get_job,
+            cancel_job,
+            job_events,
             healthz,
             readyz,
             metrics,

@@ -58,7 +58,7 @@ async def ensure_demo_voices(voices: VoiceService, data: Path) -> list[Voice]:
             (adapter_only / "speaker_embedding.safetensors").unlink()
             meta = json.loads((adapter_only / "voice.json").read_text())
             meta.pop("slot", None)
-            meta["embedding"] = "none"
+            meta["embedding"] = None
             (adapter_only / "voice.json").write_text(json.dumps(meta))
         made.append(
             await voices.import_package(

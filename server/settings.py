@@ -38,6 +38,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     adapter_max_bytes: int = 512 * 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    job_concurrency: int = 1
 
     @property
     def data_path(self) -> Path:

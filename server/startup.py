@@ -12,6 +12,7 @@ from litestar import Litestar
 from server.auth import KeyStore
 from server.engine.models import EngineModel
 from server.engine.worker import Engine
+from server.jobs import JobService
 from server.registry import Registry
 from server.settings import DEMO_MODEL, ModelSpec, Settings
 from server.voices import VoiceService
@@ -41,7 +42,10 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
     )
     engine.start()
     voices = VoiceService(registry, engine, data)
-    app.state.update({"registry": registry, "api_keys": keys, "engine": engine, "voices": voices})
+    jobs = JobService(registry, voices, settings)
+    app.state.update(
+        {"registry": registry, "api_keys": keys, "engine": engine, "voices": voices, "jobs": jobs}
+    )
     try:
         for name, spec in models.items():
             model = await engine.run(
@@ -61,7 +65,9 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
             from server.demo import ensure_demo_voices
 
             await ensure_demo_voices(voices, data)
+        await jobs.start()
         yield
     finally:
+        await jobs.stop()
         engine.stop(settings.shutdown_grace_s)
         registry.close()

@@ -112,9 +112,33 @@ class VoiceService:
         base_model: str | None,
         ref_clip: bytes | None = None,
     ) -> Voice:
+        """A voice package uploaded as a .tar.gz / .zip archive."""
         staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
         try:
             await anyio.to_thread.run_sync(_extract, archive, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return await self._register_staged(staging, name, base_model, ref_clip)
+
+    async def import_directory(
+        self, folder: Path, *, name: str, base_model: str, ref_clip: bytes | None = None
+    ) -> Voice:
+        """A voice package directory on this machine (what a finished fine-tune job wrote)."""
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: shutil.copytree(folder, staging, dirs_exist_ok=True)
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return await self._register_staged(staging, name, base_model, ref_clip)
+
+    async def _register_staged(
+        self, staging: Path, name: str | None, base_model: str | None, ref_clip: bytes | None
+    ) -> Voice:
+        try:
             meta = _read_meta(staging)
             voice_name = validate_name(name or meta["name"])
             model_name = base_model or self._default_model()
@@ -147,7 +171,7 @@ class VoiceService:
             tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter_dir)
         embedding = None
         slot = None
-        if (staging / meta.get("embedding", "speaker_embedding.safetensors")).is_file():
+        if meta.get("embedding") and (staging / meta["embedding"]).is_file():
             embedding = self._embedding(staging)
             slot = self._free_slot(model_name, int(meta.get("slot", DEFAULT_SLOT)))
         target = self.voices_dir / name

@@ -176,15 +176,16 @@ def write_package(
     output: Path,
     *,
     name: str,
-    slot: int,
-    embedding: np.ndarray,
+    slot: int | None,
+    embedding: np.ndarray | None,
     adapter_dir: Path | None,
     adapter_cfg: dict[str, Any] | None,
     base: LoadedQwen3TTS,
 ) -> Path:
     """A voice package: what the server hot-loads (voice.json + embedding + adapter)."""
     with atomic_directory(Path(output)) as staging:
-        mx.save_safetensors(str(staging / EMBEDDING_FILE), {"embedding": mx.array(embedding)})
+        if embedding is not None:
+            mx.save_safetensors(str(staging / EMBEDDING_FILE), {"embedding": mx.array(embedding)})
         if adapter_dir is not None:
             shutil.copytree(
                 adapter_dir,
@@ -195,11 +196,11 @@ def write_package(
             "format": PACKAGE_FORMAT,
             "name": name,
             "family": FAMILY,
-            "kind": "baked",
+            "kind": "baked" if embedding is not None else "adapter",
             "slot": slot,
             "strategy": (adapter_cfg or {}).get("strategy", "speaker"),
             "adapter": "adapter" if adapter_dir is not None else None,
-            "embedding": EMBEDDING_FILE,
+            "embedding": EMBEDDING_FILE if embedding is not None else None,
             "base_model": {
                 "path": str(base.path),
                 "tts_model_size": base.config.get("tts_model_size"),
@@ -216,8 +217,8 @@ def export_baked(
     out_dir: Path,
     *,
     name: str,
-    slot: int,
-    embedding: np.ndarray,
+    slot: int | None,
+    embedding: np.ndarray | None,
     adapter_dir: Path | None,
     keep_cloning: bool,
 ) -> Path:

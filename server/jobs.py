@@ -1,0 +1,479 @@
+"""Fine-tune jobs: validate an upload, run `python -m finetune run-job` as a separate process,
+follow its JSON-lines progress, register the new speaker when it succeeds.
+
+States: queued -> preparing -> training -> baking -> succeeded | failed | cancelled, and
+interrupted (the server stopped mid-job; it resumes from its checkpoint at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.audio import AudioError, duration_s, load_audio, write_wav
+from finetune.config import QWEN3_TALKER_TARGETS
+
+import anyio
+
+from server.errors import Conflict, NotFound, Unprocessable
+from server.registry import Job, JobNotFound, Registry, validate_name
+from server.settings import Settings
+from server.uploads import Upload, UploadedFile
+from server.voices import VoiceService
+
+ACTIVE = ("queued", "preparing", "training", "baking")
+TERMINAL = ("succeeded", "failed", "cancelled")
+LOG_TAIL = 40
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".oga", ".opus")
+
+# Bounds a client may pick hyper-parameters within.
+BOUNDS: dict[str, tuple[type, float, float]] = {
+    "lora_rank": (int, 1, 64),
+    "epochs": (int, 1, 50),
+    "max_steps": (int, 1, 100_000),
+    "learning_rate": (float, 1e-6, 1e-3),
+    "batch_size": (int, 1, 8),
+}
+MIN_TOTAL_SECONDS = {"speaker": 4.0, "language": 8.0}
+MIN_CLIP_S, MAX_CLIP_S = 0.5, 30.0
+
+
+@dataclass
+class JobRequest:
+    name: str
+    base_model: str
+    strategy: str
+    language: str | None
+    clips: list[tuple[Path, str]]  # 24 kHz mono wav in the job folder, transcript
+    refs: list[Path]
+    hyper: dict[str, Any]
+
+
+class JobService:
+    def __init__(self, registry: Registry, voices: VoiceService, settings: Settings) -> None:
+        self.registry = registry
+        self.voices = voices
+        self.settings = settings
+        self.root = settings.data_path / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._cancelled: set[str] = set()
+        self._listeners: dict[str, list[asyncio.Queue]] = {}
+        self._workers: list[asyncio.Task] = []
+        self._stopping = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        for job in self.registry.list_jobs():
+            if job.state in ACTIVE or job.state == "interrupted":
+                await anyio.to_thread.run_sync(_stop_orphan, job.payload.get("pid"))
+                self._set(job.id, "queued", note="resumed after a server restart")
+                self._queue.put_nowait(job.id)
+        self._workers = [
+            asyncio.create_task(self._worker())
+            for _ in range(max(1, self.settings.job_concurrency))
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in list(self._procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits
+        for proc in list(self._procs.values()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), self.settings.shutdown_grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for task in self._workers:
+            task.cancel()
+
+    # --- creating -----------------------------------------------------------------------
+    def validate(self, upload: Upload, folder: Path) -> JobRequest:
+        """Every check before a job exists; raises a 4xx error with the reason."""
+        fields = upload.fields
+        name = validate_name(fields.get("name", ""))
+        if self.registry.exists(name) or name in self.voices.builtin():
+            raise Conflict(f"voice {name!r} already exists")
+        pending = [
+            j.id
+            for j in self.registry.list_jobs()
+            if j.name == name and (j.state in ACTIVE or j.state == "interrupted")
+        ]
+        if pending:
+            raise Conflict(f"job {pending[0]} is already making voice {name!r}")
+        models = self.voices.engine.models
+        base_model = fields.get("base_model") or (next(iter(models)) if len(models) == 1 else "")
+        if base_model not in models:
+            raise Unprocessable(
+                f"unknown base model {base_model!r}; loaded: {', '.join(sorted(models))}"
+            )
+        strategy = fields.get("strategy", "speaker")
+        if strategy not in MIN_TOTAL_SECONDS:
+            raise Unprocessable("strategy must be 'speaker' or 'language'")
+        hyper = _hyper_parameters(fields)
+
+        audio = [f for f in upload.files_of("clips") if not f.filename.endswith(".txt")]
+        texts = _transcripts(upload, fields.get("transcripts"))
+        if not audio:
+            raise Unprocessable("no clips uploaded (multipart file field 'clips')")
+        missing = [f.filename for f in audio if f.filename not in texts]
+        if len(texts) != len(audio) or missing:
+            raise Unprocessable(
+                f"{len(audio)} clips but {len(texts)} transcripts"
+                + (f"; no transcript for {', '.join(missing[:5])}" if missing else "")
+            )
+        clips_dir = folder / "clips"
+        clips_dir.mkdir(parents=True, exist_ok=True)
+        clips, problems, total = [], [], 0.0
+        for i, item in enumerate(audio):
+            try:
+                wav = _checked_audio(item)
+            except Unprocessable as exc:
+                problems.append(str(exc))
+                continue
+            path = clips_dir / f"clip_{i:03d}.wav"
+            write_wav(path, wav)
+            clips.append((path, texts[item.filename].strip()))
+            total += duration_s(wav)
+        empty = [f.filename for f in audio if not texts.get(f.filename, "").strip()]
+        problems += [f"{n}: empty transcript" for n in empty]
+        refs = []
+        for i, item in enumerate(upload.files_of("ref")):
+            try:
+                wav = _checked_audio(item)
+            except Unprocessable as exc:
+                problems.append(str(exc))
+                continue
+            path = folder / f"ref_{i:02d}.wav"
+            write_wav(path, wav)
+            refs.append(path)
+        if strategy == "speaker" and not upload.files_of("ref"):
+            problems.append("the speaker strategy needs at least one reference clip ('ref')")
+        if problems:
+            raise Unprocessable("; ".join(problems), problems=problems)
+        if total < MIN_TOTAL_SECONDS[strategy]:
+            raise Unprocessable(
+                f"{total:.1f} s of audio; the {strategy} strategy needs at "
+                f"least {MIN_TOTAL_SECONDS[strategy]:.0f} s"
+            )
+        return JobRequest(
+            name, base_model, strategy, fields.get("language") or None, clips, refs, hyper
+        )
+
+    def create(self, request: JobRequest, folder: Path) -> Job:
+        job_id = uuid.uuid4().hex[:12]
+        job_dir = self.root / job_id
+        folder.rename(job_dir)
+        _rebase = lambda p: job_dir / p.relative_to(folder)  # noqa: E731
+        clips = [(_rebase(p), t) for p, t in request.clips]
+        refs = [_rebase(p) for p in request.refs]
+        lines = []
+        for i, (path, text) in enumerate(clips):
+            row: dict[str, Any] = {"audio": str(path), "text": text}
+            if refs:
+                row["ref_audio"] = str(refs[i % len(refs)])
+            if request.language:
+                row["language"] = request.language
+            lines.append(json.dumps(row))
+        (job_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
+        spec = self._spec(request, job_dir, refs)
+        (job_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        payload = {
+            "base_model": request.base_model,
+            "strategy": request.strategy,
+            "clips": len(clips),
+            "step": 0,
+            "total_steps": None,
+            "losses": {},
+            "eta_s": None,
+            "log_tail": [],
+            "reason": None,
+            "pid": None,
+            "hyper": request.hyper,
+            "ref_clip": str(refs[0] if refs else clips[0][0]),
+        }
+        job = self.registry.put_job(job_id, request.name, "queued", payload)
+        self._queue.put_nowait(job_id)
+        return job
+
+    def _spec(self, request: JobRequest, job_dir: Path, refs: list[Path]) -> dict[str, Any]:
+        hyper = request.hyper
+        model_path = self.voices.engine.models[request.base_model].loaded.path
+        trainer = {
+            "batch_size": hyper.get("batch_size", 2),
+            "learning_rate": hyper.get("learning_rate", 1e-4),
+            "num_epochs": hyper.get("epochs", 3),
+            "schedule": "cosine",
+            "save_every": 10,
+            "keep_checkpoints": 2,
+            "prefetch": 2,
+        }
+        if "max_steps" in hyper:
+            trainer["max_steps"] = hyper["max_steps"]
+        rank = hyper.get("lora_rank", 8)
+        config = {
+            "model": {"path": str(model_path), "strategy": request.strategy},
+            "data": {
+                "train": [str(job_dir / "train.jsonl")],
+                "min_duration_s": MIN_CLIP_S,
+                "max_duration_s": MAX_CLIP_S,
+            },
+            "lora": {"rank": rank, "alpha": 2.0 * rank, "targets": QWEN3_TALKER_TARGETS},
+            "trainer": trainer,
+            "speaker": {"name": request.name, "slot": 3000},
+            "output_dir": str(job_dir / "run"),
+        }
+        return {
+            "name": request.name,
+            "config": config,
+            "package_dir": str(job_dir / "package"),
+            "ref_clip": str(refs[0]) if refs else None,
+        }
+
+    # --- reading ------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.registry.get_job(job_id)
+        except JobNotFound as exc:
+            raise NotFound(str(exc)) from exc
+
+    def subscribe(self, job_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners.setdefault(job_id, []).append(queue)
+        return queue
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._listeners[job_id].remove(queue)
+
+    def _publish(self, job_id: str, event: dict[str, Any]) -> None:
+        for queue in self._listeners.get(job_id, []):
+            queue.put_nowait(event)
+
+    # --- cancelling ---------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state in TERMINAL:
+            raise Conflict(f"job {job_id} already {job.state}")
+        self._cancelled.add(job_id)
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            return self.get(job_id)
+        return self._set(job_id, "cancelled", note="cancelled before it started")
+
+    # --- running ------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            if job_id in self._cancelled or self.get(job_id).state in TERMINAL:
+                continue
+            try:
+                await self._run(job_id)
+            except Exception as exc:  # a job failure never stops the worker
+                self._set(job_id, "failed", reason=f"{type(exc).__name__}: {exc}")
+
+    async def _run(self, job_id: str) -> None:
+        job_dir = self.root / job_id
+        self._set(job_id, "preparing")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "finetune",
+            "run-job",
+            "--spec",
+            str(job_dir / "spec.json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._procs[job_id] = proc
+        self._set(job_id, None, pid=proc.pid)
+        tail: deque[str] = deque(maxlen=LOG_TAIL)
+        outcome: dict[str, Any] = {}
+        with (job_dir / "job.log").open("a") as log:
+            await asyncio.gather(
+                self._follow(job_id, proc.stdout, log, tail, outcome),
+                self._drain(proc.stderr, log, tail),
+            )
+        code = await proc.wait()
+        self._procs.pop(job_id, None)
+        if job_id in self._cancelled:
+            self._set(job_id, "cancelled", log_tail=list(tail))
+        elif code == 0 and "package" in outcome:
+            await self._register(job_id, Path(outcome["package"]), tail)
+        elif code == 0 and outcome.get("stopped") and self._stopping:
+            self._set(
+                job_id,
+                "interrupted",
+                log_tail=list(tail),
+                note="the server stopped; the job resumes from its checkpoint",
+            )
+        else:
+            reason = (
+                f"training process killed by signal {signal.Signals(-code).name}"
+                if code < 0
+                else f"training process exited with code {code}"
+            )
+            error = next((line for line in reversed(tail) if line.startswith("error:")), None)
+            self._set(job_id, "failed", reason=error or reason, log_tail=list(tail))
+
+    async def _follow(
+        self, job_id: str, stream: Any, log: Any, tail: deque[str], outcome: dict[str, Any]
+    ) -> None:
+        async for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            log.write(line + "\n")
+            try:
+                event = json.loads(line)
+            except ValueError:
+                tail.append(line)
+                continue
+            kind = event.get("event")
+            if kind == "phase":
+                state = {
+                    "validate": "preparing",
+                    "preprocess": "preparing",
+                    "training": "training",
+                    "baking": "baking",
+                }.get(event.get("phase"))
+                self._set(job_id, state)
+            elif kind == "step":
+                losses = {k: event[k] for k in ("loss", "main", "sub") if k in event}
+                self._set(
+                    job_id,
+                    "training",
+                    step=event["step"],
+                    total_steps=event["total_steps"],
+                    losses=losses,
+                    eta_s=event.get("eta_s"),
+                )
+            elif kind == "package":
+                outcome["package"] = event["path"]
+            elif kind == "stopped":
+                outcome["stopped"] = True
+            self._publish(job_id, event)
+
+    @staticmethod
+    async def _drain(stream: Any, log: Any, tail: deque[str]) -> None:
+        async for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            log.write(line + "\n")
+            tail.append(line)
+
+    async def _register(self, job_id: str, package: Path, tail: deque[str]) -> None:
+        job = self.get(job_id)
+        payload = job.payload
+        ref = Path(payload["ref_clip"]).read_bytes() if payload.get("ref_clip") else None
+        try:
+            voice = await self.voices.import_directory(
+                package, name=job.name, base_model=payload["base_model"], ref_clip=ref
+            )
+        except Exception as exc:
+            self._set(
+                job_id,
+                "failed",
+                reason=f"the trained voice did not load: {exc}",
+                log_tail=list(tail),
+            )
+            return
+        self._set(job_id, "succeeded", voice=voice.name, log_tail=list(tail))
+        shutil.rmtree(self.root / job_id / "run", ignore_errors=True)
+
+    def _set(self, job_id: str, state: str | None, **fields: Any) -> Job:
+        job = self.registry.get_job(job_id)
+        payload = {**job.payload, **fields}
+        updated = self.registry.update_job(job_id, state=state or job.state, payload=payload)
+        if (state is not None and state != job.state) or fields:
+            self._publish(job_id, {"event": "state", "state": updated.state, **fields})
+        return updated
+
+
+def _hyper_parameters(fields: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (kind, low, high) in BOUNDS.items():
+        if key not in fields or fields[key] == "":
+            continue
+        try:
+            value = kind(fields[key])
+        except ValueError as exc:
+            raise Unprocessable(f"{key} must be a number") from exc
+        if not low <= value <= high:
+            raise Unprocessable(f"{key} must be between {low} and {high}")
+        out[key] = value
+    return out
+
+
+def _transcripts(upload: Upload, mapping: str | None) -> dict[str, str]:
+    if mapping:
+        try:
+            data = json.loads(mapping)
+        except ValueError as exc:
+            raise Unprocessable(f"transcripts is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise Unprocessable("transcripts must map each clip's file name to its text")
+        return data
+    texts = {}
+    for item in upload.files_of("clips") + upload.files_of("transcripts"):
+        if item.filename.endswith(".txt"):
+            stem = item.filename[: -len(".txt")]
+            audio = next(
+                (
+                    f.filename
+                    for f in upload.files_of("clips")
+                    if f.filename.rsplit(".", 1)[0] == stem and not f.filename.endswith(".txt")
+                ),
+                None,
+            )
+            if audio is not None:
+                texts[audio] = item.path.read_text(encoding="utf-8", errors="replace")
+    return texts
+
+
+def _checked_audio(item: UploadedFile) -> Any:
+    if not item.filename.lower().endswith(AUDIO_SUFFIXES):
+        raise Unprocessable(f"{item.filename}: not an audio file (wav, flac, ogg, mp3)")
+    try:
+        wav = load_audio(item.path, 24_000)
+    except AudioError as exc:
+        raise Unprocessable(f"{item.filename}: cannot decode ({exc})") from exc
+    seconds = duration_s(wav)
+    if not MIN_CLIP_S <= seconds <= MAX_CLIP_S:
+        raise Unprocessable(
+            f"{item.filename}: {seconds:.2f} s, outside {MIN_CLIP_S}-{MAX_CLIP_S} s"
+        )
+    return wav
+
+
+def _stop_orphan(pid: int | None) -> None:
+    """A training process left behind by a server that died: stop it before resuming."""
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"run-job" not in cmdline:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        import time
+
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,227 @@
+"""`POST /voices`: fine-tuning as a service, end to end on a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from finetune.data import synthetic_dataset
+
+import httpx
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tests.service_helpers import server_process, wav_samples
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> tuple[list[Path], dict[str, str], Path]:
+    train = synthetic_dataset(tmp_path_factory.mktemp("upload"), 8, seed=7, with_ref=True)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    paths = [train.parent / r["audio"] for r in rows]
+    return (
+        paths,
+        {p.name: r["text"] for p, r in zip(paths, rows, strict=True)},
+        train.parent / "ref.wav",
+    )
+
+
+def _form(clips, name: str, **fields) -> tuple[list, dict]:
+    paths, texts, ref = clips
+    files = [("clips", (p.name, p.read_bytes(), "audio/wav")) for p in paths]
+    files.append(("ref", ("ref.wav", ref.read_bytes(), "audio/wav")))
+    data = {
+        "name": name,
+        "strategy": "speaker",
+        "transcripts": json.dumps(texts),
+        "max_steps": "4",
+        **fields,
+    }
+    return files, data
+
+
+def _wait(url: str, job_id: str, states: set[str], timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} stuck in {job['state']}: {job}")
+
+
+def _server_pid(url: str) -> int:
+    out = subprocess.run(
+        ["pgrep", "-f", f"settings-{url.rsplit(':', 1)[1]}"], capture_output=True, text=True
+    ).stdout.split()
+    return int(out[0])
+
+
+def _settings(data: Path, model: Path) -> dict:
+    return {
+        "data_dir": str(data),
+        "models": {MODEL: {"path": str(model)}},
+        "max_tokens_per_sentence": 6,
+        "shutdown_grace_s": 20,
+    }
+
+
+def test_upload_trains_in_another_process_and_the_new_voice_speaks(
+    tmp_path, tiny_qwen3_base, clips
+):
+    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
+        files, data = _form(clips, "Newvoice")
+        created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert created.headers["location"] == f"/jobs/{job['id']}"
+        assert job["state"] == "queued" and job["name"] == "newvoice"
+
+        events = []
+        with httpx.stream("GET", f"{url}/jobs/{job['id']}/events", timeout=300) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+        kinds = [e["event"] for e in events]
+        assert "step" in kinds, kinds
+        assert events[-1]["event"] == "state" and events[-1]["state"] == "succeeded", events[-3:]
+
+        final = httpx.get(f"{url}/jobs/{job['id']}").json()
+        assert final["state"] == "succeeded" and final["step"] == 4 and final["voice"] == "newvoice"
+        assert final["pid"] and final["pid"] != _server_pid(url)
+        assert {"loss", "main", "sub"} <= set(final["losses"])
+
+        speech = httpx.post(
+            f"{url}/speak", json={"speaker": "newvoice", "text": "I am new."}, timeout=120
+        )
+        assert speech.status_code == 200 and wav_samples(speech.content).size > 0
+        voice = httpx.get(f"{url}/voices/newvoice").json()
+        assert voice["kind"] == "baked" and voice["slot"] == 3000
+
+    # The baked row is the mean speaker embedding of the uploaded reference clip(s).
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+    from finetune.families.qwen3_tts.training import mean_speaker_embedding
+
+    loaded = load_qwen3_tts(tiny_qwen3_base)
+    expected = mean_speaker_embedding(loaded.model, [clips[2]])
+    stored = mx.load(str(tmp_path / "data/voices/newvoice/speaker_embedding.safetensors"))
+    np.testing.assert_allclose(np.array(stored["embedding"]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips):
+    data_dir = tmp_path / "data"
+    with server_process(_settings(data_dir, tiny_qwen3_base)) as url:
+
+        def post(files, data):
+            return httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
+
+        files, data = _form(clips, "ok")
+        cases = [
+            (files, {**data, "name": "Bad Name!"}, 422, "name"),
+            (files, {**data, "base_model": "missing"}, 422, "unknown base model"),
+            (files, {**data, "strategy": "dance"}, 422, "strategy"),
+            (files, {**data, "lora_rank": "1000"}, 422, "lora_rank"),
+            (files[:-1], data, 422, "reference clip"),
+            (files, {**data, "transcripts": json.dumps({})}, 422, "transcripts"),
+            (
+                [*files[:2], ("clips", ("x.wav", b"RIFF garbage", "audio/wav")), files[-1]],
+                {
+                    **data,
+                    "transcripts": json.dumps(
+                        {**{f[1][0]: clips[1][f[1][0]] for f in files[:2]}, "x.wav": "hi"}
+                    ),
+                },
+                422,
+                "cannot decode",
+            ),
+            (files[:1] + files[-1:], data, 422, None),  # too little audio in total / count
+        ]
+        for case_files, case_data, status, needle in cases:
+            response = post(case_files, case_data)
+            assert response.status_code == status, (case_data, response.text)
+            assert response.headers["content-type"].startswith("application/problem+json")
+            if needle:
+                assert needle in response.text, response.text
+        short = tmp_path / "short.wav"
+        from finetune.audio import write_wav
+
+        write_wav(short, np.zeros(2400, np.float32))
+        response = post(
+            [("clips", ("short.wav", short.read_bytes(), "audio/wav")), files[-1]],
+            {**data, "transcripts": json.dumps({"short.wav": "x"})},
+        )
+        assert response.status_code == 422 and "outside" in response.text
+        # A taken name: 409.
+        taken = post(files, {**data, "name": "dup"})
+        assert taken.status_code == 202
+        assert post(files, {**data, "name": "dup"}).status_code == 409
+        _wait(url, taken.json()["id"], {"succeeded", "failed"})
+    jobs = [p.name for p in (data_dir / "jobs").iterdir()]
+    assert jobs == [taken.json()["id"]], jobs  # nothing from the refused uploads
+    assert [p.name for p in (data_dir / "voices").iterdir()] == ["dup"]
+
+
+def test_upload_over_the_size_limit_is_413(tmp_path, tiny_qwen3_base, clips):
+    settings = {**_settings(tmp_path / "data", tiny_qwen3_base), "max_upload_bytes": 100_000}
+    with server_process(settings) as url:
+        files, data = _form(clips, "big")
+        response = httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
+        assert response.status_code == 413
+    assert list((tmp_path / "data" / "jobs").iterdir()) == []
+
+
+def test_cancel_and_kill_are_never_silent(tmp_path, tiny_qwen3_base, clips):
+    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
+        files, data = _form(clips, "cancelme", max_steps="5000")
+        job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
+        running = _wait(url, job["id"], {"training"})
+        while running.get("step", 0) < 1:
+            running = httpx.get(f"{url}/jobs/{job['id']}").json()
+            time.sleep(0.2)
+        assert httpx.delete(f"{url}/jobs/{job['id']}").status_code == 200
+        cancelled = _wait(url, job["id"], {"cancelled", "failed"})
+        assert cancelled["state"] == "cancelled"
+        assert not Path(f"/proc/{running['pid']}").exists() or _zombie(running["pid"])
+
+        files, data = _form(clips, "killme", max_steps="5000")
+        job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
+        running = _wait(url, job["id"], {"training"})
+        os.kill(running["pid"], signal.SIGKILL)
+        failed = _wait(url, job["id"], {"failed", "succeeded"})
+        assert failed["state"] == "failed" and "SIGKILL" in failed["reason"]
+        assert httpx.get(f"{url}/voices/killme").status_code == 404
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_server_restart_mid_job_resumes_and_finishes(tmp_path, tiny_qwen3_base, clips):
+    settings = _settings(tmp_path / "data", tiny_qwen3_base)
+    with server_process(settings) as url:
+        files, data = _form(clips, "survivor", max_steps="60")
+        job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
+        running = _wait(url, job["id"], {"training"})
+        while running.get("step", 0) < 2:
+            running = httpx.get(f"{url}/jobs/{job['id']}").json()
+            time.sleep(0.1)
+    # The server stopped (SIGTERM): the trainer saved a checkpoint; the job is interrupted.
+    with server_process(settings) as url:
+        finished = _wait(url, job["id"], {"succeeded", "failed"}, timeout=400)
+        assert finished["state"] == "succeeded", finished
+        log = (tmp_path / "data" / "jobs" / job["id"] / "job.log").read_text()
+        assert '"event": "resume"' in log
+        speech = httpx.post(
+            f"{url}/speak", json={"speaker": "survivor", "text": "Back."}, timeout=120
+        )
+        assert speech.status_code == 200
