@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import struct
 import threading
 import time
@@ -303,3 +304,35 @@ def _running(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def test_voices_cli_imports_lists_and_deletes_on_a_running_server(
+    server, voice_package, speaker_dataset
+):
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server", "voices", "--url", server, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    made = cli(
+        "import",
+        str(voice_package),
+        "--name",
+        "cli-voice",
+        "--ref-clip",
+        str(speaker_dataset.parent / "ref.wav"),
+    )
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["name"] == "cli-voice"
+    listed = cli("list")
+    assert "cli-voice" in [v["name"] for v in json.loads(listed.stdout)["voices"]]
+    again = cli("import", str(voice_package), "--name", "cli-voice")
+    assert again.returncode == 1 and "409" in again.stderr
+    assert cli("delete", "cli-voice").returncode == 0
+    assert httpx.get(f"{server}/voices/cli-voice").status_code == 404
