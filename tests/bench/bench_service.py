@@ -89,12 +89,11 @@ async def bench_server(url: str, frames: int, repeats: int, names: list[str]) ->
             async with client.stream(
                 "POST", "/speak", json={**body, "seed": i, "stream": True, "format": "pcm"}
             ) as r:
+                first = True
                 async for chunk in r.aiter_bytes():
-                    if chunk:
+                    if chunk and first:
                         ttfb.append(time.perf_counter() - start)
-                        break
-                async for _ in r.aiter_bytes():
-                    pass
+                        first = False
         out["ttfb_s"] = statistics.median(ttfb)
 
         bodies = [
