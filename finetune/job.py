@@ -22,6 +22,7 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     config: dict[str, Any]  # a TrainConfig as a mapping
     package_dir: str
     ref_clip: str | None = None  # language voices: the clip that gives them a voice
+    language: str | None = None
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
@@ -67,6 +68,7 @@ def run_job(spec_path: Path, progress: ProgressWriter) -> int:
             adapter_dir=final,
             adapter_cfg=read_adapter_config(final),
             base=base,
+            language=spec.language,
         )
     progress.emit("package", path=str(package))
     return 0

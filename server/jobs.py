@@ -75,6 +75,8 @@ class JobService:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        for stale in self.root.glob(".incoming-*"):  # uploads cut off by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         for job in self.registry.list_jobs():
             if job.state in ACTIVE or job.state == "interrupted":
                 await anyio.to_thread.run_sync(_stop_orphan, job.payload.get("pid"))
@@ -239,6 +241,7 @@ class JobService:
             "config": config,
             "package_dir": str(job_dir / "package"),
             "ref_clip": str(refs[0]) if refs else None,
+            "language": request.language,
         }
 
     # --- reading ------------------------------------------------------------------------

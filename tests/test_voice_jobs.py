@@ -225,3 +225,35 @@ def test_a_server_restart_mid_job_resumes_and_finishes(tmp_path, tiny_qwen3_base
             f"{url}/speak", json={"speaker": "survivor", "text": "Back."}, timeout=120
         )
         assert speech.status_code == 200
+
+
+def test_a_language_job_registers_a_speaker_name_too(tmp_path, tiny_qwen3_base, clips):
+    paths, texts, _ = clips
+    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
+        (tmp_path / "data" / "jobs" / ".incoming-stale").mkdir(parents=True, exist_ok=True)
+        files = [("clips", (p.name, p.read_bytes(), "audio/wav")) for p in paths]
+        # Transcripts as one .txt per clip this time.
+        files += [
+            ("clips", (p.with_suffix(".txt").name, texts[p.name].encode(), "text/plain"))
+            for p in paths
+        ]
+        data = {
+            "name": "hindi-ish",
+            "strategy": "language",
+            "language": "english",
+            "max_steps": "3",
+        }
+        created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
+        assert created.status_code == 202, created.text
+        done = _wait(url, created.json()["id"], {"succeeded", "failed"})
+        assert done["state"] == "succeeded", done
+        voice = httpx.get(f"{url}/voices/hindi-ish").json()
+        assert voice["kind"] == "adapter" and voice["has_adapter"] and voice["has_ref_clip"]
+        assert voice["default_language"] == "english"
+        speech = httpx.post(
+            f"{url}/speak", json={"speaker": "hindi-ish", "text": "Namaste."}, timeout=120
+        )
+        assert speech.status_code == 200 and wav_samples(speech.content).size > 0
+    # Restarting cleaned the stale upload folder.
+    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)):
+        assert not (tmp_path / "data" / "jobs" / ".incoming-stale").exists()

@@ -81,7 +81,10 @@ def main() -> None:
             job_dir = work / "data" / "jobs" / job["id"]
             spec = json.loads((job_dir / "spec.json").read_text())
 
-        # The same job with the CLI directly, on the same (already validated) clips.
+        # The same job with the CLI directly, on the same (already validated) clips, with the
+        # codes cache the server's job left beside them removed so both encode every clip.
+        for cached in job_dir.glob("clips/*.codec.*"):
+            cached.unlink()
         spec["config"]["output_dir"] = str(work / "cli-run")
         spec["package_dir"] = str(work / "cli-package")
         (work / "cli-spec.json").write_text(json.dumps(spec))

@@ -181,6 +181,7 @@ def write_package(
     adapter_dir: Path | None,
     adapter_cfg: dict[str, Any] | None,
     base: LoadedQwen3TTS,
+    language: str | None = None,
 ) -> Path:
     """A voice package: what the server hot-loads (voice.json + embedding + adapter)."""
     with atomic_directory(Path(output)) as staging:
@@ -201,6 +202,7 @@ def write_package(
             "strategy": (adapter_cfg or {}).get("strategy", "speaker"),
             "adapter": "adapter" if adapter_dir is not None else None,
             "embedding": EMBEDDING_FILE if embedding is not None else None,
+            "language": language,
             "base_model": {
                 "path": str(base.path),
                 "tts_model_size": base.config.get("tts_model_size"),
