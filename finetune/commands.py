@@ -186,8 +186,6 @@ def smoke_config(config, workdir: Path, *, keep_output: bool):
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    import json as json_lib
-
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
     from finetune.families.qwen3_tts.export import export_checkpoint
     from finetune.lora import fuse_lora, load_adapters
@@ -195,7 +193,7 @@ def _fuse(args: argparse.Namespace) -> int:
     loaded = load_qwen3_tts(args.model)
     load_adapters(loaded.model.talker, args.adapter)
     fused = fuse_lora(loaded.model.talker)
-    config = json_lib.loads((loaded.path / "config.json").read_text())
+    config = json.loads((loaded.path / "config.json").read_text())
     export_checkpoint(
         loaded,
         args.output,

@@ -376,7 +376,7 @@ async def cancel_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[
 @get("/jobs/{job_id:str}/events", guards=[admin_guard])
 async def job_events(state: State, job_id: Annotated[str, Parameter()]) -> ServerSentEvent:
     jobs: JobService = state.jobs
-    job = jobs.get(job_id)
+    jobs.get(job_id)  # 404 before subscribing
     queue = jobs.subscribe(job_id)
 
     async def events() -> AsyncIterator[str]:
@@ -393,7 +393,6 @@ async def job_events(state: State, job_id: Annotated[str, Parameter()]) -> Serve
         finally:
             jobs.unsubscribe(job_id, queue)
 
-    del job
     return ServerSentEvent(events())
 
 

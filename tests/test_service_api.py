@@ -105,10 +105,7 @@ async def test_voice_of_a_model_that_is_not_loaded_is_409(tmp_path, tiny_qwen3_b
         assert response.status_code == 409 and "not loaded" in response.json()["detail"]
 
 
-async def test_speak_equals_in_process_mlx_audio_generation(
-    client, tiny_qwen3_base, voice_package, speaker_dataset
-):
-    ref = speaker_dataset.parent / "ref.wav"
+async def test_speak_equals_in_process_mlx_audio_generation(client, tiny_qwen3_base, voice_package):
     assert (await _import(client, voice_package, "baked")).status_code == 201
     response = await client.post(
         "/speak",
@@ -135,7 +132,6 @@ async def test_speak_equals_in_process_mlx_audio_generation(
     expected = np.clip(np.round(np.array(result[0].audio) * 32767), -32768, 32767)
     assert served.shape == expected.shape
     assert np.abs(served.astype(np.int32) - expected.astype(np.int32)).max() <= 2
-    del ref
 
 
 async def test_import_list_get_delete_and_slot_reuse(client, voice_package, speaker_dataset):
@@ -214,7 +210,6 @@ async def test_adapter_bank_audio_equals_the_fused_model(
     tmp_path, tiny_qwen3_base, voice_package, speaker_dataset
 ):
     """A clone voice WITH an adapter, served through the bank vs the fused model in process."""
-    import json as json_lib
     import shutil
 
     adapter_only = tmp_path / "adapter_only"
@@ -240,7 +235,6 @@ async def test_adapter_bank_audio_equals_the_fused_model(
         )
         stats = c.app.state.engine.models[MODEL].bank.stats
         assert stats.misses >= 1
-    del json_lib
     loaded = load_qwen3_tts(tiny_qwen3_base)
     load_adapters(loaded.model.talker, voice_package / "adapter")
     fuse_lora(loaded.model.talker)
