@@ -26,10 +26,12 @@ from safetensors.numpy import load_file
 
 
 class BankContext:
-    """Per-forward slot indices, shared by every banked layer of one model."""
+    """The batch's rows, shared by every banked layer of one model: per layer, the adapter
+    tensors gathered for the batch's slot indices once, when the rows change, not per call."""
 
     def __init__(self) -> None:
         self.slot_ids: mx.array | None = None
+        self.rows: dict[int, tuple[mx.array, mx.array, mx.array]] = {}
 
 
 class BankedLoRALinear(nn.Module):
@@ -45,14 +47,17 @@ class BankedLoRALinear(nn.Module):
         self._ctx = ctx
         self.freeze()
 
+    def gather(self, ids: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """This layer's A [B, in, r], B [B, r, out] and scale [B] for the batch's slots."""
+        return self.lora_a[ids], self.lora_b[ids], self.scales[ids]
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        ids = self._ctx.slot_ids
-        if ids is None:
+        rows = self._ctx.rows.get(id(self)) if self._ctx.slot_ids is not None else None
+        if rows is None:
             return y
-        a = self.lora_a[ids]  # [B, in, r]
-        b = self.lora_b[ids]  # [B, r, out]
-        scale = self.scales[ids].reshape(-1, *([1] * (x.ndim - 1)))
+        a, b, scale = rows
+        scale = scale.reshape(-1, *([1] * (x.ndim - 1)))
         delta = (x.reshape(x.shape[0], -1, x.shape[-1]) @ a) @ b
         return y + (scale * delta.reshape(*y.shape)).astype(y.dtype)
 
@@ -241,4 +246,11 @@ class AdapterBank:
         return True
 
     def set_rows(self, slots: list[int] | None) -> None:
-        self.ctx.slot_ids = None if not slots or not any(slots) else mx.array(slots)
+        if not slots or not any(slots):
+            self.ctx.slot_ids = None
+            self.ctx.rows = {}
+            return
+        ids = mx.array(slots)
+        self.ctx.slot_ids = ids
+        self.ctx.rows = {id(layer): layer.gather(ids) for layer in self.layers.values()}
+        mx.eval(list(self.ctx.rows.values()))
