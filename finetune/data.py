@@ -14,7 +14,6 @@ import json
 import math
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune.audio import TARGET_SAMPLE_RATE, AudioError, duration_s, load_audio, write_wav
+from finetune.fsutil import atomic_write_bytes
 
 import numpy as np
 import soundfile as sf
@@ -425,17 +425,7 @@ def _check_codes(codes: Any, num_codebooks: int, where: str) -> np.ndarray:
 
 
 def _atomic_write(dest: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(dest, data)
 
 
 def _write_cache(audio: Path, codes: np.ndarray, tokenizer_id: str, digest: str) -> None:

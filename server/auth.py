@@ -8,21 +8,20 @@ sending the same key on every request pays the PBKDF2 price once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from finetune.fsutil import atomic_write_bytes
 
 Scope = Literal["speak", "admin"]
 SCOPES: frozenset[str] = frozenset(get_args(Scope))
@@ -289,15 +288,4 @@ class KeyStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"keys": [key.to_dict() for key in self.keys]}, indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, body.encode("utf-8"), mode=0o600)

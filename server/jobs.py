@@ -135,31 +135,18 @@ class JobService:
                 f"{len(audio)} clips but {len(texts)} transcripts"
                 + (f"; no transcript for {', '.join(missing[:5])}" if missing else "")
             )
-        clips_dir = folder / "clips"
-        clips_dir.mkdir(parents=True, exist_ok=True)
-        clips, problems, total = [], [], 0.0
-        for i, item in enumerate(audio):
-            try:
-                wav = _checked_audio(item)
-            except Unprocessable as exc:
-                problems.append(str(exc))
-                continue
-            path = clips_dir / f"clip_{i:03d}.wav"
-            write_wav(path, wav)
-            clips.append((path, texts[item.filename].strip()))
-            total += duration_s(wav)
+        problems: list[str] = []
+        saved = _save_audio(audio, folder / "clips", "clip_{:03d}.wav", problems)
+        clips = [(path, texts[item.filename].strip()) for item, path, _ in saved]
+        total = sum(seconds for _, _, seconds in saved)
         empty = [f.filename for f in audio if not texts.get(f.filename, "").strip()]
         problems += [f"{n}: empty transcript" for n in empty]
-        refs = []
-        for i, item in enumerate(upload.files_of("ref")):
-            try:
-                wav = _checked_audio(item)
-            except Unprocessable as exc:
-                problems.append(str(exc))
-                continue
-            path = folder / f"ref_{i:02d}.wav"
-            write_wav(path, wav)
-            refs.append(path)
+        refs = [
+            path
+            for _, path, _ in _save_audio(
+                upload.files_of("ref"), folder, "ref_{:02d}.wav", problems
+            )
+        ]
         if strategy == "speaker" and not upload.files_of("ref"):
             problems.append("the speaker strategy needs at least one reference clip ('ref')")
         if problems:
@@ -443,6 +430,24 @@ def _transcripts(upload: Upload, mapping: str | None) -> dict[str, str]:
             if audio is not None:
                 texts[audio] = item.path.read_text(encoding="utf-8", errors="replace")
     return texts
+
+
+def _save_audio(
+    items: list[UploadedFile], folder: Path, pattern: str, problems: list[str]
+) -> list[tuple[UploadedFile, Path, float]]:
+    """Decode each upload to a 24 kHz mono WAV in `folder`; refusals go into `problems`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for i, item in enumerate(items):
+        try:
+            wav = _checked_audio(item)
+        except Unprocessable as exc:
+            problems.append(str(exc))
+            continue
+        path = folder / pattern.format(i)
+        write_wav(path, wav)
+        saved.append((item, path, duration_s(wav)))
+    return saved
 
 
 def _checked_audio(item: UploadedFile) -> Any:
