@@ -58,6 +58,16 @@ class _LoRABranch(nn.Module):
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
         self.lora_b = mx.zeros((rank, output_dims))
 
+    @classmethod
+    def from_base(
+        cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> _LoRABranch:
+        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # `linear` is the frozen base layer every subclass sets.
+        return self.linear(x) + self._lora(x)
+
     @property
     def rank(self) -> int:
         return int(self.lora_a.shape[1])
@@ -81,15 +91,6 @@ class LoRALinear(_LoRABranch):
         super().__init__(input_dims, output_dims, rank, alpha, dropout)
         linear.freeze()
         self.linear = linear
-
-    @classmethod
-    def from_base(
-        cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
-    ) -> LoRALinear:
-        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x) + self._lora(x)
 
     def fuse(self) -> nn.Linear:
         weight = self.linear.weight
@@ -117,19 +118,6 @@ class QLoRALinear(_LoRABranch):
         super().__init__(input_dims, output_dims, rank, alpha, dropout)
         linear.freeze()
         self.linear = linear
-
-    @classmethod
-    def from_base(
-        cls,
-        linear: nn.QuantizedLinear,
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-    ) -> QLoRALinear:
-        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x) + self._lora(x)
 
     def fuse(self) -> nn.Linear:
         """A full-precision (fp32) nn.Linear: the dequantized base weight plus the update."""

@@ -6,6 +6,7 @@ embedding of each line's ref clip sits in the codec prefix's speaker slot).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -168,6 +169,12 @@ def quantize_targets(talker: nn.Module, lcfg: LoRAConfig, bits: int, group_size:
     nn.quantize(talker, group_size=group_size, bits=bits, class_predicate=wanted)
 
 
+def trainer_config(section: Any) -> TrainerConfig:
+    """The trainer's settings: every field the config file's trainer section also names."""
+    names = [f.name for f in dataclasses.fields(TrainerConfig) if hasattr(section, f.name)]
+    return TrainerConfig(**{name: getattr(section, name) for name in names})
+
+
 @dataclass
 class PreparedRun:
     loaded: LoadedQwen3TTS
@@ -241,20 +248,7 @@ def prepare_run(
         batches=batches,
         batches_per_epoch=plan.num_batches,
         save_weights=save_weights,
-        config=TrainerConfig(
-            learning_rate=tcfg.learning_rate,
-            weight_decay=tcfg.weight_decay,
-            grad_accumulation=tcfg.grad_accumulation,
-            max_grad_norm=tcfg.max_grad_norm,
-            schedule=tcfg.schedule,
-            warmup_steps=tcfg.warmup_steps,
-            num_epochs=tcfg.num_epochs,
-            max_steps=tcfg.max_steps,
-            eval_every=tcfg.eval_every,
-            save_every=tcfg.save_every,
-            keep_checkpoints=tcfg.keep_checkpoints,
-            seed=tcfg.seed,
-        ),
+        config=trainer_config(tcfg),
         output_dir=Path(config.output_dir),
         samples_in=lambda batch: batch.size,
         val_batches=val_batches,
