@@ -14,19 +14,19 @@ from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
-TINY_FAMILIES = ("qwen3_tts",)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tiny = subparsers.add_parser(
         "make-tiny", help="write a random-initialised checkpoint in the real on-disk layout"
     )
-    tiny.add_argument("family", choices=TINY_FAMILIES)
+    from finetune.families import FAMILIES
+
+    tiny.add_argument("family", choices=FAMILIES)
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--variant", default="base", choices=("base", "custom_voice"))
+    tiny.add_argument("--variant", default="base", help="qwen3_tts: base | custom_voice")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--preset", default="tiny", help="tiny | small | real-0.6b | real-1.7b (real shapes)"
+        "--preset", default="tiny", help="qwen3_tts: tiny | small | real-0.6b | real-1.7b"
     )
     tiny.set_defaults(handler=_make_tiny)
 
@@ -41,15 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts
+    from finetune.families import family_entry
 
-    if args.preset not in PRESETS:
-        print(f"error: --preset must be one of {', '.join(PRESETS)}", file=sys.stderr)
+    entry = family_entry(args.family)
+    if args.preset not in entry.PRESETS:
+        print(f"error: --preset must be one of {', '.join(entry.PRESETS)}", file=sys.stderr)
         return 2
-    path = make_tiny_qwen3_tts(
-        args.out_dir, variant=args.variant, seed=args.seed, preset=args.preset
-    )
-    print(path)
+    variants = getattr(entry, "VARIANTS", ("base",))
+    if args.variant not in variants:
+        print(f"error: --variant must be one of {', '.join(variants)}", file=sys.stderr)
+        return 2
+    print(entry.make_tiny(args.out_dir, seed=args.seed, preset=args.preset, variant=args.variant))
     return 0
 
 

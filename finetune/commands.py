@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SMOKE_STEPS = 5
+from finetune.smoke import SMOKE_STEPS
 
 
 class CommandError(Exception):
@@ -133,56 +133,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     from finetune.config import load_config
-    from finetune.families.qwen3_tts import training
+    from finetune.families import family_entry
     from finetune.progress import ProgressWriter
 
     config = load_config(args.config, _overrides(args))
+    entry = family_entry(config.model.family)
     progress = ProgressWriter(args.progress_file, stream=sys.stdout)
     workdir = None
     try:
         if args.smoke_test:
             workdir = Path(tempfile.mkdtemp(prefix="vf-smoke-"))
-            config = smoke_config(config, workdir, keep_output=args.output is not None)
-        result = training.train(config, progress=progress, resume=args.resume)
+            config = entry.smoke_config(config, workdir, keep_output=args.output is not None)
+        result = entry.train(config, progress=progress, resume=args.resume)
     finally:
         progress.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if result.status in ("finished", "stopped") else 1
-
-
-def smoke_config(config, workdir: Path, *, keep_output: bool):
-    """The same config on a tiny model and synthetic clips, for a few steps."""
-    from finetune.data import synthetic_dataset
-    from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
-
-    import msgspec
-
-    model = make_tiny_qwen3_tts(workdir / "model", seed=0)
-    train_jsonl = synthetic_dataset(
-        workdir / "data", 6, seed=0, with_ref=config.model.strategy == "speaker"
-    )
-    val_jsonl = train_jsonl.with_name("val.jsonl")
-    return msgspec.structs.replace(
-        config,
-        model=msgspec.structs.replace(config.model, path=str(model)),
-        data=msgspec.structs.replace(
-            config.data,
-            train=[str(train_jsonl)],
-            val=[str(val_jsonl)] if val_jsonl.exists() else [],
-        ),
-        trainer=msgspec.structs.replace(
-            config.trainer,
-            batch_size=2,
-            grad_accumulation=1,
-            max_steps=SMOKE_STEPS,
-            eval_every=0,
-            save_every=0,
-            learning_rate=max(config.trainer.learning_rate, 1e-3),
-            warmup_steps=0,
-        ),
-        output_dir=config.output_dir if keep_output else str(workdir / "out"),
-    )
 
 
 def _fuse(args: argparse.Namespace) -> int:

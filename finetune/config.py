@@ -28,9 +28,12 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+Family = Literal["qwen3_tts", "csm", "personaplex"]
+
+
 class ModelSection(Strict):
     path: str
-    family: Literal["qwen3_tts"] = "qwen3_tts"
+    family: Family = "qwen3_tts"
     strategy: Strategy = "language"
 
 
@@ -50,7 +53,7 @@ class LoRASection(Strict):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = msgspec.field(default_factory=lambda: list(QWEN3_TALKER_TARGETS))
+    targets: list[str] | None = None  # None: the family's default targets
     train_code_predictor: bool = False
     quantize: QuantizeSection | None = None
 
@@ -79,13 +82,42 @@ class SpeakerSection(Strict):
     slot: int = 3000
 
 
+class CsmSection(Strict):
+    """Sesame CSM: LoRA on the backbone, optionally on the depth decoder."""
+
+    train_decoder: bool = False
+    decoder_loss_weight: float = 0.5  # weight of the depth decoder's codebooks 1..N-1
+    speaker_id: int = 0
+
+
+class PersonaPlexSection(Strict):
+    """PersonaPlex (Moshi): LoRA on temporal attention and the depformer bridge."""
+
+    freeze_text_linear: bool = True
+    train_audio_embs: bool = True
+    train_out_norm: bool = True
+    text_loss_weight: float = 1.0
+    audio_loss_weight: float = 1.0
+
+
 class TrainConfig(Strict):
     model: ModelSection
     data: DataSection
     lora: LoRASection = msgspec.field(default_factory=LoRASection)
     trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
     speaker: SpeakerSection = msgspec.field(default_factory=SpeakerSection)
+    csm: CsmSection = msgspec.field(default_factory=CsmSection)
+    personaplex: PersonaPlexSection = msgspec.field(default_factory=PersonaPlexSection)
     output_dir: str = "checkpoints/run"
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """The configured LoRA target patterns, or the family's defaults."""
+        if self.lora.targets is not None:
+            return list(self.lora.targets)
+        from finetune.families import family_entry
+
+        return list(family_entry(self.model.family).DEFAULT_TARGETS)
 
     def __post_init__(self) -> None:
         problems = []

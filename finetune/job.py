@@ -38,37 +38,23 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def run_job(spec_path: Path, progress: ProgressWriter) -> int:
-    from finetune.families.qwen3_tts import training
-    from finetune.families.qwen3_tts.bake import bake, write_package
+def train_to_final(config: TrainConfig, progress: ProgressWriter) -> Path | None:
+    """Train until `checkpoint-final` exists (resuming the newest checkpoint); None if stopped."""
+    from finetune.families import family_entry
 
-    spec = msgspec.json.decode(Path(spec_path).read_bytes(), type=JobSpec)
-    config = msgspec.convert(spec.config, TrainConfig)
     output = Path(config.output_dir)
     final = output / "checkpoint-final"
     if not (final / "trainer_state.json").is_file():
-        resume = newest_checkpoint(output)
-        result = training.train(config, progress=progress, resume=resume)
+        entry = family_entry(config.model.family)
+        result = entry.train(config, progress=progress, resume=newest_checkpoint(output))
         if result.status != "finished":
-            return 0  # stopped on SIGTERM: the checkpoint is saved, the server decides
-    progress.emit("phase", phase="baking")
-    package = Path(spec.package_dir)
-    if config.model.strategy == "speaker":
-        bake(config, final, package, name=spec.name, slot=config.speaker.slot, force=True)
-    else:
-        from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
-        from finetune.lora import read_adapter_config
+            return None
+    return final
 
-        base = load_qwen3_tts(config.model.path)
-        write_package(
-            package,
-            name=spec.name,
-            slot=None,
-            embedding=None,
-            adapter_dir=final,
-            adapter_cfg=read_adapter_config(final),
-            base=base,
-            language=spec.language,
-        )
-    progress.emit("package", path=str(package))
-    return 0
+
+def run_job(spec_path: Path, progress: ProgressWriter) -> int:
+    from finetune.families import family_entry
+
+    spec = msgspec.json.decode(Path(spec_path).read_bytes(), type=JobSpec)
+    config = msgspec.convert(spec.config, TrainConfig)
+    return family_entry(config.model.family).run_job(spec, config, progress)

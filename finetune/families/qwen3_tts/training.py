@@ -111,7 +111,7 @@ def make_loss_fn(sub_weight: float, label_smoothing: float):
 
 
 def lora_config(config: TrainConfig) -> LoRAConfig:
-    targets = list(config.lora.targets)
+    targets = config.lora_targets
     if config.lora.train_code_predictor:
         targets += [t for t in QWEN3_CODE_PREDICTOR_TARGETS if t not in targets]
     return LoRAConfig(

@@ -1,0 +1,81 @@
+"""Qwen3-TTS behind the family surface described in `finetune.families`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.config import QWEN3_TALKER_TARGETS, TrainConfig
+from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts
+from finetune.progress import ProgressWriter
+
+import msgspec
+
+DEFAULT_TARGETS = QWEN3_TALKER_TARGETS
+VARIANTS = ("base", "custom_voice")
+
+__all__ = ["DEFAULT_TARGETS", "PRESETS", "make_tiny", "run_job", "smoke_config", "train"]
+
+
+def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:
+    return make_tiny_qwen3_tts(out_dir, variant=variant, seed=seed, preset=preset)
+
+
+def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
+    from finetune.families.qwen3_tts import training
+
+    return training.train(config, progress=progress, resume=resume)
+
+
+def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> TrainConfig:
+    """The same config on a tiny model and synthetic clips, for a few steps."""
+    from finetune.data import synthetic_dataset
+    from finetune.smoke import smoke_trainer
+
+    model = make_tiny_qwen3_tts(workdir / "model", seed=0)
+    train_jsonl = synthetic_dataset(
+        workdir / "data", 6, seed=0, with_ref=config.model.strategy == "speaker"
+    )
+    val_jsonl = train_jsonl.with_name("val.jsonl")
+    return msgspec.structs.replace(
+        config,
+        model=msgspec.structs.replace(config.model, path=str(model)),
+        data=msgspec.structs.replace(
+            config.data,
+            train=[str(train_jsonl)],
+            val=[str(val_jsonl)] if val_jsonl.exists() else [],
+        ),
+        trainer=smoke_trainer(config.trainer),
+        output_dir=config.output_dir if keep_output else str(workdir / "out"),
+    )
+
+
+def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
+    """Train (resuming), then bake (speaker) or package (language)."""
+    from finetune.families.qwen3_tts.bake import bake, write_package
+    from finetune.job import train_to_final
+
+    final = train_to_final(config, progress)
+    if final is None:
+        return 0  # stopped on SIGTERM: the checkpoint is saved, the server decides
+    progress.emit("phase", phase="baking")
+    package = Path(spec.package_dir)
+    if config.model.strategy == "speaker":
+        bake(config, final, package, name=spec.name, slot=config.speaker.slot, force=True)
+    else:
+        from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+        from finetune.lora import read_adapter_config
+
+        base = load_qwen3_tts(config.model.path)
+        write_package(
+            package,
+            name=spec.name,
+            slot=None,
+            embedding=None,
+            adapter_dir=final,
+            adapter_cfg=read_adapter_config(final),
+            base=base,
+            language=spec.language,
+        )
+    progress.emit("package", path=str(package))
+    return 0
