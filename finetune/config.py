@@ -19,6 +19,13 @@ QWEN3_CODE_PREDICTOR_TARGETS = [
     r"code_predictor\.model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
 ]
 
+# PersonaPlex / Moshi: temporal attention and the depformer bridge. `depformer.slices.N.linear_in`
+# is matched in full: a bare `linear_in` would also hit every gating MLP.
+PERSONAPLEX_TARGETS = [
+    r"transformer\.layers\.\d+\.self_attn\.(in_proj|out_proj)",
+    r"depformer\.slices\.\d+\.linear_in",
+]
+
 
 class ConfigError(ValueError):
     pass

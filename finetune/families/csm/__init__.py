@@ -1,0 +1,1 @@
+"""Sesame CSM (llama backbone + depth decoder over Mimi codes) on mlx-audio's `sesame` model."""

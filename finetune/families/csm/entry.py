@@ -1,0 +1,44 @@
+"""Sesame CSM behind the family surface described in `finetune.families`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.config import TrainConfig
+from finetune.progress import ProgressWriter
+
+PRESETS = ("tiny", "real-1b")
+VARIANTS = ("base",)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_TARGETS":
+        from finetune.families.csm.training import CSM_BACKBONE_TARGETS
+
+        return CSM_BACKBONE_TARGETS
+    raise AttributeError(name)
+
+
+def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:
+    from finetune.families.csm.tiny import make_tiny_csm
+
+    return make_tiny_csm(out_dir, seed=seed, preset=preset)
+
+
+def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
+    from finetune.families.csm import training
+
+    return training.train(config, progress=progress, resume=resume)
+
+
+def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> TrainConfig:
+    from finetune.families.csm import training
+
+    return training.smoke_config(config, workdir, keep_output=keep_output)
+
+
+def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
+    from finetune.families.csm import job
+
+    return job.run_job(spec, config, progress)

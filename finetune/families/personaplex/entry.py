@@ -1,0 +1,37 @@
+"""PersonaPlex behind the family surface described in `finetune.families`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.config import PERSONAPLEX_TARGETS, TrainConfig
+from finetune.progress import ProgressWriter
+
+DEFAULT_TARGETS = PERSONAPLEX_TARGETS
+PRESETS = ("tiny", "width", "real-7b")
+VARIANTS = ("base",)
+
+
+def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:
+    from finetune.families.personaplex.tiny import make_tiny_personaplex
+
+    return make_tiny_personaplex(out_dir, seed=seed, preset=preset)
+
+
+def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
+    from finetune.families.personaplex import training
+
+    return training.train(config, progress=progress, resume=resume)
+
+
+def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> TrainConfig:
+    from finetune.families.personaplex import training
+
+    return training.smoke_config(config, workdir, keep_output=keep_output)
+
+
+def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
+    from finetune.families.personaplex import job
+
+    return job.run_job(spec, config, progress)
