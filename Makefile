@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml deploy/install.sh
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml deploy/install.sh
 	bash deploy/install.sh
 	touch $@
 

@@ -21,5 +21,7 @@ fi
 
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+# The SDK (clients/python) first in the same command: the `voicefoundry` script's client
+# commands (say, voices, jobs) are built on it.
+"$venv/bin/python" -m pip install -q -e clients/python -e ".[dev]"
 "$venv/bin/voicefoundry" doctor --no-measure

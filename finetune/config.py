@@ -95,6 +95,10 @@ class CsmSection(Strict):
     train_decoder: bool = False
     decoder_loss_weight: float = 0.5  # weight of the depth decoder's codebooks 1..N-1
     speaker_id: int = 0
+    # Share of audio frames the depth decoder is trained on per batch (Sesame's "compute
+    # amortization" used 1/16); at least one frame per batch.
+    decoder_frame_fraction: float = 1.0
+    context_clips: int = 1  # training clips copied into a voice package as generation context
 
 
 class PersonaPlexSection(Strict):
@@ -105,6 +109,8 @@ class PersonaPlexSection(Strict):
     train_out_norm: bool = True
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
+    text_padding_weight: float = 0.5  # weight of PAD / EPAD text targets relative to words
+    user_audio_loss_weight: float = 0.0  # 0: the user's codebooks are not predicted in training
 
 
 class TrainConfig(Strict):
@@ -140,6 +146,10 @@ class TrainConfig(Strict):
             problems.append("speaker.slot must be a codec_embedding row (0-3071)")
         if self.data.min_duration_s >= self.data.max_duration_s:
             problems.append("data.min_duration_s must be below data.max_duration_s")
+        for name in PersonaPlexSection.__struct_fields__:
+            value = getattr(self.personaplex, name)
+            if name.endswith("_weight") and value < 0:
+                problems.append(f"personaplex.{name} must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -23,6 +23,7 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     package_dir: str
     ref_clip: str | None = None  # language voices: the clip that gives them a voice
     language: str | None = None
+    text_prompt: str | None = None  # duplex voices: the default `<system>` prompt
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:

@@ -26,6 +26,7 @@ from litestar.response import ServerSentEvent, Stream
 
 from server import audio_formats
 from server.auth import KeyStore, Scope, secret_from_headers
+from server.duplex.routes import duplex_socket
 from server.engine.bank import AdapterTensors
 from server.engine.qwen3_batch import Sampling
 from server.engine.worker import Done, Engine, QueueFull, SpeakJob
@@ -130,7 +131,7 @@ class Synthesis:
         model = self.engine.models.get(self.job.voicing.model)
         if adapter is None or model is None or model.bank.slot_of(str(adapter)):
             return
-        tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter)
+        tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter, model.adapter_module)
         await self.engine.run(lambda: model.bank.ensure(tensors))
 
     def submit(self) -> None:
@@ -404,6 +405,7 @@ async def healthz() -> Health:
 @get("/readyz")
 async def readyz(state: State) -> Health:
     models = sorted(state.engine.models) if getattr(state, "engine", None) else []
+    models += sorted(state.duplex.models) if getattr(state, "duplex", None) else []
     if not models:
         raise NotReady("no model is loaded yet")
     return Health(status="ready", models=models)
@@ -411,7 +413,10 @@ async def readyz(state: State) -> Health:
 
 @get("/metrics", media_type="text/plain; version=0.0.4")
 async def metrics(state: State) -> str:
-    return state.metrics.render(state.engine)
+    text = state.metrics.render(state.engine)
+    if getattr(state, "duplex", None) is not None:
+        text += state.metrics.render_duplex(state.duplex)
+    return text
 
 
 # --- app ------------------------------------------------------------------------------------
@@ -446,6 +451,7 @@ def create_app(settings: Settings) -> Litestar:
             get_job,
             cancel_job,
             job_events,
+            duplex_socket,
             healthz,
             readyz,
             metrics,

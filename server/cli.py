@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from finetune import cli as finetune_cli
@@ -17,7 +18,28 @@ def build_parser() -> argparse.ArgumentParser:
     from server import commands
 
     commands.register(subparsers)
+    try:
+        from voicefoundry_client import cli as client_cli
+    except ImportError:  # the SDK is its own distribution (clients/python)
+        _client_commands_missing(subparsers)
+    else:
+        client_cli.register(subparsers)
     return parser
+
+
+def _client_commands_missing(subparsers: argparse._SubParsersAction) -> None:
+    def handler(args: argparse.Namespace) -> int:
+        del args
+        print(
+            "error: this command needs the Python SDK: pip install -e clients/python",
+            file=sys.stderr,
+        )
+        return 2
+
+    for name in ("say", "voices", "jobs"):
+        parser = subparsers.add_parser(name, help="(needs the voicefoundry-client SDK)")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,12 +19,21 @@ from server.settings import DEMO_MODEL
 from server.voices import VoiceService, pack_directory
 
 DEMO_VOICES = ("demo-baked", "demo-adapter", "demo-clone")
+# A tiny Sesame CSM beside the Qwen3-TTS one; it serves its builtin speakers csm-tiny-0 / -1.
+DEMO_CSM_MODEL = "csm-tiny"
 
 
 def ensure_demo_model(data: Path) -> Path:
     path = data / "models" / DEMO_MODEL
     if not (path / "config.json").is_file():
         _finetune("make-tiny", "qwen3_tts", str(path), "--seed", "0")
+    return path
+
+
+def ensure_demo_csm_model(data: Path) -> Path:
+    path = data / "models" / DEMO_CSM_MODEL
+    if not (path / "config.json").is_file():
+        _finetune("make-tiny", "csm", str(path), "--seed", "0")
     return path
 
 

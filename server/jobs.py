@@ -16,12 +16,11 @@ import signal
 import sys
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.audio import AudioError, duration_s, load_audio, write_wav
-from finetune.config import QWEN3_TALKER_TARGETS
 
 import anyio
 
@@ -44,7 +43,9 @@ BOUNDS: dict[str, tuple[type, float, float]] = {
     "learning_rate": (float, 1e-6, 1e-3),
     "batch_size": (int, 1, 8),
 }
-MIN_TOTAL_SECONDS = {"speaker": 4.0, "language": 8.0}
+MIN_TOTAL_SECONDS = {"speaker": 4.0, "language": 8.0, "duplex": 4.0}
+MAX_TEXT_PROMPT_CHARS = 2000
+DUPLEX_FRAME_RATE = 12.5  # PersonaPlex steps a second
 MIN_CLIP_S, MAX_CLIP_S = 0.5, 30.0
 
 
@@ -57,6 +58,8 @@ class JobRequest:
     clips: list[tuple[Path, str]]  # 24 kHz mono wav in the job folder, transcript
     refs: list[Path]
     hyper: dict[str, Any]
+    user_clips: list[Path | None] = field(default_factory=list)  # duplex: the user's side
+    text_prompt: str | None = None
 
 
 class JobService:
@@ -114,16 +117,23 @@ class JobService:
         ]
         if pending:
             raise Conflict(f"job {pending[0]} is already making voice {name!r}")
-        models = self.voices.engine.models
-        base_model = fields.get("base_model") or (next(iter(models)) if len(models) == 1 else "")
-        if base_model not in models:
-            raise Unprocessable(
-                f"unknown base model {base_model!r}; loaded: {', '.join(sorted(models))}"
-            )
         strategy = fields.get("strategy", "speaker")
         if strategy not in MIN_TOTAL_SECONDS:
-            raise Unprocessable("strategy must be 'speaker' or 'language'")
+            raise Unprocessable("strategy must be 'speaker', 'language' or 'duplex'")
+        models = self._models_for(strategy)
+        base_model = fields.get("base_model") or (next(iter(models)) if len(models) == 1 else "")
+        if base_model not in models:
+            kind = "PersonaPlex (duplex)" if strategy == "duplex" else "speech"
+            raise Unprocessable(
+                f"unknown {kind} base model {base_model!r} for strategy {strategy!r}; "
+                f"loaded: {', '.join(sorted(models)) or 'none'}"
+            )
         hyper = _hyper_parameters(fields)
+        text_prompt = fields.get("text_prompt") or None
+        if text_prompt is not None and strategy != "duplex":
+            raise Unprocessable("text_prompt only applies to the duplex strategy")
+        if text_prompt is not None and len(text_prompt) > MAX_TEXT_PROMPT_CHARS:
+            raise Unprocessable(f"text_prompt is longer than {MAX_TEXT_PROMPT_CHARS} characters")
 
         audio = [f for f in upload.files_of("clips") if not f.filename.endswith(".txt")]
         texts = _transcripts(upload, fields.get("transcripts"))
@@ -149,6 +159,23 @@ class JobService:
         ]
         if strategy == "speaker" and not upload.files_of("ref"):
             problems.append("the speaker strategy needs at least one reference clip ('ref')")
+        user_clips: list[Path | None] = []
+        if upload.files_of("user_clips"):
+            if strategy != "duplex":
+                problems.append("user_clips only apply to the duplex strategy")
+            elif len(upload.files_of("user_clips")) != len(audio):
+                problems.append(
+                    f"{len(audio)} clips but {len(upload.files_of('user_clips'))} user_clips: "
+                    "send one user-side clip per clip, in the same order"
+                )
+            else:
+                saved_user = _save_audio(
+                    upload.files_of("user_clips"), folder / "user", "user_{:03d}.wav", problems
+                )
+                user_clips = [path for _, path, _ in saved_user]
+        if strategy == "duplex":
+            tokenizer = models[base_model].loaded.text_tokenizer
+            problems += _text_fits_frames(tokenizer, saved, texts)
         if problems:
             raise Unprocessable("; ".join(problems), problems=problems)
         if total < MIN_TOTAL_SECONDS[strategy]:
@@ -157,8 +184,23 @@ class JobService:
                 f"least {MIN_TOTAL_SECONDS[strategy]:.0f} s"
             )
         return JobRequest(
-            name, base_model, strategy, fields.get("language") or None, clips, refs, hyper
+            name,
+            base_model,
+            strategy,
+            fields.get("language") or None,
+            clips,
+            refs,
+            hyper,
+            user_clips=user_clips,
+            text_prompt=text_prompt,
         )
+
+    def _models_for(self, strategy: str) -> dict[str, Any]:
+        """Models a strategy trains: duplex -> PersonaPlex models, else the speech models."""
+        if strategy == "duplex":
+            duplex = self.voices.duplex
+            return dict(duplex.models) if duplex is not None else {}
+        return dict(self.voices.engine.models)
 
     def create(self, request: JobRequest, folder: Path) -> Job:
         job_id = uuid.uuid4().hex[:12]
@@ -167,13 +209,20 @@ class JobService:
         _rebase = lambda p: job_dir / p.relative_to(folder)  # noqa: E731
         clips = [(_rebase(p), t) for p, t in request.clips]
         refs = [_rebase(p) for p in request.refs]
+        users = [_rebase(p) if p is not None else None for p in request.user_clips]
         lines = []
         for i, (path, text) in enumerate(clips):
-            row: dict[str, Any] = {"audio": str(path), "text": text}
-            if refs:
-                row["ref_audio"] = str(refs[i % len(refs)])
-            if request.language:
-                row["language"] = request.language
+            row: dict[str, Any]
+            if request.strategy == "duplex":
+                user = users[i] if users else None
+                row = {"agent_audio": str(path), "user_audio": str(user) if user else None}
+                row["text"] = text
+            else:
+                row = {"audio": str(path), "text": text}
+                if refs:
+                    row["ref_audio"] = str(refs[i % len(refs)])
+                if request.language:
+                    row["language"] = request.language
             lines.append(json.dumps(row))
         (job_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
         spec = self._spec(request, job_dir, refs)
@@ -198,7 +247,9 @@ class JobService:
 
     def _spec(self, request: JobRequest, job_dir: Path, refs: list[Path]) -> dict[str, Any]:
         hyper = request.hyper
-        model_path = self.voices.engine.models[request.base_model].loaded.path
+        model = self._models_for(request.strategy)[request.base_model]
+        model_path = model.loaded.path
+        family = "personaplex" if request.strategy == "duplex" else model.family
         trainer = {
             "batch_size": hyper.get("batch_size", 2),
             "learning_rate": hyper.get("learning_rate", 1e-4),
@@ -212,13 +263,13 @@ class JobService:
             trainer["max_steps"] = hyper["max_steps"]
         rank = hyper.get("lora_rank", 8)
         config = {
-            "model": {"path": str(model_path), "strategy": request.strategy},
+            "model": {"path": str(model_path), "family": family, "strategy": request.strategy},
             "data": {
                 "train": [str(job_dir / "train.jsonl")],
                 "min_duration_s": MIN_CLIP_S,
                 "max_duration_s": MAX_CLIP_S,
             },
-            "lora": {"rank": rank, "alpha": 2.0 * rank, "targets": QWEN3_TALKER_TARGETS},
+            "lora": {"rank": rank, "alpha": 2.0 * rank},  # the family's default targets
             "trainer": trainer,
             "speaker": {"name": request.name, "slot": 3000},
             "output_dir": str(job_dir / "run"),
@@ -229,6 +280,7 @@ class JobService:
             "package_dir": str(job_dir / "package"),
             "ref_clip": str(refs[0]) if refs else None,
             "language": request.language,
+            "text_prompt": request.text_prompt,
         }
 
     # --- reading ------------------------------------------------------------------------
@@ -404,6 +456,23 @@ def _hyper_parameters(fields: dict[str, str]) -> dict[str, Any]:
             raise Unprocessable(f"{key} must be between {low} and {high}")
         out[key] = value
     return out
+
+
+def _text_fits_frames(
+    tokenizer: Any, saved: list[tuple[UploadedFile, Path, float]], texts: dict[str, str]
+) -> list[str]:
+    """PersonaPlex places at most one text token per 80 ms frame of its clip."""
+    problems = []
+    for item, _, seconds in saved:
+        tokens = len(tokenizer.encode(texts.get(item.filename, "")))
+        frames = int(seconds * DUPLEX_FRAME_RATE)
+        if tokens > frames:
+            problems.append(
+                f"{item.filename}: the transcript is {tokens} text tokens but the clip has only "
+                f"{frames} frames of 80 ms (at most one token per frame): shorten the text or "
+                "send a longer clip"
+            )
+    return problems
 
 
 def _transcripts(upload: Upload, mapping: str | None) -> dict[str, str]:

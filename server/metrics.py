@@ -17,6 +17,9 @@ class Metrics:
         self.latency_n = 0
         self.audio_seconds = 0.0
         self.compute_seconds = 0.0
+        self.duplex_rejections: dict[int, int] = defaultdict(int)
+        self.duplex_dropped_in = 0
+        self.duplex_dropped_out = 0
 
     def request(self, route: str, status: int) -> None:
         with self._lock:
@@ -35,6 +38,57 @@ class Metrics:
         with self._lock:
             self.audio_seconds += audio_seconds
             self.compute_seconds += compute_seconds
+
+    def duplex_rejected(self, close_code: int) -> None:
+        with self._lock:
+            self.duplex_rejections[int(close_code)] += 1
+
+    def duplex_session(self, session) -> None:
+        """A duplex session ended: keep its drop counts."""
+        with self._lock:
+            self.duplex_dropped_in += session.dropped_in
+            self.duplex_dropped_out += session.dropped_out
+
+    def render_duplex(self, duplex) -> str:
+        stats = duplex.stats
+        ticks = sorted(stats.tick_seconds)
+        p50 = ticks[len(ticks) // 2] if ticks else 0.0
+        p95 = ticks[min(len(ticks) - 1, int(len(ticks) * 0.95))] if ticks else 0.0
+        live = list(duplex.sessions.values())
+        with self._lock:
+            dropped_in = self.duplex_dropped_in + sum(s.dropped_in for s in live)
+            dropped_out = self.duplex_dropped_out + sum(s.dropped_out for s in live)
+            rejections = sorted(self.duplex_rejections.items())
+        lines = [
+            "# HELP voicefoundry_duplex_sessions Live duplex sessions.",
+            "# TYPE voicefoundry_duplex_sessions gauge",
+            f"voicefoundry_duplex_sessions {len(live)}",
+            "# TYPE voicefoundry_duplex_sessions_opened_total counter",
+            f"voicefoundry_duplex_sessions_opened_total {stats.sessions_opened}",
+            "# TYPE voicefoundry_duplex_sessions_closed_total counter",
+            f"voicefoundry_duplex_sessions_closed_total {stats.sessions_closed}",
+            "# TYPE voicefoundry_duplex_rejected_total counter",
+            *(f'voicefoundry_duplex_rejected_total{{code="{c}"}} {n}' for c, n in rejections),
+            "# HELP voicefoundry_duplex_frames_total 80 ms frames stepped.",
+            "# TYPE voicefoundry_duplex_frames_total counter",
+            f"voicefoundry_duplex_frames_total {stats.frames}",
+            "# HELP voicefoundry_duplex_dropped_frames_total Input frames dropped (sent faster "
+            "than real time) and output frames dropped (client not reading).",
+            "# TYPE voicefoundry_duplex_dropped_frames_total counter",
+            f'voicefoundry_duplex_dropped_frames_total{{direction="in"}} {dropped_in}',
+            f'voicefoundry_duplex_dropped_frames_total{{direction="out"}} {dropped_out}',
+            "# HELP voicefoundry_duplex_tick_seconds Step time of recent ticks (budget 0.08).",
+            "# TYPE voicefoundry_duplex_tick_seconds gauge",
+            f'voicefoundry_duplex_tick_seconds{{quantile="0.5"}} {p50:.6f}',
+            f'voicefoundry_duplex_tick_seconds{{quantile="0.95"}} {p95:.6f}',
+            "# HELP voicefoundry_duplex_batch_size_total Ticks run, by sessions stepped together.",
+            "# TYPE voicefoundry_duplex_batch_size_total counter",
+            *(
+                f'voicefoundry_duplex_batch_size_total{{size="{size}"}} {n}'
+                for size, n in sorted(stats.batch_sizes.items())
+            ),
+        ]
+        return "\n".join(lines) + "\n"
 
     def render(self, engine) -> str:
         lines = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -16,7 +16,8 @@ DEMO_MODEL = "qwen3-tiny"
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str  # a local directory or a hub id already in the local cache
-    family: str = "qwen3_tts"
+    # qwen3_tts and csm: the speech engine (/speak); personaplex: the duplex engine.
+    family: Literal["qwen3_tts", "csm", "personaplex"] = "qwen3_tts"
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +40,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_upload_bytes: int = 256 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
+    duplex_max_sessions: int = 8
+    duplex_max_inbox_frames: int = 25  # 2 s of input queued before the oldest is dropped
+    duplex_max_outbox_frames: int = 250  # 20 s of output a slow reader may fall behind
 
     @property
     def data_path(self) -> Path:

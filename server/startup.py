@@ -10,7 +10,8 @@ from pathlib import Path
 from litestar import Litestar
 
 from server.auth import KeyStore
-from server.engine.models import EngineModel
+from server.duplex.engine import DuplexEngine, DuplexModel
+from server.engine.family import BankLimits, load_speech_model, serves_family
 from server.engine.worker import Engine
 from server.jobs import JobService
 from server.registry import Registry
@@ -26,9 +27,15 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
     data.mkdir(parents=True, exist_ok=True)
     models = dict(settings.models)
     if settings.demo:
-        from server.demo import ensure_demo_model
+        from server.demo import DEMO_CSM_MODEL, ensure_demo_csm_model, ensure_demo_model
 
         models.setdefault(DEMO_MODEL, ModelSpec(path=str(ensure_demo_model(data))))
+        csm = ModelSpec(path=str(ensure_demo_csm_model(data)), family="csm")
+        models.setdefault(DEMO_CSM_MODEL, csm)
+        from server.duplex.demo import DEMO_DUPLEX_MODEL, ensure_demo_duplex_model
+
+        duplex_path = str(ensure_demo_duplex_model(data))
+        models.setdefault(DEMO_DUPLEX_MODEL, ModelSpec(path=duplex_path, family="personaplex"))
     registry = Registry(data / "registry.sqlite3")
     keys = (
         KeyStore.load(Path(settings.api_keys_file), missing_ok=True)
@@ -41,33 +48,69 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         batch_window_s=settings.batch_window_ms / 1000,
     )
     engine.start()
-    voices = VoiceService(registry, engine, data)
+    duplex = DuplexEngine(
+        max_sessions=settings.duplex_max_sessions,
+        max_inbox_frames=settings.duplex_max_inbox_frames,
+        max_outbox_frames=settings.duplex_max_outbox_frames,
+    )
+    duplex.start()
+    voices = VoiceService(registry, engine, data, duplex=duplex)
     jobs = JobService(registry, voices, settings)
     app.state.update(
-        {"registry": registry, "api_keys": keys, "engine": engine, "voices": voices, "jobs": jobs}
+        {
+            "registry": registry,
+            "api_keys": keys,
+            "engine": engine,
+            "voices": voices,
+            "jobs": jobs,
+            "duplex": duplex,
+        }
     )
     try:
+        limits = BankLimits(
+            settings.adapter_slots, settings.adapter_max_rank, settings.adapter_max_bytes
+        )
         for name, spec in models.items():
+            if not serves_family(spec.family):
+                continue  # not a speech-engine family (e.g. personaplex: the duplex engine's)
             model = await engine.run(
-                lambda n=name, s=spec: EngineModel.load(
-                    n,
-                    s.path,
-                    slots=settings.adapter_slots,
-                    max_rank=settings.adapter_max_rank,
-                    max_bytes=settings.adapter_max_bytes,
-                )
+                lambda n=name, s=spec: load_speech_model(n, s.family, s.path, limits)
             )
             engine.models[name] = model
             log.info("loaded model %s from %s", name, spec.path)
+        await load_duplex_models(duplex, models, settings)
         restored = await voices.restore()
         log.info("restored %d baked voices", len(restored))
         if settings.demo:
             from server.demo import ensure_demo_voices
 
             await ensure_demo_voices(voices, data)
+            from server.duplex.demo import ensure_demo_duplex_voice
+
+            await ensure_demo_duplex_voice(voices)
         await jobs.start()
         yield
     finally:
         await jobs.stop()
         engine.stop(settings.shutdown_grace_s)
+        duplex.stop(settings.shutdown_grace_s)
         registry.close()
+
+
+async def load_duplex_models(
+    duplex: DuplexEngine, models: dict[str, ModelSpec], settings: Settings
+) -> None:
+    for name, spec in models.items():
+        if spec.family != "personaplex":
+            continue
+        model = await duplex.run(
+            lambda n=name, s=spec: DuplexModel.load(
+                n,
+                s.path,
+                slots=settings.adapter_slots,
+                max_rank=settings.adapter_max_rank,
+                max_bytes=settings.adapter_max_bytes,
+            )
+        )
+        duplex.models[name] = model
+        log.info("loaded duplex model %s from %s", name, spec.path)

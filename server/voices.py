@@ -22,17 +22,21 @@ import mlx.core as mx
 import numpy as np
 
 from server.engine.bank import AdapterTensors
-from server.engine.worker import Engine, Voicing
+from server.engine.worker import ContextClip, Engine, Voicing
 from server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from server.registry import Registry, Voice, validate_name
 
 DEFAULT_SLOT = 3000
+PACKAGE_FAMILIES = ("qwen3_tts", "csm", "personaplex")
 
 
 class VoiceService:
-    def __init__(self, registry: Registry, engine: Engine, data_dir: Path) -> None:
+    def __init__(
+        self, registry: Registry, engine: Engine, data_dir: Path, duplex: Any = None
+    ) -> None:
         self.registry = registry
         self.engine = engine
+        self.duplex = duplex  # the DuplexEngine (PersonaPlex models), if any
         self.voices_dir = data_dir / "voices"
         self.voices_dir.mkdir(parents=True, exist_ok=True)
 
@@ -45,7 +49,13 @@ class VoiceService:
             for name in model.builtin_speakers():
                 if name not in registered:
                     out.setdefault(name, model.name)
+        for name in self._duplex_models():
+            if name not in registered:
+                out.setdefault(name, name)
         return out
+
+    def _duplex_models(self) -> dict[str, Any]:
+        return self.duplex.models if self.duplex is not None else {}
 
     def get(self, name: str) -> Voice:
         key = name.strip().lower()
@@ -57,7 +67,7 @@ class VoiceService:
         return Voice(
             name=key,
             base_model=model,
-            kind="builtin",
+            kind="duplex" if model in self._duplex_models() else "builtin",
             adapter=None,
             slot=None,
             ref_clip=None,
@@ -70,11 +80,27 @@ class VoiceService:
         return sorted(self.registry.list() + builtins, key=lambda v: v.name)
 
     def voicing(self, voice: Voice) -> Voicing:
+        if voice.kind == "duplex":
+            raise Unprocessable(
+                f"voice {voice.name!r} is a duplex (speech-to-speech) voice: open a "
+                "WebSocket at /duplex?speaker=NAME instead"
+            )
         if voice.base_model not in self.engine.models:
             raise Conflict(
                 f"voice {voice.name!r} needs model {voice.base_model!r}, which is not loaded"
             )
         adapter = self._path(voice.adapter)
+        if "speaker_id" in voice.meta:  # a CSM voice: a speaker id and its context clips
+            context = tuple(
+                ContextClip(self.registry.data_dir / c["audio"], c["text"])
+                for c in voice.meta.get("context", [])
+            )
+            return Voicing(
+                model=voice.base_model,
+                speaker_id=int(voice.meta["speaker_id"]),
+                context=context,
+                adapter=adapter,
+            )
         if voice.kind in ("builtin", "baked"):
             return Voicing(model=voice.base_model, speaker_name=voice.name, adapter=adapter)
         if voice.slot is not None:
@@ -141,25 +167,39 @@ class VoiceService:
         try:
             meta = _read_meta(staging)
             voice_name = validate_name(name or meta["name"])
-            model_name = base_model or self._default_model()
-            if model_name not in self.engine.models:
+            duplex = meta.get("family") == "personaplex"
+            served = self._duplex_models() if duplex else self.engine.models
+            model_name = base_model or self._default_model(served)
+            if model_name not in served:
                 raise Unprocessable(
-                    f"unknown base model {model_name!r}; loaded: "
-                    f"{', '.join(sorted(self.engine.models))}"
+                    f"unknown base model {model_name!r} for a {meta.get('family')} voice; "
+                    f"loaded: {', '.join(sorted(served)) or 'none'}"
+                )
+            if not duplex and meta.get("family") != served[model_name].family:
+                raise Unprocessable(
+                    f"a {meta.get('family')} voice package cannot go on base model "
+                    f"{model_name!r}, a {served[model_name].family} model"
                 )
             async with self.registry.alock(voice_name):
                 if self.registry.exists(voice_name) or voice_name in self.builtin():
                     raise Conflict(f"voice {voice_name!r} already exists")
                 if ref_clip is not None:
                     (staging / "ref.wav").write_bytes(ref_clip)
+                if duplex:
+                    from server.duplex.voices import install_duplex_package
+
+                    return await install_duplex_package(
+                        self, staging, meta, voice_name, model_name
+                    )
                 return await self._install(staging, meta, voice_name, model_name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _default_model(self) -> str:
-        if len(self.engine.models) != 1:
-            raise BadRequest("several models are loaded: name base_model")
-        return next(iter(self.engine.models))
+    def _default_model(self, served: dict[str, Any] | None = None) -> str:
+        served = self.engine.models if served is None else served
+        if len(served) != 1:
+            raise BadRequest("several models (or none) can take this voice: name base_model")
+        return next(iter(served))
 
     async def _install(
         self, staging: Path, meta: dict[str, Any], name: str, model_name: str
@@ -168,12 +208,15 @@ class VoiceService:
         adapter_dir = staging / meta["adapter"] if meta.get("adapter") else None
         tensors = None
         if adapter_dir is not None:
-            tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter_dir)
+            tensors = await anyio.to_thread.run_sync(
+                AdapterTensors.read, adapter_dir, model.adapter_module
+            )
         embedding = None
         slot = None
         if meta.get("embedding") and (staging / meta["embedding"]).is_file():
             embedding = self._embedding(staging)
             slot = self._free_slot(model_name, int(meta.get("slot", DEFAULT_SLOT)))
+        csm = _csm_fields(staging, meta) if model.family == "csm" else None
         target = self.voices_dir / name
         final_adapter = target / meta["adapter"] if adapter_dir is not None else None
 
@@ -185,6 +228,8 @@ class VoiceService:
                 model.bank.unload(str(tensors.path))
             if embedding is not None and slot is not None:
                 model.bake(name, slot, embedding)
+            if csm is not None:
+                _check_csm_context(model, staging, csm)
 
         await self.engine.run(load)
         try:
@@ -203,9 +248,12 @@ class VoiceService:
                 default_language=meta.get("language"),
                 meta={"strategy": meta.get("strategy"), "source": "package"},
             )
+            if csm is not None:
+                voice.meta.update(_relocated(csm, target, self.registry.data_dir))
             return await anyio.to_thread.run_sync(self.registry.add, voice)
         except BaseException:
-            await self.engine.run(lambda: model.unbake(name))
+            if slot is not None:
+                await self.engine.run(lambda: model.unbake(name))
             shutil.rmtree(target, ignore_errors=True)
             raise
 
@@ -265,16 +313,20 @@ class VoiceService:
             model = self.engine.models.get(voice.base_model)
             if model is not None:
                 adapter = self._path(voice.adapter)
+                voicing = self.voicing(voice)
 
                 def unload() -> None:
                     if voice.slot is not None:
                         model.unbake(voice.name)
                     if adapter is not None:
                         model.bank.unload(str(adapter))
-                    if voice.ref_clip:
-                        model.clone_cache.pop(str(self._path(voice.ref_clip)), None)
+                    model.forget(voicing)
 
                 await self.engine.run(unload)
+            if voice.kind == "duplex" and voice.base_model in self._duplex_models():
+                from server.duplex.voices import unload_duplex_voice
+
+                await unload_duplex_voice(self, voice)
             await anyio.to_thread.run_sync(self.registry.delete, key)
             shutil.rmtree(self.voices_dir / key, ignore_errors=True)
             return voice
@@ -322,9 +374,53 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise Unprocessable(f"voice.json is not valid JSON: {exc}") from exc
     if meta.get("format") != PACKAGE_FORMAT:
         raise Unprocessable(f"voice.json format must be {PACKAGE_FORMAT!r}")
-    if meta.get("family") != "qwen3_tts":
+    if meta.get("family") not in PACKAGE_FAMILIES:
         raise Unprocessable(f"voice package family {meta.get('family')!r} is not served")
     return meta
+
+
+def _csm_fields(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A CSM package's speaker id and context clips (paths inside the package), checked."""
+    speaker = meta.get("speaker_id")
+    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
+        raise Unprocessable(f"CSM voice.json speaker_id must be an integer >= 0, not {speaker!r}")
+    clips = meta.get("context") or []
+    if not isinstance(clips, list):
+        raise Unprocessable("CSM voice.json context must be a list of {audio, text}")
+    context = []
+    for i, clip in enumerate(clips):
+        if not (isinstance(clip, dict) and isinstance(clip.get("audio"), str)):
+            raise Unprocessable(f"CSM context clip {i} needs an 'audio' file name")
+        if not isinstance(clip.get("text"), str) or not clip["text"].strip():
+            raise Unprocessable(f"CSM context clip {i} needs its transcript as 'text'")
+        _check_member(folder.resolve(), clip["audio"])
+        if not (folder / clip["audio"]).is_file():
+            raise Unprocessable(f"CSM context clip {clip['audio']!r} is not in the package")
+        context.append({"audio": clip["audio"], "text": clip["text"]})
+    return {"speaker_id": speaker, "context": context}
+
+
+def _check_csm_context(model: Any, folder: Path, csm: dict[str, Any]) -> None:
+    """Encode each context clip once (on the engine thread) to prove it loads."""
+    for clip in csm["context"]:
+        path = folder / clip["audio"]
+        try:
+            model.context_codes_of(path)
+        except Exception as exc:  # undecodable audio: the package's fault
+            raise Unprocessable(
+                f"CSM context clip {clip['audio']!r} cannot be used: {exc}"
+            ) from exc
+        finally:
+            model.context_codes.pop(str(path), None)
+
+
+def _relocated(csm: dict[str, Any], target: Path, data_dir: Path) -> dict[str, Any]:
+    """The CSM fields as the registry keeps them: clip paths relative to the data dir."""
+    context = [
+        {"audio": str((target / c["audio"]).relative_to(data_dir)), "text": c["text"]}
+        for c in csm["context"]
+    ]
+    return {"speaker_id": csm["speaker_id"], "context": context}
 
 
 def pack_directory(folder: Path) -> bytes:

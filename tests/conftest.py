@@ -41,6 +41,35 @@ def small_qwen3_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_csm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.families.csm.tiny import make_tiny_csm
+
+    return make_tiny_csm(tmp_path_factory.mktemp("models") / "csm_tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def loaded_csm(tiny_csm: Path):
+    from finetune.families.csm.checkpoint import load_csm
+
+    return load_csm(tiny_csm)
+
+
+@pytest.fixture(scope="session")
+def tiny_personaplex(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.families.personaplex.tiny import make_tiny_personaplex
+
+    out = tmp_path_factory.mktemp("models") / "personaplex_tiny"
+    return make_tiny_personaplex(out, seed=0)
+
+
+@pytest.fixture(scope="session")
+def loaded_personaplex(tiny_personaplex: Path):
+    from finetune.families.personaplex.checkpoint import load_personaplex
+
+    return load_personaplex(tiny_personaplex)
+
+
+@pytest.fixture(scope="session")
 def speaker_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six synthetic clips of one 'speaker' with a ref clip: train.jsonl (+ val.jsonl)."""
     from finetune.data import synthetic_dataset

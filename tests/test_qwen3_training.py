@@ -12,6 +12,7 @@ from finetune.families.qwen3_tts.training import prepare_run, speech_tokenizer_i
 from finetune.progress import ProgressWriter
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -96,6 +97,56 @@ def test_overfit_two_clips_then_mlx_audio_greedy_generation_reproduces_them(
         assert generated.shape[0] == target.shape[0], "generation did not stop at the clip's end"
         assert (generated[:, 0] == target[:, 0]).mean() >= 0.9
         assert (generated == target).mean() >= 0.8
+
+
+def _seeded_run(model: Path, train: Path, out: Path, *, seed: int, rng_state: int):
+    """A 3-step run with dropout and prefetch, prepared after MLX's global RNG was disturbed."""
+    mx.random.seed(rng_state)  # whatever state earlier work left MLX's global RNG in
+    config = _config(
+        model,
+        train,
+        out,
+        lora=LoRASection(rank=4, alpha=8.0, dropout=0.1),
+        learning_rate=1e-2,
+        max_steps=3,
+        prefetch=2,
+        seed=seed,
+    )
+    buffer = io.StringIO()
+    return prepare_run(config, progress=ProgressWriter(stream=buffer)), buffer
+
+
+def _trainables(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(module.trainable_parameters())}
+
+
+def test_the_same_seed_trains_bit_identically_whatever_the_global_rng_state(
+    tiny_qwen3_base, speaker_dataset, tmp_path
+):
+    """The LoRA init, batch order, dropout and BLAS maths all follow `trainer.seed` exactly."""
+    outcomes = []
+    for name, rng_state in (("a", 1), ("b", 2)):
+        run, buffer = _seeded_run(
+            tiny_qwen3_base, speaker_dataset, tmp_path / name, seed=0, rng_state=rng_state
+        )
+        initial = _trainables(run.trainer.module)
+        assert run.trainer.train().status == "finished"
+        losses = [e["loss"] for e in _events(buffer, "step")]
+        outcomes.append((initial, losses, _trainables(run.trainer.module)))
+    (init_a, losses_a, final_a), (init_b, losses_b, final_b) = outcomes
+    assert init_a.keys() == final_b.keys() and init_a
+    for key in init_a:
+        np.testing.assert_array_equal(init_a[key], init_b[key], err_msg=f"initial {key}")
+    assert len(losses_a) == 3 and losses_a == losses_b
+    for key in final_a:
+        np.testing.assert_array_equal(final_a[key], final_b[key], err_msg=f"final {key}")
+    assert any(np.abs(v).max() > 0 for k, v in final_a.items() if k.endswith("lora_b"))
+
+    other, _ = _seeded_run(tiny_qwen3_base, speaker_dataset, tmp_path / "c", seed=1, rng_state=1)
+    init_c = _trainables(other.trainer.module)
+    assert any(not np.array_equal(init_a[k], init_c[k]) for k in init_a if k.endswith("lora_a")), (
+        "trainer.seed does not reach the LoRA initialisation"
+    )
 
 
 def _adapter_weights(directory: Path) -> dict[str, np.ndarray]:

@@ -23,16 +23,11 @@ import numpy as np
 from mlx_audio.lm.sample_utils import apply_top_k
 from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
 
+from server.engine.requests import Sampling
+
 REPETITION_CONTEXT = 64
 
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.05
-    max_tokens: int = 2048
+__all__ = ["Qwen3BatchGenerator", "Qwen3Prompter", "Row", "Sampling"]
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """ONE thread owns every MLX call. Requests are queued with a cancel event each, batched per
-base model, and their audio handed back to the event loop as it is made."""
+base model, and their audio handed back to the event loop as it is made.
+
+The engine knows no model family: it drives any `SpeechModel` (server/engine/family.py)."""
 
 from __future__ import annotations
 
@@ -10,55 +12,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from server.engine.bank import AdapterTensors, BankFull
-from server.engine.models import EngineModel
-from server.engine.qwen3_batch import Row, Sampling
-
-DECODE_CONTEXT_FRAMES = 25
-
-
-@dataclass
-class Voicing:
-    """How a request's voice is made: a speaker name, a clone clip, or neither; + an adapter."""
-
-    model: str
-    speaker_name: str | None = None
-    ref_clip: Path | None = None
-    adapter: Path | None = None
-
-
-@dataclass
-class SpeakJob:
-    voicing: Voicing
-    segments: list[str]
-    language: str | None
-    sampling: Sampling
-    seed: int | None
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
-    chunk_frames: int = 6
-    cancel: threading.Event = field(default_factory=threading.Event)
-    next_segment: int = 0
-    frames_made: int = 0
-    sent: int = 0  # frames of the current segment already streamed
-    started: float = field(default_factory=time.perf_counter)
-
-    def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-
-@dataclass
-class Done:
-    frames: int
-    seconds: float
+from server.engine.family import SpeechModel, SpeechRow
+from server.engine.requests import ContextClip, Done, Sampling, SpeakJob, Voicing
 
 
 class QueueFull(RuntimeError):
@@ -80,7 +41,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
-        self.models: dict[str, EngineModel] = {}
+        self.models: dict[str, SpeechModel] = {}
         self.stats = EngineStats()
         self._inbox: queue.Queue[SpeakJob | tuple[Callable[[], Any], Future]] = queue.Queue()
         self._pending = 0
@@ -180,7 +141,7 @@ class Engine:
     def _speak(self, jobs: list[SpeakJob]) -> list[SpeakJob]:
         """Run one segment of every job together; return the jobs with segments left."""
         started = time.perf_counter()
-        live: list[tuple[SpeakJob, Row]] = []
+        live: list[tuple[SpeakJob, SpeechRow]] = []
         model = self.models.get(jobs[0].voicing.model)
         for job in jobs:
             if job.cancel.is_set():
@@ -197,7 +158,7 @@ class Engine:
             return []
         self.stats.batch(len(live))
         try:
-            model.generator.run([row for _, row in live])
+            model.run([row for _, row in live])
         except Exception as exc:
             for job, row in live:
                 model.bank.release(row.slot)
@@ -222,69 +183,49 @@ class Engine:
         self.stats.busy_seconds += time.perf_counter() - started
         return again
 
-    def _row(self, model: EngineModel, job: SpeakJob) -> Row:
-        v = job.voicing
-        speaker = None
-        if v.speaker_name is not None:
-            speaker = model.prompter.speaker_vector(v.speaker_name)
-        elif v.ref_clip is not None:
-            speaker = model.clone_vector(v.ref_clip)
-        slot = 0
-        if v.adapter is not None:
-            slot = model.bank.slot_of(str(v.adapter)) or 0
-            if not slot:
-                slot = model.bank.ensure(AdapterTensors.read(v.adapter))
-            model.bank.acquire(slot)
-        text = job.segments[job.next_segment]
-        seed = None if job.seed is None else job.seed + job.next_segment
-        row = Row(
-            prompt=model.prompter.prompt(text, job.language, speaker),
-            sampling=job.sampling,
-            seed=seed,
-            slot=slot,
-            cancel=job.cancel,
-        )
+    @staticmethod
+    def _acquire_slot(model: SpeechModel, adapter: Path | None) -> int:
+        if adapter is None:
+            return 0
+        slot = model.bank.slot_of(str(adapter)) or 0
+        if not slot:
+            slot = model.bank.ensure(AdapterTensors.read(adapter, model.adapter_module))
+        model.bank.acquire(slot)
+        return slot
+
+    def _row(self, model: SpeechModel, job: SpeakJob) -> SpeechRow:
+        slot = self._acquire_slot(model, job.voicing.adapter)
+        try:
+            row = model.make_row(job, slot=slot)
+        except BaseException:
+            model.bank.release(slot)
+            raise
         if job.stream:
             job.sent = 0
             row.on_frames = self._streamer(model, job, row)
         return row
 
-    def _streamer(self, model: EngineModel, job: SpeakJob, row: Row) -> Callable:
+    @staticmethod
+    def _streamer(model: SpeechModel, job: SpeakJob, row: SpeechRow) -> Callable:
         def on_frames(_: np.ndarray) -> None:
             made = len(row.frames)
             if made - job.sent >= job.chunk_frames:
-                job.send(self._decode_range(model, row.frames, job.sent, made))
+                job.send(model.decode_chunk(row, job.sent, made))
                 job.sent = made
 
         return on_frames
 
     @staticmethod
-    def _decode_range(
-        model: EngineModel, frames: list[np.ndarray], start: int, end: int
-    ) -> np.ndarray:
-        """Frames [start, end) as audio, decoded with left context for continuity."""
-        ctx = min(start, DECODE_CONTEXT_FRAMES)
-        codes = mx.array(np.stack(frames[start - ctx : end]))[None].transpose(0, 2, 1)
-        wav = model.model.speech_tokenizer.decoder(codes)[0, 0]
-        upsample = model.model.speech_tokenizer.decode_upsample_rate
-        return np.array(wav[ctx * upsample :], dtype=np.float32)
-
-    def _deliver(self, model: EngineModel, job: SpeakJob, row: Row) -> None:
+    def _deliver(model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         job.frames_made += len(row.frames)
+        job.audio_seconds += len(row.frames) / model.frame_rate
         if not row.frames:
             return
         if job.stream:
             if job.sent < len(row.frames):
-                job.send(self._decode_range(model, row.frames, job.sent, len(row.frames)))
+                job.send(model.decode_chunk(row, job.sent, len(row.frames)))
             return
-        # The same decode and trim as mlx-audio's non-streaming generate.
-        codes = mx.array(np.stack(row.frames))[None]
-        audio, lengths = model.model.speech_tokenizer.decode(codes)
-        audio = audio[0]
-        valid = int(lengths[0])
-        if 0 < valid < audio.shape[0]:
-            audio = audio[:valid]
-        job.send(np.array(audio, dtype=np.float32))
+        job.send(model.decode_all(row))
 
     def _finish(self, job: SpeakJob, error: BaseException | None) -> None:
         with self._pending_lock:
@@ -293,8 +234,17 @@ class Engine:
             job.send(error)
         else:
             seconds = time.perf_counter() - job.started
-            self.stats.audio_seconds += job.frames_made / 12.5
+            self.stats.audio_seconds += job.audio_seconds
             job.send(Done(frames=job.frames_made, seconds=seconds))
 
 
-__all__ = ["BankFull", "Done", "Engine", "QueueFull", "SpeakJob", "Voicing"]
+__all__ = [
+    "BankFull",
+    "ContextClip",
+    "Done",
+    "Engine",
+    "QueueFull",
+    "Sampling",
+    "SpeakJob",
+    "Voicing",
+]

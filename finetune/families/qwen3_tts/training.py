@@ -150,6 +150,9 @@ def prepare_talker(loaded: LoadedQwen3TTS, config: TrainConfig) -> LoRAConfig:
     lcfg = lora_config(config)
     if config.lora.quantize is not None:
         quantize_targets(talker, lcfg, config.lora.quantize.bits, config.lora.quantize.group_size)
+    # The LoRA A matrices come from MLX's global RNG, which is seeded from the clock at import:
+    # without this, two runs of the same config start from different adapters.
+    mx.random.seed(config.trainer.seed)
     apply_lora(talker, lcfg)
     return lcfg
 

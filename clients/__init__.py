@@ -1,1 +1,0 @@
-"""Client libraries for voicefoundry; the Python SDK lives in clients/python."""

@@ -1,0 +1,368 @@
+"""The streaming full-duplex generator for PersonaPlex: many sessions over one loaded model.
+
+mlx-audio's `LmGen` cannot drive PersonaPlex (dep_q 16, forced tokens, prompts), so this is
+ours, following NVIDIA's `LMGen` and `server.py`:
+
+- `new_session` makes a `DuplexSession` that owns every piece of conversation state (temporal
+  KV cache, Mimi encoder / decoder streams, delayed-stream ring buffer, RNG key, sampling
+  parameters, adapter slot). The runtime keeps no reference to any session.
+- `condition` runs the prompts before the session goes live, in NVIDIA's order: the voice
+  prompt (normalised to -24 LUFS, streamed through a fresh Mimi encoder) as forced agent tokens
+  with text token 3 and sine tokens on the user stream; 0.5 s of agent silence; the text prompt
+  `<system> ... <system>`, one forced text token a step; 0.5 s of silence. Every token of those
+  steps is forced, so nothing is sampled and the depformer is not needed: the steps' model
+  inputs are run as one causal prefill of the temporal transformer (chunks of 256 steps).
+- `step` advances any subset of live sessions by one 80 ms frame: Mimi per session (their
+  streaming states differ in length), then ONE batched temporal-transformer pass and ONE
+  batched depformer pass for all of them (see `temporal.py` for the per-row attention), then
+  Mimi decoding per session. Only the 8 agent depformer slices run: the 8 user-stream slices'
+  samples are always overwritten by the user's own tokens (NVIDIA computes and discards them).
+- The output frame of a step is aligned across delays as in NVIDIA's server: its text token is
+  the one sampled on the previous step, its audio the agent codes completed on this one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from finetune.families.personaplex.layout import (
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    SILENCE_TOKENS,
+    SINE_TOKENS,
+    STREAM_CODEBOOKS,
+    TEXT_PAD_ID,
+    spacer_steps,
+)
+from finetune.families.personaplex.loudness import normalize_loudness
+from finetune.families.personaplex.mimi_stream import MimiStreamer
+from finetune.families.personaplex.sampling import SamplingParams, draw_noise, sample_top_k
+from finetune.families.personaplex.session import DuplexError, DuplexSession, StepOut
+from finetune.families.personaplex.streams import DelayedStreams, PreparedStep
+from finetune.families.personaplex.temporal import (
+    FullWeights,
+    depformer_sample,
+    embed_inputs,
+    new_temporal_cache,
+    out_norm,
+    temporal_forward,
+)
+from finetune.families.personaplex.text_tokenizer import text_prompt_tokens, token_text
+from finetune.lora import AdapterError
+
+import mlx.core as mx
+import numpy as np
+
+PREFILL_CHUNK = 256
+VOICE_PROMPT_CHUNK_FRAMES = 25
+MAX_VOICE_PROMPT_SECONDS = 120.0
+
+Frame = tuple[int, Sequence[int], Sequence[int]]  # (text, agent codes, user codes)
+
+
+class PersonaPlexRuntime:
+    def __init__(
+        self, loaded: Any, set_rows: Callable[[list[int] | None], None] | None = None
+    ) -> None:
+        self.loaded = loaded
+        self.lm = loaded.lm
+        self.cfg = loaded.lm_config
+        self.tokenizer = loaded.text_tokenizer
+        self.mimi = MimiStreamer(loaded.mimi)
+        self.set_rows = set_rows
+        self.agent = STREAM_CODEBOOKS
+        self.delays = [0, *self.cfg.audio_delays]
+        self.text_vocab = int(self.cfg.text_out_vocab_size)
+        self.audio_card = int(self.cfg.audio_vocab_size) - 1  # 2048 codes; 2048 = initial token
+        self._full: dict[int, FullWeights] = {}
+        self._full_shapes = {"out_norm.weight": tuple(self.lm.out_norm.weight.shape)}
+        for k, emb in enumerate(self.lm.audio_embs):
+            self._full_shapes[f"audio_embs.{k}.weight"] = tuple(emb.weight.shape)
+
+    # -----------------------------------------------------------------------------------------
+    # Sessions
+    # -----------------------------------------------------------------------------------------
+    def new_session(
+        self,
+        *,
+        seed: int | None = None,
+        voice_prompt: np.ndarray | None = None,
+        text_prompt: str | None = None,
+        adapter_slot: int = 0,
+        text_temperature: float = 0.7,
+        audio_temperature: float = 0.8,
+        text_top_k: int = 25,
+        audio_top_k: int = 250,
+    ) -> DuplexSession:
+        sampling = SamplingParams(text_temperature, audio_temperature, text_top_k, audio_top_k)
+        problems = sampling.problems()
+        if not isinstance(adapter_slot, int) or adapter_slot < 0:
+            problems.append(f"adapter_slot must be an int >= 0, not {adapter_slot!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+            problems.append(f"seed must be an int in [0, 2**63), not {seed!r}")
+        prompt = None
+        if voice_prompt is not None:
+            prompt, prompt_problem = _voice_prompt(voice_prompt)
+            if prompt_problem:
+                problems.append(prompt_problem)
+        if text_prompt is not None and not isinstance(text_prompt, str):
+            problems.append("text_prompt must be a string")
+        if problems:
+            raise DuplexError("; ".join(problems))
+        seed = secrets.randbits(31) if seed is None else seed
+        return DuplexSession(
+            seed=seed,
+            adapter_slot=adapter_slot,
+            sampling=sampling,
+            rng_key=mx.random.key(seed),
+            voice_prompt=prompt,
+            text_prompt_tokens=text_prompt_tokens(self.tokenizer, text_prompt),
+            streams=DelayedStreams(
+                self.delays,
+                text_initial=self.text_vocab,
+                audio_initial=self.audio_card,
+                agent=self.agent,
+            ),
+            temporal_cache=new_temporal_cache(self.lm),
+            encoder=self.mimi.new_encoder(),
+            decoder=self.mimi.new_decoder(),
+        )
+
+    def close(self, session: DuplexSession) -> None:
+        """Free the session's state; it cannot be stepped again."""
+        session.free()
+
+    def condition(self, session: DuplexSession) -> None:
+        """Run the voice prompt, spacers and text prompt; the session is live afterwards."""
+        if session.phase != "new":
+            raise DuplexError(f"session is {session.phase}; only a new session can be conditioned")
+        frames = self._prompt_frames(session)
+        inputs = []
+        for text, agent, user in frames:
+            prepared = session.streams.prepare(user=user, agent=agent, text=text)
+            if prepared is None:
+                continue
+            if not prepared.forced[: 1 + 2 * self.agent].all():
+                raise RuntimeError("a conditioning step left a token to sample")
+            inputs.append(prepared.inputs)
+            session.streams.commit(prepared, int(prepared.target[0]), None)
+        overrides = [self._full.get(session.adapter_slot)]
+        for start in range(0, len(inputs), PREFILL_CHUNK):
+            chunk = mx.array(np.stack(inputs[start : start + PREFILL_CHUNK]))[None]
+            self._call_set_rows([session.adapter_slot])
+            xs = embed_inputs(self.lm, chunk, overrides)
+            temporal_forward(self.lm, xs, [session.temporal_cache])
+            mx.eval([a for cache in session.temporal_cache for a in cache.arrays()])
+        session.encoder = self.mimi.new_encoder()  # the user's stream starts fresh
+        session.voice_prompt = None
+        session.conditioning_steps = len(frames)
+        session.phase = "live"
+
+    def _prompt_frames(self, session: DuplexSession) -> list[Frame]:
+        spacer = [(TEXT_PAD_ID, SILENCE_TOKENS, SINE_TOKENS)] * spacer_steps()
+        frames: list[Frame] = []
+        if session.voice_prompt is not None:
+            codes = self._encode_voice_prompt(session.voice_prompt)
+            frames += [(TEXT_PAD_ID, codes[:, f], SINE_TOKENS) for f in range(codes.shape[1])]
+        frames += spacer
+        frames += [(t, SILENCE_TOKENS, SINE_TOKENS) for t in session.text_prompt_tokens]
+        frames += spacer
+        return frames
+
+    def _encode_voice_prompt(self, audio: np.ndarray) -> np.ndarray:
+        """Agent codes [8, frames] of a voice prompt, streamed through a fresh Mimi encoder."""
+        pcm = normalize_loudness(audio, SAMPLE_RATE)
+        frames = max(1, -(-pcm.shape[0] // FRAME_SIZE))
+        pcm = np.pad(pcm, (0, frames * FRAME_SIZE - pcm.shape[0]))
+        state = self.mimi.new_encoder()
+        chunks = []
+        step = VOICE_PROMPT_CHUNK_FRAMES * FRAME_SIZE
+        for start in range(0, pcm.shape[0], step):
+            codes = self.mimi.encode(state, mx.array(pcm[start : start + step]))
+            mx.eval(codes, state.arrays())
+            chunks.append(np.array(codes)[0])
+        return np.concatenate(chunks, axis=1).astype(np.int64)
+
+    # -----------------------------------------------------------------------------------------
+    # Live steps
+    # -----------------------------------------------------------------------------------------
+    def step(self, sessions: list[DuplexSession], user_pcm: list[np.ndarray]) -> list[StepOut]:
+        """Advance each live session by one frame of the user's audio (1920 float32 samples)."""
+        frames = self._check_step(sessions, user_pcm)
+        if not sessions:
+            return []
+        pairs = zip(sessions, frames, strict=True)
+        codes = [self.mimi.encode(s.encoder, mx.array(f)) for s, f in pairs]
+        mx.eval(codes, [a for s in sessions for a in s.encoder.arrays()])
+        user = [np.array(c)[0, :, 0] for c in codes]
+        prepared = [s.streams.prepare(user=u) for s, u in zip(sessions, user, strict=True)]
+        rows = [i for i, p in enumerate(prepared) if p is not None]
+        sampled: dict[int, tuple[int, np.ndarray]] = {}
+        if rows:
+            sampled = self._model_step([sessions[i] for i in rows], [prepared[i] for i in rows])
+            sampled = {rows[j]: value for j, value in sampled.items()}
+        outputs: list[np.ndarray | None] = []
+        for i, (session, prep) in enumerate(zip(sessions, prepared, strict=True)):
+            if prep is None:
+                outputs.append(None)
+                continue
+            text, audio = sampled[i]
+            outputs.append(session.streams.commit(prep, text, audio))
+        return self._decode(sessions, outputs)
+
+    def _check_step(
+        self, sessions: list[DuplexSession], user_pcm: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        if len(sessions) != len(user_pcm):
+            raise DuplexError(f"{len(sessions)} sessions but {len(user_pcm)} PCM frames")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise DuplexError("a session appears twice in one step")
+        frames = []
+        for index, (session, pcm) in enumerate(zip(sessions, user_pcm, strict=True)):
+            if session.phase != "live":
+                raise DuplexError(f"session {index} is {session.phase}, not live")
+            frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
+            if frame.shape[0] != FRAME_SIZE:
+                raise DuplexError(
+                    f"frame {index} has {frame.shape[0]} samples, expected {FRAME_SIZE}"
+                )
+            if not np.isfinite(frame).all():
+                raise DuplexError(f"frame {index} holds NaN or infinite samples")
+            frames.append(frame)
+        return frames
+
+    def _model_step(
+        self, sessions: list[DuplexSession], prepared: list[PreparedStep]
+    ) -> dict[int, tuple[int, np.ndarray]]:
+        """One batched temporal + depformer pass; row -> (sampled text, sampled agent codes)."""
+        lm = self.lm
+        slots = [s.adapter_slot for s in sessions]
+        overrides = [self._full.get(slot) for slot in slots] if self._full else None
+        self._call_set_rows(slots)
+        tokens = mx.array(np.stack([p.inputs for p in prepared]))[:, None, :]
+        hidden = temporal_forward(
+            lm, embed_inputs(lm, tokens, overrides), [s.temporal_cache for s in sessions]
+        )
+        hidden = out_norm(lm, hidden, overrides)
+        text_logits = lm.text_linear(hidden)[:, 0]
+
+        noises = []
+        for session in sessions:
+            session.rng_key, noise = draw_noise(
+                session.rng_key, self.text_vocab, self.audio_card, self.agent
+            )
+            noises.append(noise)
+        params = [s.sampling for s in sessions]
+        text_noise = mx.stack([n.text for n in noises])
+        audio_noise = mx.stack([n.audio for n in noises])
+        text_temp = mx.array([p.text_temperature for p in params], dtype=mx.float32)
+        text_top_k = mx.array([p.text_top_k for p in params], dtype=mx.int32)
+        audio_temp = mx.array([p.audio_temperature for p in params], dtype=mx.float32)
+        audio_top_k = mx.array([p.audio_top_k for p in params], dtype=mx.int32)
+
+        text = sample_top_k(text_logits, text_temp, text_top_k, text_noise)
+        forced = np.stack([p.forced for p in prepared])
+        target = np.stack([p.target for p in prepared])
+        next_text = mx.where(mx.array(forced[:, 0]), mx.array(target[:, 0], mx.int32), text)
+        agent = slice(1, 1 + self.agent)
+
+        def sample_audio(logits: mx.array, codebook: int) -> mx.array:
+            return sample_top_k(logits, audio_temp, audio_top_k, audio_noise[:, codebook])
+
+        audio = depformer_sample(
+            lm,
+            hidden,
+            next_text,
+            mx.array(target[:, agent], mx.int32),
+            mx.array(forced[:, agent]),
+            sample_audio,
+            self.agent,
+        )
+        state = [s.rng_key for s in sessions]
+        state += [a for s in sessions for cache in s.temporal_cache for a in cache.arrays()]
+        mx.eval(text, audio, state)
+        text_np, audio_np = np.array(text), np.array(audio)
+        return {row: (int(text_np[row]), audio_np[row]) for row in range(len(sessions))}
+
+    def _decode(
+        self, sessions: list[DuplexSession], frames: list[np.ndarray | None]
+    ) -> list[StepOut]:
+        pcms: list[mx.array | None] = []
+        for session, frame in zip(sessions, frames, strict=True):
+            session.live_steps += 1
+            if frame is None or (frame[1:] >= self.audio_card).any():
+                pcms.append(None)  # the delayed streams are still filling
+                continue
+            session.last_tokens = [int(t) for t in frame]
+            codes = mx.array(frame[1:, None].astype(np.int32))
+            pcms.append(self.mimi.decode(session.decoder, codes))
+        mx.eval(
+            [p for p in pcms if p is not None], [a for s in sessions for a in s.decoder.arrays()]
+        )
+        outs = []
+        for frame, pcm in zip(frames, pcms, strict=True):
+            token = TEXT_PAD_ID if frame is None else int(frame[0])
+            audio = np.zeros(FRAME_SIZE, np.float32) if pcm is None else np.array(pcm, np.float32)
+            outs.append(
+                StepOut(pcm=audio, text_token=token, text=token_text(self.tokenizer, token))
+            )
+        return outs
+
+    def _call_set_rows(self, slots: list[int]) -> None:
+        if self.set_rows is not None:
+            self.set_rows(list(slots))
+
+    # -----------------------------------------------------------------------------------------
+    # Fully trained adapter tensors
+    # -----------------------------------------------------------------------------------------
+    def install_full_weights(self, slot: int, tensors: dict[str, np.ndarray]) -> None:
+        """Rows whose session uses `slot` take these `audio_embs.N.weight` / `out_norm.weight`
+        instead of the base ones (mlx-audio Lm parameter names)."""
+        if not isinstance(slot, int) or slot < 1:
+            raise AdapterError(
+                f"slot {slot}", ["full weights need an adapter slot >= 1 (0 is the base)"]
+            )
+        problems = []
+        weights: FullWeights = {}
+        for name in sorted(tensors):
+            expected = self._full_shapes.get(name)
+            value = np.asarray(tensors[name])
+            if expected is None:
+                problems.append(f"{name} is not a fully trained PersonaPlex tensor")
+            elif tuple(value.shape) != expected:
+                problems.append(f"{name} has shape {tuple(value.shape)}, expected {expected}")
+            elif not np.isfinite(value).all():
+                problems.append(f"{name} holds NaN or infinite values")
+            else:
+                weights[name] = mx.array(value.astype(np.float32))
+        if problems:
+            raise AdapterError(f"slot {slot}", problems)
+        if not weights:
+            self._full.pop(slot, None)
+            return
+        mx.eval(list(weights.values()))
+        self._full[slot] = weights
+
+    def clear_full_weights(self, slot: int) -> None:
+        self._full.pop(slot, None)
+
+    def full_weight_slots(self) -> list[int]:
+        return sorted(self._full)
+
+
+def _voice_prompt(audio: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    try:
+        pcm = np.asarray(audio, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None, "voice_prompt must be a float32 mono array"
+    if pcm.ndim == 2 and 1 in pcm.shape:
+        pcm = pcm.reshape(-1)
+    if pcm.ndim != 1 or pcm.shape[0] == 0:
+        return None, f"voice_prompt must be non-empty mono audio, got shape {pcm.shape}"
+    if pcm.shape[0] > MAX_VOICE_PROMPT_SECONDS * SAMPLE_RATE:
+        return None, f"voice_prompt is longer than {MAX_VOICE_PROMPT_SECONDS:.0f} s"
+    if not np.isfinite(pcm).all():
+        return None, "voice_prompt holds NaN or infinite samples"
+    return pcm.copy(), None

@@ -1,0 +1,80 @@
+"""PersonaPlex adapters in the server: LoRA tensors go into the adapter bank (per-row gather),
+fully trained tensors (`audio_embs.N.weight`, `out_norm.weight`) into the runtime's per-slot
+weight overrides. Both are written and dropped together with the bank slot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from server.engine.bank import AdapterBank, AdapterTensors
+
+MODULE = "lm"
+
+
+@dataclass
+class DuplexAdapterTensors(AdapterTensors):
+    full: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path, module: str = MODULE) -> DuplexAdapterTensors:  # type: ignore[override]
+        path = Path(path)
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text())
+            weights = load_file(str(path / ADAPTER_WEIGHTS))
+        except FileNotFoundError as exc:
+            raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
+        problems = []
+        if config.get("family") != "personaplex":
+            problems.append(f"adapter is for family {config.get('family')!r}, not personaplex")
+        if config.get("module", module) != module:
+            problems.append(f"adapter is for module {config.get('module')!r}, not {module!r}")
+        lora = config.get("lora") or {}
+        try:
+            rank, alpha = int(lora["rank"]), float(lora["alpha"])
+        except (KeyError, TypeError, ValueError):
+            problems.append("adapter_config.json lacks lora.rank / lora.alpha")
+            rank, alpha = 1, 1.0
+        trained = set(config.get("trained_tensors") or [])
+        full = {k: np.asarray(v, np.float32) for k, v in weights.items() if k in trained}
+        lora_tensors = {
+            k: np.asarray(v, np.float32)
+            for k, v in weights.items()
+            if k.endswith((".lora_a", ".lora_b"))
+        }
+        stray = sorted(set(weights) - set(full) - set(lora_tensors))
+        if stray:
+            problems.append(f"tensors neither LoRA nor listed in trained_tensors: {stray[:3]}")
+        if problems:
+            raise AdapterError(path, problems)
+        nbytes = sum(a.nbytes for a in (*lora_tensors.values(), *full.values()))
+        return cls(path, alpha / rank, rank, lora_tensors, nbytes, full)
+
+
+class DuplexAdapterBank(AdapterBank):
+    """An AdapterBank whose slots also carry the adapter's fully trained tensors."""
+
+    def __init__(self, root: Any, targets: list[str], *, runtime: Any, **kwargs: Any) -> None:
+        super().__init__(root, targets, **kwargs)
+        self.runtime = runtime
+
+    def _write(self, slot: int, adapter: AdapterTensors) -> None:
+        super()._write(slot, adapter)
+        full = getattr(adapter, "full", None)
+        if full:
+            self.runtime.install_full_weights(slot, full)
+        else:
+            self.runtime.clear_full_weights(slot)
+
+    def _clear(self, slot: int) -> None:
+        super()._clear(slot)
+        self.runtime.clear_full_weights(slot)

@@ -1,0 +1,112 @@
+"""The Moshi / PersonaPlex binary WebSocket framing: the first byte of a message is its kind.
+
+Existing Moshi and PersonaPlex clients speak this; our own SDK does too. The handshake carries a
+protocol and a model version (two little-endian u32) after the kind byte, as Kyutai's Rust
+server sends; Python clients that expect the bare byte ignore the rest.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 0
+MODEL_VERSION = 0
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920  # one Mimi step: 80 ms at 24 kHz
+
+
+class Kind(IntEnum):
+    HANDSHAKE = 0x00
+    AUDIO = 0x01
+    TEXT = 0x02
+    CONTROL = 0x03
+    METADATA = 0x04
+    ERROR = 0x05
+    PING = 0x06
+
+
+class Control(IntEnum):
+    START = 0x00
+    END_TURN = 0x01
+    PAUSE = 0x02
+    RESTART = 0x03
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    POLICY = 1008  # malformed input the session cannot go on with
+    TRY_AGAIN = 1013  # the server is at its session limit
+    INTERNAL = 1011
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    NOT_FOUND = 4404
+    UNPROCESSABLE = 4422
+
+
+HANDSHAKE = bytes([Kind.HANDSHAKE]) + struct.pack("<II", PROTOCOL_VERSION, MODEL_VERSION)
+PONG = bytes([Kind.PING])
+
+
+class MalformedMessage(ValueError):
+    """A client message the protocol does not allow; answered with an 0x05 error."""
+
+
+class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The query string of `GET /duplex`."""
+
+    speaker: str
+    text_prompt: str | None = None
+    seed: int | None = None
+    encoding: Literal["pcm16", "opus"] = "pcm16"
+    api_key: str | None = None  # browsers cannot set headers on a WebSocket
+
+
+class SessionInfo(msgspec.Struct, kw_only=True):
+    """The 0x04 metadata message sent right after the handshake."""
+
+    session_id: str
+    model: str
+    speaker: str
+    encoding: str
+    sample_rate: int = SAMPLE_RATE
+    frame_samples: int = FRAME_SAMPLES
+
+
+def message(kind: Kind, payload: bytes = b"") -> bytes:
+    return bytes([kind]) + payload
+
+
+def text_message(text: str) -> bytes:
+    return message(Kind.TEXT, text.encode("utf-8"))
+
+
+def error_message(reason: str) -> bytes:
+    return message(Kind.ERROR, reason.encode("utf-8"))
+
+
+def metadata_message(info: SessionInfo) -> bytes:
+    return message(Kind.METADATA, msgspec.json.encode(info))
+
+
+def parse(data: bytes | str) -> tuple[Kind, bytes]:
+    """A client message as (kind, payload); raises MalformedMessage with the reason."""
+    if isinstance(data, str):
+        raise MalformedMessage("text frames are not part of the protocol; send binary messages")
+    if not data:
+        raise MalformedMessage("empty message")
+    try:
+        kind = Kind(data[0])
+    except ValueError as exc:
+        raise MalformedMessage(f"unknown message kind 0x{data[0]:02x}") from exc
+    if kind not in (Kind.AUDIO, Kind.CONTROL, Kind.PING):
+        raise MalformedMessage(f"clients may not send {kind.name.lower()} (0x{kind:02x}) messages")
+    payload = bytes(data[1:])
+    if kind is Kind.CONTROL and (len(payload) != 1 or payload[0] not in set(Control)):
+        raise MalformedMessage(
+            "a control message is one byte: 0 start, 1 end turn, 2 pause, 3 restart"
+        )
+    return kind, payload

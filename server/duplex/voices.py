@@ -1,0 +1,116 @@
+"""Duplex voices: a registry voice of kind "duplex" (base PersonaPlex model + adapter + voice
+prompt + default text prompt), or a loaded PersonaPlex model's own name (the base voice)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.audio import load_audio
+
+import anyio
+
+from server.duplex.adapters import DuplexAdapterTensors
+from server.duplex.engine import DuplexEngine, DuplexVoicing
+from server.errors import NotFound, Unprocessable
+from server.registry import Registry, Voice
+
+
+def builtin_duplex_voices(engine: DuplexEngine | None) -> dict[str, str]:
+    """Voice name -> model name for the base voices of the loaded PersonaPlex models."""
+    return {name: name for name in (engine.models if engine is not None else {})}
+
+
+def duplex_voicing(registry: Registry, engine: DuplexEngine, name: str) -> DuplexVoicing:
+    key = name.strip().lower()
+    if registry.exists(key):
+        return voicing_of(registry, engine, registry.get(key))
+    if key in engine.models:
+        return DuplexVoicing(model=key, speaker=key)
+    raise NotFound(f"unknown duplex speaker {name!r}")
+
+
+def voicing_of(registry: Registry, engine: DuplexEngine, voice: Voice) -> DuplexVoicing:
+    if voice.kind != "duplex":
+        raise Unprocessable(
+            f"voice {voice.name!r} is a {voice.kind} speech voice; duplex sessions need a "
+            "duplex voice (POST /voices with strategy=duplex, or a PersonaPlex model's name)"
+        )
+    if voice.base_model not in engine.models:
+        raise NotFound(
+            f"voice {voice.name!r} needs model {voice.base_model!r}, which is not loaded"
+        )
+
+    def path(stored: str | None) -> Path | None:
+        return None if stored is None else registry.data_dir / stored
+
+    return DuplexVoicing(
+        model=voice.base_model,
+        speaker=voice.name,
+        adapter=path(voice.adapter),
+        voice_prompt=path(voice.ref_clip),
+        text_prompt=voice.meta.get("text_prompt"),
+    )
+
+
+async def install_duplex_package(
+    service: Any, staging: Path, meta: dict[str, Any], name: str, model_name: str
+) -> Voice:
+    """Register a PersonaPlex voice package (adapter + voice prompt + text prompt) after its
+    adapter actually loaded into the running model's bank."""
+    engine: DuplexEngine = service.duplex
+    model = engine.models[model_name]
+    adapter_dir = staging / meta["adapter"] if meta.get("adapter") else None
+    prompt_name = meta.get("voice_prompt") or (
+        "ref.wav" if (staging / "ref.wav").is_file() else None
+    )
+    if prompt_name is not None and not (staging / prompt_name).is_file():
+        raise Unprocessable(f"voice package names voice_prompt {prompt_name!r} but lacks it")
+    if adapter_dir is not None:
+        tensors = await anyio.to_thread.run_sync(DuplexAdapterTensors.read, adapter_dir)
+
+        def check() -> None:
+            model.bank.ensure(tensors)  # proves it fits; the final copy loads per session
+            model.bank.unload(str(tensors.path))
+
+        await engine.run(check)
+    if prompt_name is not None:
+        await anyio.to_thread.run_sync(load_audio, staging / prompt_name, 24_000)
+    target = service.voices_dir / name
+    staging.rename(target)
+    try:
+        rel = target.relative_to(service.registry.data_dir)
+        voice = Voice(
+            name=name,
+            base_model=model_name,
+            kind="duplex",
+            adapter=str(rel / meta["adapter"]) if adapter_dir is not None else None,
+            slot=None,
+            ref_clip=str(rel / prompt_name) if prompt_name is not None else None,
+            default_language=meta.get("language"),
+            meta={
+                "strategy": "duplex",
+                "source": meta.get("source", "package"),
+                "text_prompt": meta.get("text_prompt"),
+            },
+        )
+        return await anyio.to_thread.run_sync(service.registry.add, voice)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+async def unload_duplex_voice(service: Any, voice: Voice) -> None:
+    engine: DuplexEngine = service.duplex
+    model = engine.models[voice.base_model]
+    adapter = None if voice.adapter is None else service.registry.data_dir / voice.adapter
+    prompt = None if voice.ref_clip is None else service.registry.data_dir / voice.ref_clip
+
+    def unload() -> None:
+        if adapter is not None:
+            model.bank.unload(str(adapter))
+        if prompt is not None:
+            model.prompt_cache.pop(str(prompt), None)
+
+    await engine.run(unload)

@@ -1,0 +1,1 @@
+"""One module per served speech family, each implementing `server.engine.family.SpeechModel`."""

@@ -1,0 +1,84 @@
+"""What a speech request is, family-neutral: its voice, sampling options and the job the engine
+works through segment by segment (results go back to the event loop through `out`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling options; a family uses the ones its model has (CSM: temperature, top_k)."""
+
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    max_tokens: int = 2048  # frames per segment
+
+
+@dataclass(frozen=True)
+class ContextClip:
+    """A clip and its transcript that condition a voice (CSM's context segments)."""
+
+    audio: Path
+    text: str
+
+
+@dataclass
+class Voicing:
+    """How a request's voice is made, for the model named `model`.
+
+    Qwen3-TTS: a speaker name (builtin or baked), or a clone clip. CSM: a builtin speaker name or
+    an integer speaker id, with optional context clips. Either: an adapter directory.
+    """
+
+    model: str
+    speaker_name: str | None = None
+    ref_clip: Path | None = None
+    adapter: Path | None = None
+    speaker_id: int | None = None
+    context: tuple[ContextClip, ...] = ()
+
+
+@dataclass
+class SpeakJob:
+    voicing: Voicing
+    segments: list[str]
+    language: str | None
+    sampling: Sampling
+    seed: int | None
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    chunk_frames: int = 6
+    cancel: threading.Event = field(default_factory=threading.Event)
+    next_segment: int = 0
+    frames_made: int = 0
+    audio_seconds: float = 0.0
+    sent: int = 0  # frames of the current segment already streamed
+    started: float = field(default_factory=time.perf_counter)
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    @property
+    def text(self) -> str:
+        """The segment being made now."""
+        return self.segments[self.next_segment]
+
+    @property
+    def segment_seed(self) -> int | None:
+        """Each segment draws from its own seed, so a long text is reproducible piecewise."""
+        return None if self.seed is None else self.seed + self.next_segment
+
+
+@dataclass
+class Done:
+    frames: int
+    seconds: float
