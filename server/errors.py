@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.families.csm.generate import GenerationError
 from finetune.lora import AdapterError
 
 from litestar import Request, Response
@@ -77,6 +78,8 @@ def _domain(exc: Exception) -> ServiceError | None:
         return Unprocessable(str(exc))
     if isinstance(exc, AdapterError):
         return Unprocessable(str(exc), problems=exc.problems)
+    if isinstance(exc, GenerationError):  # e.g. prompt + max_tokens beyond the model's window
+        return Unprocessable(str(exc))
     return None
 
 

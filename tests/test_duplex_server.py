@@ -219,3 +219,40 @@ def test_duplex_voices_cannot_speak_over_http(server):
     response = httpx.post(f"{server}/speak", json={"speaker": "tuned", "text": "hello"}, timeout=30)
     assert response.status_code == 422
     assert "duplex" in response.json()["detail"]
+
+
+def test_api_keys_guard_duplex_sessions(tmp_path, tiny_personaplex):
+    from server.auth import KeyStore
+
+    store = KeyStore([])
+    secret, _ = store.add("speak", label="duplex test")
+    store.save(tmp_path / "keys.json")
+    settings = {
+        "data_dir": str(tmp_path / "data"),
+        "models": {MODEL: {"path": str(tiny_personaplex), "family": "personaplex"}},
+        "api_keys_file": str(tmp_path / "keys.json"),
+    }
+    with server_process(settings) as url:
+        missing = asyncio.run(rejected(ws_url(url, speaker=MODEL)))
+        assert missing.close_code == 4401 and "missing API key" in missing.errors[0]
+        wrong = asyncio.run(
+            rejected(ws_url(url, speaker=MODEL), headers={"Authorization": "Bearer vf_nope"})
+        )
+        assert wrong.close_code == 4401
+        talk = asyncio.run(
+            converse(
+                ws_url(url, speaker=MODEL),
+                audio=user_audio(0.8),
+                min_audio_frames=8,
+                headers={"Authorization": f"Bearer {secret}"},
+            )
+        )
+        assert talk.kinds[:2] == [0x00, 0x04] and len(talk.audio) >= 8
+        by_query = asyncio.run(
+            converse(
+                ws_url(url, speaker=MODEL, api_key=secret),
+                audio=user_audio(0.4),
+                min_audio_frames=4,
+            )
+        )
+        assert len(by_query.audio) >= 4

@@ -230,15 +230,32 @@ def test_a_client_that_disconnects_frees_the_engine(server):
     assert depth == ["voicefoundry_queue_depth 0"]
 
 
-def test_demo_mode_serves_its_three_voices_offline(tmp_path):
-    """The README's first command: `serve --demo` builds everything it needs, then serves."""
+def test_demo_mode_serves_every_family_offline(tmp_path):
+    """The README's first command: `serve --demo` builds everything it needs, then serves:
+    Qwen3-TTS voices (baked, adapter, clone), CSM speakers and a PersonaPlex duplex voice."""
+    from tests.duplex_helpers import converse, user_audio, ws_url
+
     settings = {"data_dir": str(tmp_path / "data"), "demo": True, "max_tokens_per_sentence": 4}
     with server_process(settings, timeout=600) as url:
         voices = {v["name"]: v["kind"] for v in httpx.get(f"{url}/voices").json()["voices"]}
-        assert voices == {"demo-adapter": "adapter", "demo-baked": "baked", "demo-clone": "clone"}
-        for name in voices:
+        assert voices == {
+            "demo-adapter": "adapter",
+            "demo-baked": "baked",
+            "demo-clone": "clone",
+            "csm-tiny-0": "builtin",
+            "csm-tiny-1": "builtin",
+            "demo-duplex": "duplex",
+            "personaplex-tiny": "duplex",
+        }
+        for name, kind in voices.items():
+            if kind == "duplex":
+                continue
             r = httpx.post(f"{url}/speak", json={"speaker": name, "text": "Hi."}, timeout=120)
             assert r.status_code == 200 and wav_samples(r.content).size > 0
+        talk = asyncio.run(
+            converse(ws_url(url, speaker="demo-duplex"), audio=user_audio(0.8), min_audio_frames=8)
+        )
+        assert talk.kinds[:2] == [0x00, 0x04] and len(talk.audio) >= 8
 
 
 def test_graceful_shutdown_ends_in_flight_work_cleanly(

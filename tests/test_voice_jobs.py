@@ -125,7 +125,7 @@ def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips)
         files, data = _form(clips, "ok")
         cases = [
             (files, {**data, "name": "Bad Name!"}, 422, "name"),
-            (files, {**data, "base_model": "missing"}, 422, "unknown base model"),
+            (files, {**data, "base_model": "missing"}, 422, "unknown speech base model"),
             (files, {**data, "strategy": "dance"}, 422, "strategy"),
             (files, {**data, "lora_rank": "1000"}, 422, "lora_rank"),
             (files[:-1], data, 422, "reference clip"),
