@@ -188,9 +188,7 @@ class VoiceService:
                 if duplex:
                     from server.duplex.voices import install_duplex_package
 
-                    return await install_duplex_package(
-                        self, staging, meta, voice_name, model_name
-                    )
+                    return await install_duplex_package(self, staging, meta, voice_name, model_name)
                 return await self._install(staging, meta, voice_name, model_name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
