@@ -49,17 +49,23 @@ def test_overfit_two_clips_then_mlx_audio_greedy_generation_reproduces_them(
     small_qwen3_base, two_clips, tmp_path
 ):
     """An off-by-one label shift, a missing codec_eos or a layout that differs from inference
-    cannot pass this: generation is mlx-audio's own loop, not the trainer's code."""
+    cannot pass this: generation is mlx-audio's own loop, not the trainer's code.
+
+    The run is a pure function of `seed` (see the bit-identical test below). At 4e-3 the loss
+    spiked after warmup and some LoRA initialisations ended one frame short or far off; 2e-3
+    reproduced both clips exactly for seeds 0-4, so passing does not hinge on a lucky seed.
+    """
     config = _config(
         small_qwen3_base,
         two_clips,
         tmp_path / "out",
         lora=LoRASection(rank=32, alpha=64.0, train_code_predictor=True),
-        learning_rate=4e-3,
+        learning_rate=2e-3,
         schedule="cosine",
         warmup_steps=10,
         max_steps=300,
         weight_decay=0.0,
+        seed=0,
     )
     buffer = io.StringIO()
     run = prepare_run(config, progress=ProgressWriter(stream=buffer))
@@ -94,9 +100,12 @@ def test_overfit_two_clips_then_mlx_audio_greedy_generation_reproduces_them(
         finally:
             del model.speech_tokenizer.decode
         generated = captured[-1]
-        assert generated.shape[0] == target.shape[0], "generation did not stop at the clip's end"
-        assert (generated[:, 0] == target[:, 0]).mean() >= 0.9
-        assert (generated == target).mean() >= 0.8
+        assert generated.shape[0] == target.shape[0], (
+            f"generation did not stop at the clip's end: {generated.shape[0]} frames, "
+            f"the clip has {target.shape[0]} (final training loss {losses[-1]})"
+        )
+        assert (generated[:, 0] == target[:, 0]).mean() >= 0.9, "codebook 0 not reproduced"
+        assert (generated == target).mean() >= 0.8, "codebooks 1-15 not reproduced"
 
 
 def _seeded_run(model: Path, train: Path, out: Path, *, seed: int, rng_state: int):

@@ -7,6 +7,7 @@ import itertools
 from finetune.runtime.accelerate import (
     FastConv1d,
     FastConvTranspose1d,
+    conv1d_fast_ok,
     install_fast_modules,
     swap_table,
 )
@@ -119,3 +120,35 @@ def test_fast_vocoder_matches_stock_vocoder(loaded_qwen3_base):
         for module, cls in restored:
             module.__class__ = cls
     assert _max_diff(fast, stock) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("shape", "taps"),
+    [
+        # (kernel, dilation, groups, c_in, c_out, out_len)
+        ((7, 3, 1, 64, 64, 100), True),  # dilated: MLX's conv has no GEMM path
+        ((1, 1, 1, 1024, 1024, 25), True),  # kernel 1 is one matmul either way
+        ((7, 1, 1, 64, 1, 24_000), True),  # narrow output over a long input
+        ((7, 1, 1, 96, 96, 48_000), True),  # modest channels, long input
+        ((7, 1, 1, 1536, 1536, 50), False),  # wide channels: im2col + one GEMM wins
+        ((8, 1, 1, 64, 128, 239), False),  # a streaming codec step: short input
+        ((7, 1, 1, 1, 64, 24_000), False),  # one input channel
+        ((7, 3, 2, 64, 64, 100), False),  # grouped: MLX's op
+    ],
+)
+def test_fast_path_is_chosen_by_shape(shape, taps):
+    kernel, dilation, groups, c_in, c_out, out_len = shape
+    chosen = conv1d_fast_ok(
+        kernel=kernel, dilation=dilation, groups=groups, c_in=c_in, c_out=c_out, out_len=out_len
+    )
+    assert chosen is taps
+
+
+def test_fast_module_takes_mlx_path_for_wide_short_inputs_and_still_matches():
+    mx.random.seed(5)
+    module = nn.Conv1d(320, 320, kernel_size=7, padding=3)
+    x = mx.random.normal((1, 30, 320))
+    ref = module(x)
+    install_fast_modules(nn.Sequential(module))
+    assert isinstance(module, FastConv1d)
+    assert _max_diff(module(x), ref) < ATOL

@@ -16,12 +16,28 @@ from finetune.runtime.elementwise import sin_squared
 import mlx.core as mx
 import mlx.nn as nn
 
+# Per-tap matmuls beat MLX's CPU conv by 10-50x for dilated kernels, by ~7x for narrow outputs
+# and ~4x for kernel-1 convs over long inputs; but MLX's own undilated conv (im2col + one GEMM)
+# wins by ~5-10x for wide channels and for short inputs (a streaming codec step, a vocoder's
+# first frames). Measured on 2-core x86-64 with OpenBLAS; tests/bench/bench_foundation.py.
+TAPS_MAX_CHANNELS = 256
+TAPS_MIN_LENGTH = 4096
 
-def conv1d_fast_ok(dilation: int, groups: int) -> bool:
-    # MLX's CPU conv is slow for dilated kernels, kernel-1 and narrow-output convs alike;
-    # per-tap matmuls win for every ungrouped conv (grouped ones keep MLX's op).
-    del dilation
-    return groups == 1
+
+def conv1d_fast_ok(
+    *, kernel: int, dilation: int, groups: int, c_in: int, c_out: int, out_len: int
+) -> bool:
+    if groups != 1:
+        return False
+    if dilation > 1 or kernel == 1:
+        return True
+    if c_out < 32:
+        return c_in >= 8
+    return 8 <= c_in <= TAPS_MAX_CHANNELS and out_len >= TAPS_MIN_LENGTH
+
+
+def _out_len(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def conv_transpose1d_fast_ok(kernel: int, padding: int, dilation: int, groups: int) -> bool:
@@ -31,7 +47,16 @@ def conv_transpose1d_fast_ok(kernel: int, padding: int, dilation: int, groups: i
 
 class FastConv1d(nn.Conv1d):
     def __call__(self, x: mx.array) -> mx.array:
-        if not conv1d_fast_ok(self.dilation, self.groups):
+        c_out, k, c_in = self.weight.shape
+        out_len = _out_len(x.shape[1], k, self.stride, self.padding, self.dilation)
+        if not conv1d_fast_ok(
+            kernel=k,
+            dilation=self.dilation,
+            groups=self.groups,
+            c_in=c_in,
+            c_out=c_out,
+            out_len=out_len,
+        ):
             return super().__call__(x)
         y = conv1d_taps(x, self.weight, self.stride, self.padding, self.dilation)
         return y + self.bias if "bias" in self else y
@@ -57,7 +82,16 @@ def _mimi_classes() -> dict[type, type]:
 
     class FastMimiConv1d(mimi_conv.Conv1d):
         def __call__(self, xs: mx.array) -> mx.array:
-            if not conv1d_fast_ok(self._dilation, self._groups):
+            c_out, k, c_in = self.weight.shape
+            out_len = _out_len(xs.shape[-1], k, self._stride, self._padding, self._dilation)
+            if not conv1d_fast_ok(
+                kernel=k,
+                dilation=self._dilation,
+                groups=self._groups,
+                c_in=c_in,
+                c_out=c_out,
+                out_len=out_len,
+            ):
                 return super().__call__(xs)
             y = conv1d_taps(
                 xs.swapaxes(-1, -2), self.weight, self._stride, self._padding, self._dilation

@@ -68,6 +68,7 @@ def prepare_lm(lm: nn.Module, config: TrainConfig) -> tuple[LoRAConfig, list[str
     """Wrap the targets with LoRA (freezing everything), then unfreeze the fully trained
     tensors; returns the LoRA config and those tensors' names."""
     lcfg = lora_config(config)
+    mx.random.seed(config.trainer.seed)  # LoRA A is drawn from the global generator
     apply_lora(lm, lcfg)
     section = config.personaplex
     trained: list[str] = []
