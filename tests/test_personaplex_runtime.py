@@ -11,6 +11,7 @@ from finetune.families.personaplex.runtime import PersonaPlexRuntime
 from finetune.families.personaplex.session import DuplexError, DuplexSession, StepOut
 from finetune.lora import AdapterError
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -184,3 +185,40 @@ def test_loudness_normalisation_matches_bs1770() -> None:
     assert integrated_loudness(quiet, rate) == pytest.approx(-24.0, abs=0.01)
     silent = np.zeros(rate, np.float32)
     assert np.array_equal(normalize_loudness(silent, rate), silent)
+
+
+def test_mimi_batch_matches_each_session_alone(runtime: PersonaPlexRuntime) -> None:
+    """One batched Mimi encode / decode per tick == each stream alone, bit for bit, with
+    streams joining at different ticks (fresh rows beside running ones) and rows reordered."""
+    mimi = runtime.mimi
+    starts = [0, 0, 1, 3, 3]
+    rng = np.random.default_rng(9)
+    pcm = [[user_frame(s, t) for t in range(5)] for s in range(len(starts))]
+    codes = [rng.integers(0, 2048, (5, 8, 1)).astype(np.int32) for _ in starts]
+    alone = [(mimi.new_encoder(), mimi.new_decoder()) for _ in starts]
+    batched = [(mimi.new_encoder(), mimi.new_decoder()) for _ in starts]
+    for tick in range(5):
+        rows = [s for s, start in enumerate(starts) if start <= tick]
+        rows = rows[::-1] if tick % 2 else rows
+        local = [tick - starts[s] for s in rows]
+        enc = mimi.encode_batch(
+            [batched[s][0] for s in rows],
+            mx.array(np.stack([pcm[s][t] for s, t in zip(rows, local, strict=True)])),
+        )
+        dec = mimi.decode_batch(
+            [batched[s][1] for s in rows],
+            mx.array(np.stack([codes[s][t] for s, t in zip(rows, local, strict=True)])),
+        )
+        enc, dec = np.array(enc), np.array(dec)
+        assert enc.shape == (len(rows), 8, 1) and dec.shape == (len(rows), 1920)
+        for j, (s, t) in enumerate(zip(rows, local, strict=True)):
+            one_enc = np.array(mimi.encode(alone[s][0], mx.array(pcm[s][t])))[0]
+            one_dec = np.array(mimi.decode(alone[s][1], mx.array(codes[s][t])))
+            assert np.array_equal(enc[j], one_enc), (tick, s)
+            assert np.array_equal(dec[j], one_dec), (tick, s)
+    for state in [batched[0][0], batched[0][1]]:
+        assert state.frames == 5 and all(c.offset == 10 for c in state.caches)
+    for module, attr in mimi._encoder.slots + mimi._decoder.slots:
+        assert getattr(module, attr) in (None, False)  # no session state left on Mimi
+    with pytest.raises(ValueError, match="one row per state"):
+        mimi.encode_batch([alone[0][0]], mx.zeros((2, 1920)))

@@ -1,16 +1,26 @@
-"""Per-session streaming Mimi encoders and decoders over ONE shared mlx-audio Mimi.
+"""Batched streaming Mimi encoders and decoders over ONE shared mlx-audio Mimi.
 
 mlx-audio keeps Mimi's streaming state on its modules: each streaming conv's buffered input
-(`_prev_xs`, `_left_pad_applied`), each transposed conv's overlap (`_prev_ys`), each residual
-add's leftovers (`_lhs`, `_rhs`) and the transformer caches (`encoder_cache` / `decoder_cache`).
-A `MimiStreamState` holds one session's copy of all of it; `MimiStreamer` swaps a state onto the
-modules for one call and reads it back after, so nothing of a session stays on the modules.
-Sessions run one after another (their states differ in length and position); the work stays
-lazy, so a whole tick of sessions is evaluated at once by the caller.
+(`_prev_xs`, `_left_pad_applied`), each transposed conv's overlap (`_prev_ys`) and each residual
+add's leftovers (`_lhs`, `_rhs`). A `MimiStreamState` holds one session's copy of all of it plus
+its own transformer KV caches. `MimiStreamer` steps many sessions in one call: it stacks their
+conv states along the batch axis onto the modules, runs mlx-audio's SEANet / resampling /
+quantizer steps once for the whole batch, and writes each row's new state back to its session,
+so nothing of a session stays on the modules.
+
+Rows can share one pass when their conv states have the same shapes and flags (all live
+sessions past their first step do). A session on its very first step (left padding not yet
+applied) goes in a pass of its own with any others in the same phase; that is rare and keeps
+mlx-audio's own first-step arithmetic. The Mimi transformers run here rather than through
+mlx-audio's `Transformer`, whose attention takes one rotary offset and one cache for the whole
+batch: their linears run once for the batch, and attention runs per row over that session's own
+`WindowKVCache` (their lengths differ between sessions that started at different times), with a
+vector of rotary offsets. The work stays lazy; the caller evaluates a tick at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,14 +28,18 @@ from finetune.families.personaplex.caches import WindowKVCache
 from finetune.families.personaplex.layout import FRAME_SIZE
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 _STATE_ATTRS = ("_prev_xs", "_left_pad_applied", "_prev_ys", "_lhs", "_rhs")
+
+Caches = list[WindowKVCache]
 
 
 @dataclass
 class MimiStreamState:
     values: list[Any]
-    caches: list[WindowKVCache]
+    caches: Caches
     frames: int = 0
 
     def arrays(self) -> list[mx.array]:
@@ -34,26 +48,24 @@ class MimiStreamState:
             out.extend(cache.arrays())
         return out
 
+    def shape_key(self) -> tuple[Any, ...]:
+        """Equal for sessions whose conv states stack along the batch axis."""
+        return tuple(
+            (tuple(v.shape[1:]), v.dtype) if isinstance(v, mx.array) else v for v in self.values
+        )
+
 
 @dataclass
 class _Side:
     slots: list[tuple[Any, str]] = field(default_factory=list)
-    cache_attr: str = ""
+    transformer: Any = None
     layers: int = 0
     context: int = 0
 
 
 def streaming_twin(mimi: Any) -> Any:
-    """A Mimi sharing `mimi`'s weight arrays, with the conv classes that suit streaming.
-
-    The per-tap conv fast path (`finetune.runtime.accelerate`) pays off on long inputs, but a
-    streaming encoder step feeds each conv only a few samples: on the real Mimi the encoder was
-    ~3.5x slower with it (the last 512-channel downsample alone: 619 ms vs 32 ms), while the
-    decoder's transposed convs were ~5x faster with it. So the encoder side keeps mlx-audio's
-    own convs and the decoder side takes the fast ones (when the CPU fast paths are on).
-    """
-    from finetune.runtime import fast_cpu_active
-
+    """A Mimi sharing `mimi`'s weight arrays, with row-exact convs and codebooks (see
+    `install_row_exact_modules`): a session's codes and PCM do not depend on its batch."""
     from mlx_audio.codec.models.mimi.mimi import Mimi
     from mlx_audio.codec.models.mimi.modules import ConvTranspose1d, EuclideanCodebook
 
@@ -62,11 +74,7 @@ def streaming_twin(mimi: Any) -> Any:
     for _, module in twin.named_modules():
         if isinstance(module, (EuclideanCodebook, ConvTranspose1d)):
             module.update_in_place()
-    if fast_cpu_active():
-        from finetune.runtime.accelerate import install_fast_modules
-
-        install_fast_modules(twin.decoder)
-        install_fast_modules(twin.upsample)
+    install_row_exact_modules(twin)
     twin.eval()
     return twin
 
@@ -78,11 +86,18 @@ class MimiStreamer:
         context = int(twin.cfg.transformer.context)
         layers = int(twin.cfg.transformer.num_layers)
         self._encoder = _Side(
-            _state_slots([twin.encoder, twin.downsample]), "encoder_cache", layers, context
+            _state_slots([twin.encoder, twin.downsample]),
+            twin.encoder_transformer,
+            layers,
+            context,
         )
         self._decoder = _Side(
-            _state_slots([twin.decoder, twin.upsample]), "decoder_cache", layers, context
+            _state_slots([twin.decoder, twin.upsample]),
+            twin.decoder_transformer,
+            layers,
+            context,
         )
+        self._masks: dict[tuple[int, int, int], mx.array] = {}
 
     def new_encoder(self) -> MimiStreamState:
         return _fresh(self._encoder)
@@ -92,38 +107,175 @@ class MimiStreamer:
 
     def encode(self, state: MimiStreamState, pcm: mx.array) -> mx.array:
         """Codes [1, 8, frames] of whole frames of 24 kHz mono PCM [samples], streamed on."""
-        if pcm.ndim != 1 or pcm.shape[0] % FRAME_SIZE:
+        if pcm.ndim != 1:
             raise ValueError(f"PCM must be mono and whole {FRAME_SIZE}-sample frames")
-        with self._swapped(self._encoder, state):
-            codes = self.mimi.encode_step(pcm.astype(mx.float32)[None, None, :])
-        state.frames += pcm.shape[0] // FRAME_SIZE
+        return self.encode_batch([state], pcm[None])
+
+    def encode_batch(self, states: Sequence[MimiStreamState], pcm: mx.array) -> mx.array:
+        """Codes [B, 8, frames]: row i streams PCM [B, samples] row i on through states[i]."""
+        if pcm.ndim != 2 or pcm.shape[0] != len(states) or pcm.shape[1] % FRAME_SIZE:
+            raise ValueError(
+                f"PCM must be [sessions, samples] of whole {FRAME_SIZE}-sample frames, "
+                f"one row per state"
+            )
+        mimi, side = self.mimi, self._encoder
+
+        def body(xs: mx.array, caches: list[Caches]) -> mx.array:
+            xs = mimi.encoder.step(xs)
+            xs = self._transformer(side, xs, caches)
+            xs = mimi.downsample.step(xs)
+            return mimi.quantizer.encode(xs)
+
+        codes = self._run(side, states, pcm.astype(mx.float32)[:, None, :], body)
+        for state in states:
+            state.frames += pcm.shape[1] // FRAME_SIZE
         return codes
 
     def decode(self, state: MimiStreamState, codes: mx.array) -> mx.array:
         """PCM [samples] of agent codes [8, frames], streamed on."""
-        with self._swapped(self._decoder, state):
-            pcm = self.mimi.decode_step(codes.astype(mx.int32)[None])
-        state.frames += codes.shape[-1]
-        return pcm[0, 0]
+        return self.decode_batch([state], codes[None])[0]
 
-    def _swapped(self, side: _Side, state: MimiStreamState) -> _Swap:
-        return _Swap(self.mimi, side, state)
+    def decode_batch(self, states: Sequence[MimiStreamState], codes: mx.array) -> mx.array:
+        """PCM [B, samples]: row i decodes agent codes [B, 8, frames] row i through states[i]."""
+        if codes.ndim != 3 or codes.shape[0] != len(states):
+            raise ValueError("codes must be [sessions, codebooks, frames], one row per state")
+        mimi, side = self.mimi, self._decoder
+
+        def body(xs: mx.array, caches: list[Caches]) -> mx.array:
+            xs = mimi.quantizer.decode(xs)
+            xs = mimi.upsample.step(xs)
+            xs = self._transformer(side, xs, caches)
+            return mimi.decoder.step(xs)
+
+        pcm = self._run(side, states, codes.astype(mx.int32), body)
+        for state in states:
+            state.frames += codes.shape[-1]
+        return pcm[:, 0]
+
+    def _run(
+        self,
+        side: _Side,
+        states: Sequence[MimiStreamState],
+        xs: mx.array,
+        body: Callable[[mx.array, list[Caches]], mx.array],
+    ) -> mx.array:
+        """`body` once per group of rows whose conv states stack, outputs back in row order."""
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a Mimi stream state appears twice in one call")
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for row, state in enumerate(states):
+            groups.setdefault(state.shape_key(), []).append(row)
+        outs, order = [], []
+        for rows in groups.values():
+            group = [states[r] for r in rows]
+            part = xs if len(groups) == 1 else xs[mx.array(rows)]
+            with _Swap(side, group):
+                outs.append(body(part, [s.caches for s in group]))
+            order.extend(rows)
+        if len(outs) == 1:
+            return outs[0]
+        inverse = np.argsort(np.array(order))
+        return mx.concatenate(outs, axis=0)[mx.array(inverse)]
+
+    def _transformer(self, side: _Side, xs: mx.array, caches: list[Caches]) -> mx.array:
+        """mlx-audio's `ProjectedTransformer` on conv-layout xs [B, C, T], row i on caches[i]."""
+        projected = side.transformer
+        if projected.conv_layout:
+            # Row-major before the first matmul: a transposed [1, T, C] view would take BLAS's
+            # transposed-operand path and round differently from the same row in a batch.
+            xs = mx.contiguous(xs.swapaxes(1, 2))
+        if projected.input_proj is not None:
+            xs = linear_rows(projected.input_proj, xs)
+        batch, steps, dim = xs.shape
+        for index, layer in enumerate(projected.transformer.layers):
+            attn = layer.self_attn
+            heads, head_dim = attn.cfg.num_heads, attn.cfg.head_dim
+            qkv = linear_rows(attn.in_proj, layer.norm1(xs)).reshape(
+                batch, steps, 3, heads, head_dim
+            )
+            q = qkv[:, :, 0].transpose(0, 2, 1, 3)
+            k = qkv[:, :, 1].transpose(0, 2, 1, 3)
+            v = qkv[:, :, 2].transpose(0, 2, 1, 3)
+            if attn.rope is not None:
+                offsets = mx.array([rows[index].offset for rows in caches], dtype=mx.int32)
+                q = _rope(attn.rope, q, offsets)
+                k = _rope(attn.rope, k, offsets)
+            outs = []
+            for row, rows in enumerate(caches):
+                keys, values = rows[index].update_and_fetch(k[row : row + 1], v[row : row + 1])
+                mask = self._mask(steps, keys.shape[2], side.context, xs.dtype)
+                outs.append(
+                    mx.fast.scaled_dot_product_attention(
+                        q[row : row + 1], keys, values, scale=attn.scale, mask=mask
+                    )
+                )
+            attended = outs[0] if batch == 1 else mx.concatenate(outs, axis=0)
+            attended = attended.transpose(0, 2, 1, 3).reshape(batch, steps, dim)
+            xs = xs + layer.layer_scale_1(linear_rows(attn.out_proj, attended))
+            xs = xs + layer.layer_scale_2(_mlp(layer.gating, layer.norm2(xs)))
+        project = projected.output_projs[0]
+        out = xs if project is None else linear_rows(project, xs)
+        return out.swapaxes(1, 2) if projected.conv_layout else out
+
+    def _mask(self, steps: int, length: int, context: int, dtype: mx.Dtype) -> mx.array:
+        """mlx-audio's additive mask: the newest `steps` of `length` cached positions attend
+        causally, at most `context` back. A `WindowKVCache` holds only written positions."""
+        key = (steps, length, context)
+        if key not in self._masks:
+            pos_k = np.arange(length)
+            pos_q = np.arange(length - steps, length)
+            delta = pos_q[:, None] - pos_k[None, :]
+            allowed = delta >= 0
+            if context:
+                allowed &= delta < context
+            self._masks[key] = mx.array(np.where(allowed, 0.0, -1e9)[None, None], mx.float32)
+        mask = self._masks[key]
+        return mask if mask.dtype == dtype else mask.astype(dtype)
 
 
 class _Swap:
-    def __init__(self, mimi: Any, side: _Side, state: MimiStreamState) -> None:
-        self.mimi, self.side, self.state = mimi, side, state
+    """Stacks a group's conv states onto the modules; splits them back to the rows after."""
+
+    def __init__(self, side: _Side, states: list[MimiStreamState]) -> None:
+        self.side, self.states = side, states
 
     def __enter__(self) -> None:
-        for (module, attr), value in zip(self.side.slots, self.state.values, strict=True):
-            setattr(module, attr, value)
-        setattr(self.mimi, self.side.cache_attr, self.state.caches)
+        for slot, (module, attr) in enumerate(self.side.slots):
+            values = [state.values[slot] for state in self.states]
+            if len(values) > 1 and isinstance(values[0], mx.array):
+                setattr(module, attr, mx.concatenate(values, axis=0))
+            else:
+                setattr(module, attr, values[0])
 
     def __exit__(self, *exc: object) -> None:
-        self.state.values = [getattr(module, attr) for module, attr in self.side.slots]
-        for module, attr in self.side.slots:  # leave nothing of the session on the modules
+        batch = len(self.states)
+        for slot, (module, attr) in enumerate(self.side.slots):
+            value = getattr(module, attr)
+            for row, state in enumerate(self.states):
+                split = batch > 1 and isinstance(value, mx.array)
+                state.values[slot] = value[row : row + 1] if split else value
+            # leave nothing of the sessions on the modules
             setattr(module, attr, False if attr == "_left_pad_applied" else None)
-        setattr(self.mimi, self.side.cache_attr, [])
+
+
+def _mlp(mlp: Any, xs: mx.array) -> mx.array:
+    """mlx-audio's Mimi `MlpGating` / `MlpNoGating` over `_linear`."""
+    if hasattr(mlp, "linear_in"):
+        hidden = linear_rows(mlp.linear_in, xs)
+        hidden = hidden.reshape(*hidden.shape[:2], 2, -1)
+        return linear_rows(mlp.linear_out, nn.silu(hidden[:, :, 0]) * hidden[:, :, 1])
+    return linear_rows(mlp.linear2, mlp.activation(linear_rows(mlp.linear1, xs)))
+
+
+def _rope(rope: Any, x: mx.array, offsets: mx.array) -> mx.array:
+    return mx.fast.rope(
+        x,
+        rope.dims,
+        traditional=rope.traditional,
+        base=rope.base,
+        scale=rope.scale,
+        offset=offsets,
+    )
 
 
 def _state_slots(roots: list[Any]) -> list[tuple[Any, str]]:
@@ -140,3 +292,107 @@ def _fresh(side: _Side) -> MimiStreamState:
     values = [False if attr == "_left_pad_applied" else None for _, attr in side.slots]
     caches = [WindowKVCache(keep=side.context) for _ in range(side.layers)]
     return MimiStreamState(values=values, caches=caches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-exact GEMMs
+# ---------------------------------------------------------------------------------------------
+# A plain [B, T, C] @ W folds the batch into the GEMM's rows, and OpenBLAS picks its small-matrix
+# kernels by size, so a row's result can depend on how many rows ran with it (measured: a
+# 128 -> 384 linear on 2 vs 4 rows differs in the last bit). Multiplying by a broadcast weight
+# keeps one GEMM per batch row, shaped exactly like a batch of one, so every session's codes and
+# PCM are the same alone or batched. It re-reads the weights per row (as stepping the sessions
+# one by one did); what batching saves is the per-op overhead, which dominates small tensors.
+
+
+def linear_rows(linear: Any, xs: mx.array) -> mx.array:
+    """`linear(xs)` for xs [B, T, C], one GEMM per batch row."""
+    out = _matmul_rows(xs, linear.weight.T)
+    return out + linear.bias if "bias" in linear else out
+
+
+def _matmul_rows(xs: mx.array, weight: mx.array) -> mx.array:
+    return mx.contiguous(xs) @ mx.broadcast_to(weight, (xs.shape[0], *weight.shape))
+
+
+def _conv1d_rows(xs: mx.array, weight: mx.array, stride: int, dilation: int) -> mx.array:
+    """Unpadded, ungrouped `mx.conv1d` of xs [B, L, C_in] by weight [C_out, K, C_in]:
+    im2col by K strided slices, then one GEMM per batch row."""
+    c_out, k, c_in = weight.shape
+    span = dilation * (k - 1) + 1
+    out_len = (xs.shape[1] - span) // stride + 1
+    if out_len <= 0:
+        return mx.zeros((xs.shape[0], 0, c_out), dtype=xs.dtype)
+    last = (out_len - 1) * stride + 1
+    taps = [xs[:, t * dilation : t * dilation + last : stride, :] for t in range(k)]
+    cols = taps[0] if k == 1 else mx.concatenate(taps, axis=-1)
+    return _matmul_rows(cols, weight.reshape(c_out, k * c_in).T)
+
+
+def _conv_transpose1d_rows(xs: mx.array, weight: mx.array, stride: int) -> mx.array:
+    """Unpadded, ungrouped `mx.conv_transpose1d` of xs [B, L, C_in] by weight [C_out, K, C_in]:
+    one GEMM per batch row for all taps, then taps sharing a phase (k mod stride) are shifted
+    and summed on a [B, rows, stride, C_out] view of the output."""
+    batch, length, c_in = xs.shape
+    c_out, k, _ = weight.shape
+    full_len = (length - 1) * stride + k
+    rows = -(-full_len // stride)
+    per_tap = _matmul_rows(xs, weight.transpose(2, 1, 0).reshape(c_in, k * c_out))
+    per_tap = per_tap.reshape(batch, length, k, c_out)
+    phases = []
+    for residue in range(stride):
+        acc = None
+        for tap in range(residue, k, stride):
+            shift = tap // stride
+            widths = [(0, 0), (shift, rows - length - shift), (0, 0)]
+            term = mx.pad(per_tap[:, :, tap, :], widths)
+            acc = term if acc is None else acc + term
+        phases.append(acc if acc is not None else mx.zeros((batch, rows, c_out), xs.dtype))
+    return mx.stack(phases, axis=2).reshape(batch, rows * stride, c_out)[:, :full_len, :]
+
+
+def _row_exact_classes() -> dict[type, type]:
+    from mlx_audio.codec.models.mimi.modules import conv as mimi_conv
+    from mlx_audio.codec.models.mimi.modules.quantization import EuclideanCodebook
+
+    class RowExactConv1d(mimi_conv.Conv1d):
+        def __call__(self, xs: mx.array) -> mx.array:
+            if self._groups != 1 or self._padding:
+                return super().__call__(xs)
+            ys = _conv1d_rows(xs.swapaxes(-1, -2), self.weight, self._stride, self._dilation)
+            if self.bias is not None:
+                ys = ys + self.bias
+            return ys.swapaxes(-1, -2)
+
+    class RowExactConvTranspose1d(mimi_conv.ConvTranspose1d):
+        def __call__(self, xs: mx.array) -> mx.array:
+            if self._expanded_groups != 1 or self._padding:
+                return super().__call__(xs)  # depthwise: no GEMM
+            ys = _conv_transpose1d_rows(xs.swapaxes(-1, -2), self._expanded_weight, self._stride)
+            if self.bias is not None:
+                ys = ys + self.bias
+            return ys.swapaxes(-1, -2)
+
+    class RowExactCodebook(EuclideanCodebook):
+        def encode(self, xs: mx.array) -> mx.array:  # xs [B, T, D] -> codes [B, T]
+            dot = _matmul_rows(xs.astype(mx.float32), self._embedding.astype(mx.float32).T)
+            return (self._c2.astype(mx.float32) - dot).argmin(axis=-1)
+
+    return {
+        mimi_conv.Conv1d: RowExactConv1d,
+        mimi_conv.ConvTranspose1d: RowExactConvTranspose1d,
+        EuclideanCodebook: RowExactCodebook,
+    }
+
+
+def install_row_exact_modules(mimi: Any) -> int:
+    """Re-class `mimi`'s convs and codebooks with row-exact twins; returns how many."""
+    table = _row_exact_classes()
+    swapped = 0
+    for _, module in mimi.named_modules():
+        for base, row_exact in table.items():
+            if isinstance(module, base) and not isinstance(module, row_exact):
+                module.__class__ = row_exact
+                swapped += 1
+                break
+    return swapped

@@ -12,11 +12,11 @@ ours, following NVIDIA's `LMGen` and `server.py`:
   `<system> ... <system>`, one forced text token a step; 0.5 s of silence. Every token of those
   steps is forced, so nothing is sampled and the depformer is not needed: the steps' model
   inputs are run as one causal prefill of the temporal transformer (chunks of 256 steps).
-- `step` advances any subset of live sessions by one 80 ms frame: Mimi per session (their
-  streaming states differ in length), then ONE batched temporal-transformer pass and ONE
-  batched depformer pass for all of them (see `temporal.py` for the per-row attention), then
-  Mimi decoding per session. Only the 8 agent depformer slices run: the 8 user-stream slices'
-  samples are always overwritten by the user's own tokens (NVIDIA computes and discards them).
+- `step` advances any subset of live sessions by one 80 ms frame: ONE batched Mimi encode
+  (see `mimi_stream.py`), ONE batched temporal-transformer pass and ONE batched depformer pass
+  for all of them (see `temporal.py` for the per-row attention), then ONE batched Mimi decode.
+  Only the 8 agent depformer slices run: the 8 user-stream slices' samples are always
+  overwritten by the user's own tokens (NVIDIA computes and discards them).
 - The output frame of a step is aligned across delays as in NVIDIA's server: its text token is
   the one sampled on the previous step, its audio the agent codes completed on this one.
 """
@@ -193,10 +193,9 @@ class PersonaPlexRuntime:
         frames = self._check_step(sessions, user_pcm)
         if not sessions:
             return []
-        pairs = zip(sessions, frames, strict=True)
-        codes = [self.mimi.encode(s.encoder, mx.array(f)) for s, f in pairs]
+        codes = self.mimi.encode_batch([s.encoder for s in sessions], mx.array(np.stack(frames)))
         mx.eval(codes, [a for s in sessions for a in s.encoder.arrays()])
-        user = [np.array(c)[0, :, 0] for c in codes]
+        user = list(np.array(codes)[:, :, 0])
         prepared = [s.streams.prepare(user=u) for s, u in zip(sessions, user, strict=True)]
         rows = [i for i, p in enumerate(prepared) if p is not None]
         sampled: dict[int, tuple[int, np.ndarray]] = {}
@@ -289,22 +288,25 @@ class PersonaPlexRuntime:
     def _decode(
         self, sessions: list[DuplexSession], frames: list[np.ndarray | None]
     ) -> list[StepOut]:
-        pcms: list[mx.array | None] = []
-        for session, frame in zip(sessions, frames, strict=True):
+        rows, codes = [], []
+        for row, (session, frame) in enumerate(zip(sessions, frames, strict=True)):
             session.live_steps += 1
             if frame is None or (frame[1:] >= self.audio_card).any():
-                pcms.append(None)  # the delayed streams are still filling
-                continue
+                continue  # the delayed streams are still filling
             session.last_tokens = [int(t) for t in frame]
-            codes = mx.array(frame[1:, None].astype(np.int32))
-            pcms.append(self.mimi.decode(session.decoder, codes))
-        mx.eval(
-            [p for p in pcms if p is not None], [a for s in sessions for a in s.decoder.arrays()]
-        )
+            rows.append(row)
+            codes.append(frame[1:, None].astype(np.int32))
+        pcms: list[np.ndarray | None] = [None] * len(sessions)
+        if rows:
+            decoders = [sessions[r].decoder for r in rows]
+            decoded = self.mimi.decode_batch(decoders, mx.array(np.stack(codes)))
+            mx.eval(decoded, [a for d in decoders for a in d.arrays()])
+            for row, pcm in zip(rows, np.array(decoded, np.float32), strict=True):
+                pcms[row] = pcm
         outs = []
         for frame, pcm in zip(frames, pcms, strict=True):
             token = TEXT_PAD_ID if frame is None else int(frame[0])
-            audio = np.zeros(FRAME_SIZE, np.float32) if pcm is None else np.array(pcm, np.float32)
+            audio = np.zeros(FRAME_SIZE, np.float32) if pcm is None else pcm
             outs.append(
                 StepOut(pcm=audio, text_token=token, text=token_text(self.tokenizer, token))
             )
