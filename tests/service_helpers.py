@@ -70,3 +70,19 @@ def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+JOB_ENDS = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def wait_for_job(
+    url: str, job_id: str, states: frozenset[str] | set[str] = JOB_ENDS, timeout: float = 300
+) -> dict:
+    """Poll `GET /jobs/ID` until the job reaches one of `states`; its JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} stuck in {job['state']}: {job}")

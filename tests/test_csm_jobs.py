@@ -4,26 +4,15 @@ speaks through `/speak`."""
 from __future__ import annotations
 
 import json
-import time
 
 from finetune.data import synthetic_dataset
 
 import httpx
 import numpy as np
 
-from tests.service_helpers import server_process, wav_samples
+from tests.service_helpers import server_process, wait_for_job, wav_samples
 
 MODEL = "csm"
-
-
-def _wait(url: str, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} stuck: {job}")
 
 
 def test_csm_speaker_job_trains_registers_and_speaks(tmp_path, tiny_csm):
@@ -49,7 +38,7 @@ def test_csm_speaker_job_trains_registers_and_speaks(tmp_path, tiny_csm):
         }
         response = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
         assert response.status_code == 202, response.text
-        job = _wait(url, response.json()["id"])
+        job = wait_for_job(url, response.json()["id"])
         assert job["state"] == "succeeded", (job["reason"], job["log_tail"])
         voice = httpx.get(f"{url}/voices/csm-voice", timeout=10).json()
         assert voice["base_model"] == MODEL and voice["has_adapter"]

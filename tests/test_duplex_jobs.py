@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from finetune.data import synthetic_dataset
 
@@ -14,19 +13,9 @@ import numpy as np
 import pytest
 
 from tests.duplex_helpers import FRAME, converse, user_audio, ws_url
-from tests.service_helpers import server_process
+from tests.service_helpers import server_process, wait_for_job
 
 MODEL = "pp-tiny"
-
-
-def _wait(url: str, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} stuck: {job}")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def test_duplex_job_trains_registers_and_serves(tmp_path, tiny_personaplex, uplo
         }
         response = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
         assert response.status_code == 202, response.text
-        job = _wait(url, response.json()["id"])
+        job = wait_for_job(url, response.json()["id"])
         assert job["state"] == "succeeded", (job["reason"], job["log_tail"])
         voice = httpx.get(f"{url}/voices/hindi-agent", timeout=10).json()
         assert voice["kind"] == "duplex" and voice["base_model"] == MODEL

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.service_helpers import server_process, wav_samples
+from tests.service_helpers import server_process, wait_for_job, wav_samples
 
 MODEL = "tiny"
 
@@ -45,16 +45,6 @@ def _form(clips, name: str, **fields) -> tuple[list, dict]:
         **fields,
     }
     return files, data
-
-
-def _wait(url: str, job_id: str, states: set[str], timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} stuck in {job['state']}: {job}")
 
 
 def _server_pid(url: str) -> int:
@@ -162,7 +152,7 @@ def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips)
         taken = post(files, {**data, "name": "dup"})
         assert taken.status_code == 202
         assert post(files, {**data, "name": "dup"}).status_code == 409
-        _wait(url, taken.json()["id"], {"succeeded", "failed"})
+        wait_for_job(url, taken.json()["id"], {"succeeded", "failed"})
     jobs = [p.name for p in (data_dir / "jobs").iterdir()]
     assert jobs == [taken.json()["id"]], jobs  # nothing from the refused uploads
     assert [p.name for p in (data_dir / "voices").iterdir()] == ["dup"]
@@ -181,20 +171,20 @@ def test_cancel_and_kill_are_never_silent(tmp_path, tiny_qwen3_base, clips):
     with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
         files, data = _form(clips, "cancelme", max_steps="5000")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
-        running = _wait(url, job["id"], {"training"})
+        running = wait_for_job(url, job["id"], {"training"})
         while running.get("step", 0) < 1:
             running = httpx.get(f"{url}/jobs/{job['id']}").json()
             time.sleep(0.2)
         assert httpx.delete(f"{url}/jobs/{job['id']}").status_code == 200
-        cancelled = _wait(url, job["id"], {"cancelled", "failed"})
+        cancelled = wait_for_job(url, job["id"], {"cancelled", "failed"})
         assert cancelled["state"] == "cancelled"
         assert not Path(f"/proc/{running['pid']}").exists() or _zombie(running["pid"])
 
         files, data = _form(clips, "killme", max_steps="5000")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
-        running = _wait(url, job["id"], {"training"})
+        running = wait_for_job(url, job["id"], {"training"})
         os.kill(running["pid"], signal.SIGKILL)
-        failed = _wait(url, job["id"], {"failed", "succeeded"})
+        failed = wait_for_job(url, job["id"], {"failed", "succeeded"})
         assert failed["state"] == "failed" and "SIGKILL" in failed["reason"]
         assert httpx.get(f"{url}/voices/killme").status_code == 404
 
@@ -211,13 +201,13 @@ def test_a_server_restart_mid_job_resumes_and_finishes(tmp_path, tiny_qwen3_base
     with server_process(settings) as url:
         files, data = _form(clips, "survivor", max_steps="60")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
-        running = _wait(url, job["id"], {"training"})
+        running = wait_for_job(url, job["id"], {"training"})
         while running.get("step", 0) < 2:
             running = httpx.get(f"{url}/jobs/{job['id']}").json()
             time.sleep(0.1)
     # The server stopped (SIGTERM): the trainer saved a checkpoint; the job is interrupted.
     with server_process(settings) as url:
-        finished = _wait(url, job["id"], {"succeeded", "failed"}, timeout=400)
+        finished = wait_for_job(url, job["id"], {"succeeded", "failed"}, timeout=400)
         assert finished["state"] == "succeeded", finished
         log = (tmp_path / "data" / "jobs" / job["id"] / "job.log").read_text()
         assert '"event": "resume"' in log
@@ -245,7 +235,7 @@ def test_a_language_job_registers_a_speaker_name_too(tmp_path, tiny_qwen3_base, 
         }
         created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
         assert created.status_code == 202, created.text
-        done = _wait(url, created.json()["id"], {"succeeded", "failed"})
+        done = wait_for_job(url, created.json()["id"], {"succeeded", "failed"})
         assert done["state"] == "succeeded", done
         voice = httpx.get(f"{url}/voices/hindi-ish").json()
         assert voice["kind"] == "adapter" and voice["has_adapter"] and voice["has_ref_clip"]

@@ -4,17 +4,15 @@ weight overrides. Both are written and dropped together with the bank slot."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from finetune.lora import AdapterError
 
 import numpy as np
-from safetensors.numpy import load_file
 
-from server.engine.bank import AdapterBank, AdapterTensors
+from server.engine.bank import AdapterBank, AdapterTensors, read_adapter_files
 
 MODULE = "lm"
 
@@ -26,13 +24,7 @@ class DuplexAdapterTensors(AdapterTensors):
     @classmethod
     def read(cls, path: Path, module: str = MODULE) -> DuplexAdapterTensors:  # type: ignore[override]
         path = Path(path)
-        try:
-            config = json.loads((path / ADAPTER_CONFIG).read_text())
-            weights = load_file(str(path / ADAPTER_WEIGHTS))
-        except FileNotFoundError as exc:
-            raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
-        except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
+        config, weights = read_adapter_files(path)
         problems = []
         if config.get("family") != "personaplex":
             problems.append(f"adapter is for family {config.get('family')!r}, not personaplex")

@@ -62,6 +62,18 @@ class BankedLoRALinear(nn.Module):
         return y + (scale * delta.reshape(*y.shape)).astype(y.dtype)
 
 
+def read_adapter_files(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """adapter_config.json and adapters.safetensors, or an AdapterError saying what is wrong."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        weights = load_file(str(path / ADAPTER_WEIGHTS))
+    except FileNotFoundError as exc:
+        raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
+    return config, weights
+
+
 @dataclass
 class AdapterTensors:
     """An adapter read from disk (off the MLX thread), ready to be installed into a slot."""
@@ -75,13 +87,7 @@ class AdapterTensors:
     @classmethod
     def read(cls, path: Path, module: str = "talker") -> AdapterTensors:
         path = Path(path)
-        try:
-            config = json.loads((path / ADAPTER_CONFIG).read_text())
-            weights = load_file(str(path / ADAPTER_WEIGHTS))
-        except FileNotFoundError as exc:
-            raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
-        except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
+        config, weights = read_adapter_files(path)
         if config.get("module", module) != module:
             raise AdapterError(path, [f"adapter is for module {config.get('module')!r}"])
         lora = config.get("lora") or {}
