@@ -122,8 +122,13 @@ class JobService:
             raise Unprocessable("strategy must be 'speaker', 'language' or 'duplex'")
         models = self._models_for(strategy)
         base_model = fields.get("base_model") or (next(iter(models)) if len(models) == 1 else "")
+        kind = "PersonaPlex (duplex)" if strategy == "duplex" else "speech"
+        if not base_model and len(models) > 1:
+            raise Unprocessable(
+                f"several {kind} models are loaded: name base_model "
+                f"(one of {', '.join(sorted(models))})"
+            )
         if base_model not in models:
-            kind = "PersonaPlex (duplex)" if strategy == "duplex" else "speech"
             raise Unprocessable(
                 f"unknown {kind} base model {base_model!r} for strategy {strategy!r}; "
                 f"loaded: {', '.join(sorted(models)) or 'none'}"

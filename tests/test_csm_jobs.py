@@ -51,3 +51,22 @@ def test_csm_speaker_job_trains_registers_and_speaks(tmp_path, tiny_csm):
 
         tuned, base = speak("csm-voice"), speak(f"{MODEL}-0")
         assert tuned.size > 0 and not np.array_equal(tuned, base)
+
+
+def test_a_job_must_name_its_base_model_when_several_are_loaded(
+    tmp_path, tiny_csm, tiny_qwen3_base
+):
+    settings = {
+        "data_dir": str(tmp_path / "data"),
+        "models": {
+            MODEL: {"path": str(tiny_csm), "family": "csm"},
+            "qwen": {"path": str(tiny_qwen3_base)},
+        },
+    }
+    with server_process(settings) as url:
+        files = [("clips", ("a.wav", b"RIFF", "audio/wav"))]
+        data = {"name": "v", "strategy": "language", "transcripts": json.dumps({"a.wav": "hi"})}
+        response = httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert "name base_model" in detail and "csm" in detail and "qwen" in detail
