@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from finetune.config import TrainerSection
+from pathlib import Path
+from typing import Any
+
+from finetune.config import TrainConfig, TrainerSection
 
 import msgspec
 
@@ -19,4 +22,30 @@ def smoke_trainer(section: TrainerSection) -> TrainerSection:
         save_every=0,
         learning_rate=max(section.learning_rate, 1e-3),
         warmup_steps=0,
+    )
+
+
+def smoke_run(
+    config: TrainConfig,
+    workdir: Path,
+    *,
+    model: Path,
+    train_jsonl: Path,
+    keep_output: bool,
+    **data: Any,
+) -> TrainConfig:
+    """`config` pointed at a tiny model and synthetic clips (`val.jsonl` beside `train_jsonl`
+    when there is one), with the smoke trainer; `data` overrides other data fields."""
+    val_jsonl = train_jsonl.with_name("val.jsonl")
+    return msgspec.structs.replace(
+        config,
+        model=msgspec.structs.replace(config.model, path=str(model)),
+        data=msgspec.structs.replace(
+            config.data,
+            train=[str(train_jsonl)],
+            val=[str(val_jsonl)] if val_jsonl.exists() else [],
+            **data,
+        ),
+        trainer=smoke_trainer(config.trainer),
+        output_dir=config.output_dir if keep_output else str(Path(workdir) / "out"),
     )

@@ -34,7 +34,6 @@ from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
 import mlx.core as mx
 import mlx.nn as nn
-import msgspec
 import numpy as np
 
 # Relative to the SesameModel, the LoRA root ("model." of the loaded mlx-audio Model).
@@ -385,19 +384,8 @@ def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> Tr
     """The same config on a tiny CSM and synthetic clips, for a few steps."""
     from finetune.data import synthetic_dataset
     from finetune.families.csm.tiny import make_tiny_csm
-    from finetune.smoke import smoke_trainer
+    from finetune.smoke import smoke_run
 
     model = make_tiny_csm(workdir / "model", seed=0)
     train_jsonl = synthetic_dataset(workdir / "data", 4, seed=0, with_ref=False)
-    val_jsonl = train_jsonl.with_name("val.jsonl")
-    return msgspec.structs.replace(
-        config,
-        model=msgspec.structs.replace(config.model, path=str(model)),
-        data=msgspec.structs.replace(
-            config.data,
-            train=[str(train_jsonl)],
-            val=[str(val_jsonl)] if val_jsonl.exists() else [],
-        ),
-        trainer=smoke_trainer(config.trainer),
-        output_dir=config.output_dir if keep_output else str(workdir / "out"),
-    )
+    return smoke_run(config, workdir, model=model, train_jsonl=train_jsonl, keep_output=keep_output)

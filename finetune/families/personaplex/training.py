@@ -22,12 +22,11 @@ from finetune.families.personaplex import data as duplex_data
 from finetune.families.personaplex.forward import LossWeights, StreamLayout, personaplex_loss
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
 from finetune.progress import ProgressWriter
-from finetune.smoke import smoke_trainer
+from finetune.smoke import smoke_run
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
 import mlx.core as mx
 import mlx.nn as nn
-import msgspec
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -276,17 +275,12 @@ def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> Tr
 
     model = make_tiny_personaplex(Path(workdir) / "model", seed=0, preset="tiny")
     train_jsonl = duplex_data.synthetic_dataset(Path(workdir) / "data", SMOKE_CLIPS, seed=0)
-    val_jsonl = train_jsonl.with_name("val.jsonl")
-    return msgspec.structs.replace(
+    return smoke_run(
         config,
-        model=msgspec.structs.replace(config.model, path=str(model)),
-        data=msgspec.structs.replace(
-            config.data,
-            train=[str(train_jsonl)],
-            val=[str(val_jsonl)],
-            min_duration_s=min(config.data.min_duration_s, 0.5),
-            max_duration_s=max(config.data.max_duration_s, 5.0),
-        ),
-        trainer=smoke_trainer(config.trainer),
-        output_dir=config.output_dir if keep_output else str(Path(workdir) / "out"),
+        workdir,
+        model=model,
+        train_jsonl=train_jsonl,
+        keep_output=keep_output,
+        min_duration_s=min(config.data.min_duration_s, 0.5),
+        max_duration_s=max(config.data.max_duration_s, 5.0),
     )

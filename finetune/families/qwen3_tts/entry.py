@@ -9,8 +9,6 @@ from finetune.config import QWEN3_TALKER_TARGETS, TrainConfig
 from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts
 from finetune.progress import ProgressWriter
 
-import msgspec
-
 DEFAULT_TARGETS = QWEN3_TALKER_TARGETS
 VARIANTS = ("base", "custom_voice")
 
@@ -30,24 +28,13 @@ def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None 
 def smoke_config(config: TrainConfig, workdir: Path, *, keep_output: bool) -> TrainConfig:
     """The same config on a tiny model and synthetic clips, for a few steps."""
     from finetune.data import synthetic_dataset
-    from finetune.smoke import smoke_trainer
+    from finetune.smoke import smoke_run
 
     model = make_tiny_qwen3_tts(workdir / "model", seed=0)
     train_jsonl = synthetic_dataset(
         workdir / "data", 6, seed=0, with_ref=config.model.strategy == "speaker"
     )
-    val_jsonl = train_jsonl.with_name("val.jsonl")
-    return msgspec.structs.replace(
-        config,
-        model=msgspec.structs.replace(config.model, path=str(model)),
-        data=msgspec.structs.replace(
-            config.data,
-            train=[str(train_jsonl)],
-            val=[str(val_jsonl)] if val_jsonl.exists() else [],
-        ),
-        trainer=smoke_trainer(config.trainer),
-        output_dir=config.output_dir if keep_output else str(workdir / "out"),
-    )
+    return smoke_run(config, workdir, model=model, train_jsonl=train_jsonl, keep_output=keep_output)
 
 
 def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
