@@ -225,13 +225,7 @@ class DuplexEngine:
             model.bank.acquire(slot)
         try:
             session.slot = slot
-            session.state = model.runtime.new_session(
-                seed=session.seed,
-                voice_prompt=model.voice_prompt(session.voicing.voice_prompt),
-                text_prompt=session.voicing.text_prompt,
-                adapter_slot=slot,
-            )
-            model.runtime.condition(session.state)
+            self._condition(model, session)
         except BaseException:
             model.bank.release(slot)
             session.state = None
@@ -245,15 +239,20 @@ class DuplexEngine:
             if session.state is not None:
                 model.runtime.close(session.state)
             session.inbox.clear()
-            session.state = model.runtime.new_session(
-                seed=session.seed,
-                voice_prompt=model.voice_prompt(session.voicing.voice_prompt),
-                text_prompt=session.voicing.text_prompt,
-                adapter_slot=session.slot,
-            )
-            model.runtime.condition(session.state)
+            self._condition(model, session)
 
         await self.run(again)
+
+    @staticmethod
+    def _condition(model: DuplexModel, session: LiveSession) -> None:
+        """A fresh runtime state for the session, its prompts processed (engine thread)."""
+        session.state = model.runtime.new_session(
+            seed=session.seed,
+            voice_prompt=model.voice_prompt(session.voicing.voice_prompt),
+            text_prompt=session.voicing.text_prompt,
+            adapter_slot=session.slot,
+        )
+        model.runtime.condition(session.state)
 
     def feed(self, session: LiveSession, frames: list[np.ndarray]) -> int:
         dropped = session.feed(frames)
