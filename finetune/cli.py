@@ -21,13 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from finetune.families import FAMILIES
 
-    tiny.add_argument("family", choices=FAMILIES)
+    def per_family(what: str) -> str:
+        return "; ".join(f"{f.name}: {' | '.join(getattr(f, what))}" for f in FAMILIES.values())
+
+    tiny.add_argument("family", choices=tuple(FAMILIES))
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--variant", default="base", help="qwen3_tts: base | custom_voice")
+    tiny.add_argument("--variant", default="base", help=per_family("variants"))
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument(
-        "--preset", default="tiny", help="qwen3_tts: tiny | small | real-0.6b | real-1.7b"
-    )
+    tiny.add_argument("--preset", default="tiny", help=per_family("presets"))
     tiny.set_defaults(handler=_make_tiny)
 
     doctor = subparsers.add_parser("doctor", help="platform, MLX device, BLAS, fast paths")
@@ -41,16 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from finetune.families import family_entry
+    from finetune.families import get_family
 
-    entry = family_entry(args.family)
-    if args.preset not in entry.PRESETS:
-        print(f"error: --preset must be one of {', '.join(entry.PRESETS)}", file=sys.stderr)
+    family = get_family(args.family)
+    if args.preset not in family.presets:
+        print(f"error: --preset must be one of {', '.join(family.presets)}", file=sys.stderr)
         return 2
-    variants = getattr(entry, "VARIANTS", ("base",))
-    if args.variant not in variants:
-        print(f"error: --variant must be one of {', '.join(variants)}", file=sys.stderr)
+    if args.variant not in family.variants:
+        print(f"error: --variant must be one of {', '.join(family.variants)}", file=sys.stderr)
         return 2
+    entry = family.entry_module()
     print(entry.make_tiny(args.out_dir, seed=args.seed, preset=args.preset, variant=args.variant))
     return 0
 

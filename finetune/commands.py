@@ -55,8 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bake.add_argument("--name")
     bake.add_argument("--slot", type=int)
     bake.add_argument("--force", action="store_true", help="overwrite an occupied row")
-    bake.add_argument("--fuse-lora", action="store_true", help="merge the adapter into --export")
-    bake.add_argument("--export", type=Path, help="also write a standalone checkpoint")
+    bake.add_argument(
+        "--language",
+        help="the language the voice speaks, when its training lines mix languages",
+    )
+    bake.add_argument(
+        "--export", type=Path, help="also write a standalone checkpoint (the adapter fused in)"
+    )
+    fusing = bake.add_mutually_exclusive_group()
+    fusing.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="export without fusing the adapter (only with --keep-cloning)",
+    )
+    # Fusing is the default; the old flag is still accepted.
+    fusing.add_argument("--fuse-lora", action="store_true", help=argparse.SUPPRESS)
     bake.add_argument(
         "--keep-cloning",
         action="store_true",
@@ -153,14 +166,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from finetune.families.qwen3_tts.bake import check_language_rows
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
-    from finetune.families.qwen3_tts.export import export_checkpoint
-    from finetune.lora import fuse_lora, load_adapters
+    from finetune.families.qwen3_tts.export import (
+        LANGUAGE_ROWS_TENSOR,
+        export_checkpoint,
+        install_language_rows,
+        read_language_rows,
+    )
+    from finetune.lora import fuse_lora, load_adapters, read_adapter_config
 
     loaded = load_qwen3_tts(args.model)
-    load_adapters(loaded.model.talker, args.adapter)
-    fused = fuse_lora(loaded.model.talker)
+    language_rows = read_language_rows(args.adapter, read_adapter_config(args.adapter))
+    check_language_rows(loaded.model, language_rows, None)
+    load_adapters(loaded.model.talker, args.adapter, ignore=(LANGUAGE_ROWS_TENSOR,))
+    fused = fuse_lora(loaded.model.talker, requantize=loaded.quantization is not None)
     config = json.loads((loaded.path / "config.json").read_text())
+    install_language_rows(loaded.model, config, language_rows)
     export_checkpoint(
         loaded,
         args.output,
@@ -183,9 +205,10 @@ def _bake(args: argparse.Namespace) -> int:
         name=args.name,
         slot=args.slot,
         force=args.force,
-        fuse=args.fuse_lora,
+        fuse=not args.no_fuse,
         export=args.export,
         keep_cloning=args.keep_cloning,
+        language=args.language,
     )
     print(
         json.dumps(
@@ -193,6 +216,7 @@ def _bake(args: argparse.Namespace) -> int:
                 "package": str(result.package),
                 "name": result.name,
                 "slot": result.slot,
+                "language": result.language,
                 "export": str(result.export) if result.export else None,
             }
         )

@@ -8,8 +8,6 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-Strategy = Literal["language", "speaker", "duplex"]
-
 QWEN3_TALKER_TARGETS = [
     r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
     r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
@@ -35,13 +33,10 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-Family = Literal["qwen3_tts", "csm", "personaplex"]
-
-
 class ModelSection(Strict):
     path: str
-    family: Family = "qwen3_tts"
-    strategy: Strategy = "language"
+    family: str = "qwen3_tts"  # a name in finetune.families.FAMILIES
+    strategy: str = "language"  # one of that family's strategies
 
 
 class DataSection(Strict):
@@ -61,7 +56,7 @@ class LoRASection(Strict):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None  # None: the family's default targets
-    train_code_predictor: bool = False
+    train_code_predictor: bool = True  # codebooks 1-15 carry much of the timbre
     quantize: QuantizeSection | None = None
 
 
@@ -92,7 +87,7 @@ class SpeakerSection(Strict):
 class CsmSection(Strict):
     """Sesame CSM: LoRA on the backbone, optionally on the depth decoder."""
 
-    train_decoder: bool = False
+    train_decoder: bool = True  # the depth decoder makes codebooks 1..N-1
     decoder_loss_weight: float = 0.5  # weight of the depth decoder's codebooks 1..N-1
     speaker_id: int = 0
     # Share of audio frames the depth decoder is trained on per batch (Sesame's "compute
@@ -113,6 +108,17 @@ class PersonaPlexSection(Strict):
     user_audio_loss_weight: float = 0.0  # 0: the user's codebooks are not predicted in training
 
 
+class QualitySection(Strict):
+    """The quality report: a preview and its speaker similarity at step 0 and at every saved
+    checkpoint (`finetune.quality`). Off by default (CLI runs stay fast); server jobs turn it on.
+    """
+
+    enabled: bool = False
+    preview_text: str | None = None  # None: the first training clip's transcript
+    max_frames: int = 240  # absolute cap on a preview's codec frames (also <= 2x the longest clip)
+    previews_dir: str | None = None  # None: `<output_dir>/previews`
+
+
 class TrainConfig(Strict):
     model: ModelSection
     data: DataSection
@@ -121,6 +127,7 @@ class TrainConfig(Strict):
     speaker: SpeakerSection = msgspec.field(default_factory=SpeakerSection)
     csm: CsmSection = msgspec.field(default_factory=CsmSection)
     personaplex: PersonaPlexSection = msgspec.field(default_factory=PersonaPlexSection)
+    quality: QualitySection = msgspec.field(default_factory=QualitySection)
     output_dir: str = "checkpoints/run"
 
     @property
@@ -128,12 +135,22 @@ class TrainConfig(Strict):
         """The configured LoRA target patterns, or the family's defaults."""
         if self.lora.targets is not None:
             return list(self.lora.targets)
-        from finetune.families import family_entry
+        from finetune.families import get_family
 
-        return list(family_entry(self.model.family).DEFAULT_TARGETS)
+        return list(get_family(self.model.family).default_targets)
 
     def __post_init__(self) -> None:
+        from finetune.families import FAMILIES, unknown_family_message
+
         problems = []
+        family = FAMILIES.get(self.model.family)
+        if family is None:
+            problems.append(f"model.family: {unknown_family_message(self.model.family)}")
+        elif self.model.strategy not in family.strategies:
+            problems.append(
+                f"model.strategy: {family.name} trains {' or '.join(family.strategies)}, "
+                f"not {self.model.strategy!r}"
+            )
         if self.lora.rank < 1:
             problems.append("lora.rank must be >= 1")
         if not 0.0 <= self.lora.dropout < 1.0:
@@ -144,6 +161,8 @@ class TrainConfig(Strict):
             problems.append("trainer.label_smoothing must be in [0, 1)")
         if not 0 <= self.speaker.slot < 3072:
             problems.append("speaker.slot must be a codec_embedding row (0-3071)")
+        if self.quality.max_frames < 1:
+            problems.append("quality.max_frames must be >= 1")
         if self.data.min_duration_s >= self.data.max_duration_s:
             problems.append("data.min_duration_s must be below data.max_duration_s")
         for name in PersonaPlexSection.__struct_fields__:

@@ -15,6 +15,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,28 @@ class QLoRALinear(_LoRABranch):
         alpha: float = 16.0,
         dropout: float = 0.0,
     ) -> None:
-        output_dims = linear.weight.shape[0]
-        input_dims = linear.weight.shape[1] * 32 // linear.bits
+        input_dims, output_dims = linear_dims(linear)
         super().__init__(input_dims, output_dims, rank, alpha, dropout)
         linear.freeze()
         self.linear = linear
 
-    def fuse(self) -> nn.Linear:
-        """A full-precision (fp32) nn.Linear: the dequantized base weight plus the update."""
+    def fuse(self, *, requantize: bool = False) -> nn.Linear | nn.QuantizedLinear:
+        """The dequantized base weight plus the update: a full-precision (fp32) nn.Linear, or
+        with `requantize` a QuantizedLinear with the base's bits, group size, mode and scale
+        dtype (the fused weight then carries a fresh quantisation error)."""
+        fused = self._fuse_fp32()
+        if not requantize:
+            return fused
+        q = self.linear
+        out = nn.QuantizedLinear.from_linear(fused, q.group_size, q.bits, q.mode)
+        out.scales = out.scales.astype(q.scales.dtype)
+        if "biases" in q and "biases" in out:
+            out.biases = out.biases.astype(q.biases.dtype)
+        if "bias" in q:
+            out.bias = q.bias
+        return out
+
+    def _fuse_fp32(self) -> nn.Linear:
         q = self.linear
         weight = mx.dequantize(
             q.weight,
@@ -141,6 +156,15 @@ class QLoRALinear(_LoRABranch):
 
 
 _LORA_TYPES = (LoRALinear, QLoRALinear)
+
+
+def linear_dims(layer: nn.Linear | nn.QuantizedLinear) -> tuple[int, int]:
+    """(input_dims, output_dims) of a Linear or a QuantizedLinear (whose weight is packed into
+    uint32 words of 32 // bits values each)."""
+    output_dims, stored = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        return stored * 32 // layer.bits, output_dims
+    return stored, output_dims
 
 
 @dataclass(kw_only=True)
@@ -371,9 +395,14 @@ def _summarise(kind: str, items: list[str]) -> str:
 
 
 def _weight_problems(
-    model: nn.Module, weights: dict[str, mx.array], trained: list[str]
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    trained: list[str],
+    ignore: Collection[str] = (),
 ) -> tuple[list[str], dict[str, mx.array]]:
     """Every mismatch between the file and the model; the tensors to load, cast to the model."""
+    weights = {k: v for k, v in weights.items() if k not in ignore}
+    trained = [name for name in trained if name not in ignore]
     expected = lora_state(model)
     params = dict(tree_flatten(model.parameters()))
     problems: list[str] = []
@@ -417,12 +446,18 @@ def _scale_problems(model: nn.Module, lora: LoRAConfig) -> list[str]:
 
 
 def load_adapters(
-    model: nn.Module, adapter_dir: Path | str, *, apply: bool = True
+    model: nn.Module,
+    adapter_dir: Path | str,
+    *,
+    apply: bool = True,
+    ignore: Collection[str] = (),
 ) -> dict[str, Any]:
     """Check every tensor of an adapter against `model`, then load it; returns its config.
 
     With `apply` and no LoRA layers in `model` yet, the saved LoRAConfig is applied first (and
-    undone again if the adapter does not fit).
+    undone again if the adapter does not fit). Tensors named in `ignore` (in the file or in
+    `trained_tensors`) are left out: the caller installs them itself (e.g. Qwen3-TTS
+    `language_rows.weight`, which belongs in `codec_embedding` rows, not in a module of its own).
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -437,7 +472,7 @@ def load_adapters(
             raise AdapterError(adapter_dir, [f"LoRA config does not fit the model: {exc}"]) from exc
         applied = True
 
-    problems, to_load = _weight_problems(model, weights, config.get("trained_tensors", []))
+    problems, to_load = _weight_problems(model, weights, config.get("trained_tensors", []), ignore)
     problems.extend(_scale_problems(model, lora))
     if problems:
         if applied:
@@ -448,11 +483,18 @@ def load_adapters(
     return config
 
 
-def fuse_lora(model: nn.Module) -> list[str]:
-    """Replace each LoRA layer by a plain (frozen) Linear holding W + scale * (A @ B).T."""
+def fuse_lora(model: nn.Module, *, requantize: bool = False) -> list[str]:
+    """Replace each LoRA layer by a plain (frozen) Linear holding W + scale * (A @ B).T.
+
+    A QLoRA layer fuses to a full-precision (fp32) Linear, or with `requantize` to a
+    QuantizedLinear quantised as its base was (a voice fused on a quantised base stays so).
+    """
     fused: list[tuple[str, nn.Module]] = []
     for path, layer in _lora_layers(model):
-        linear = layer.fuse()
+        if requantize and isinstance(layer, QLoRALinear):
+            linear = layer.fuse(requantize=True)
+        else:
+            linear = layer.fuse()
         linear.freeze()
         fused.append((path, linear))
     _replace_modules(model, fused)

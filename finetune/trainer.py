@@ -1,7 +1,8 @@
 """A small MLX training loop with exact resume.
 
 AdamW, gradient accumulation, global-norm clipping, cosine / linear / constant schedules with
-warmup, validation, best / final / periodic checkpoints with rotation, one `mx.eval` per
+warmup, validation (in eval mode: dropout off), best / final / periodic checkpoints with
+rotation, an optional quality hook at step 0 and at every saved checkpoint, one `mx.eval` per
 optimizer step, JSON-lines progress and a clean stop on SIGTERM.
 
 A checkpoint holds the trainable tensors, the optimizer state (its step drives the schedule), the
@@ -11,6 +12,7 @@ step, so a run resumed at step k draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -36,6 +38,89 @@ LossFn = Callable[[nn.Module, Any], tuple[mx.array, dict[str, mx.array]]]
 SaveWeights = Callable[[nn.Module, Path], None]
 # Yields (epoch, batch_index, batch) forever from the given position.
 BatchSource = Callable[[int, int], Iterator[tuple[int, int, Any]]]
+# Quality report of the current weights: (step, checkpoint dir they are saved to, None at step 0)
+# -> a dict with "similarity" (float, or None when not available), or None for no report.
+CheckpointHook = Callable[[int, Path | None], dict[str, Any] | None]
+SIMILARITY_TOLERANCE = 0.05
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (dropout off); every submodule's own mode is restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for sub, training in modes:
+            sub._set_training_mode(training)
+
+
+@dataclass
+class Score:
+    step: int
+    val: float | None = None
+    similarity: float | None = None
+
+
+@dataclass
+class BestChoice:
+    """Which scored checkpoint is `checkpoint-best`.
+
+    The rule: the lowest validation loss among checkpoints whose speaker similarity is within
+    `tolerance` (0.05) of the best similarity seen so far; without a validation set, the highest
+    similarity; without any similarity (no quality hook, or a family that cannot measure it),
+    the lowest validation loss. Once a similarity has been reported, a score without one (an
+    eval step that is not a checkpoint step, or an empty preview) is not a candidate. Step 0
+    (the untrained baseline) is never a candidate. It is decided online, as scores come: a
+    score replaces the current best when that one fell out of the similarity tolerance, or
+    when it is a candidate and better (lower loss; with no loss, higher similarity).
+    """
+
+    tolerance: float = SIMILARITY_TOLERANCE
+    best: Score | None = None
+    top_similarity: float | None = None
+
+    def eligible(self, score: Score) -> bool:
+        if self.top_similarity is None:
+            return True
+        return score.similarity is not None and (
+            score.similarity >= self.top_similarity - self.tolerance
+        )
+
+    def offer(self, score: Score) -> bool:
+        """Record `score`; True when it becomes the best."""
+        if score.similarity is not None and (
+            self.top_similarity is None or score.similarity > self.top_similarity
+        ):
+            self.top_similarity = score.similarity
+        if not self.eligible(score):
+            return False
+        if self.best is None or not self.eligible(self.best) or self._better(score, self.best):
+            self.best = score
+            return True
+        return False
+
+    @staticmethod
+    def _better(a: Score, b: Score) -> bool:
+        if a.val is not None and b.val is not None:
+            return a.val < b.val
+        if a.similarity is not None and b.similarity is not None:
+            return a.similarity > b.similarity
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "best": None if self.best is None else asdict(self.best),
+            "top_similarity": self.top_similarity,
+        }
+
+    def load(self, data: dict[str, Any] | None, best_val: float | None) -> None:
+        if data is None:  # a checkpoint from before the similarity rule: only the loss
+            self.best = None if best_val is None else Score(step=-1, val=best_val)
+            return
+        self.best = None if data.get("best") is None else Score(**data["best"])
+        self.top_similarity = data.get("top_similarity")
 
 
 @dataclass
@@ -99,6 +184,7 @@ class Trainer:
         samples_in: Callable[[Any], int] = len,
         val_batches: list[Any] | None = None,
         progress: ProgressWriter | None = None,
+        on_checkpoint: CheckpointHook | None = None,
     ) -> None:
         if batches_per_epoch < 1:
             raise ValueError("no training batches")
@@ -111,6 +197,7 @@ class Trainer:
         self.samples_in = samples_in
         self.val_batches = val_batches or []
         self.progress = progress or ProgressWriter()
+        self.on_checkpoint = on_checkpoint
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accumulation)
         self.total_steps = config.max_steps or steps_per_epoch * config.num_epochs
         self.optimizer = optim.AdamW(
@@ -123,6 +210,10 @@ class Trainer:
         self.step = 0
         self.position = (0, 0)
         self.best_val: float | None = None
+        self.choice = BestChoice()
+        # (step, value) of the last validation loss / quality report: a step is measured once.
+        self._last_val: tuple[int, float | None] | None = None
+        self._last_report: tuple[int, dict[str, Any] | None] | None = None
         self._stop_requested = False
         self._value_and_grad = nn.value_and_grad(module, self._loss)
 
@@ -173,13 +264,21 @@ class Trainer:
         return report, samples
 
     def evaluate(self) -> float | None:
+        """Mean validation loss, in eval mode (dropout off); the module's modes are restored."""
         if not self.val_batches:
             return None
         total = 0.0
-        for batch in self.val_batches:
-            loss, _ = self.loss_fn(self.module, batch)
-            total += float(loss.item())
+        with eval_mode(self.module):
+            for batch in self.val_batches:
+                loss, _ = self.loss_fn(self.module, batch)
+                total += float(loss.item())
         return total / len(self.val_batches)
+
+    def report_quality(self, path: Path | None) -> dict[str, Any] | None:
+        """The quality hook's report on the current weights (None without a hook)."""
+        if self.on_checkpoint is None:
+            return None
+        return self.on_checkpoint(self.step, path)
 
     # --- loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -197,6 +296,8 @@ class Trainer:
                 v.size for _, v in tree_flatten(self.module.trainable_parameters())
             ),
         )
+        if self.step == 0:
+            self.report_quality(None)  # the baseline: the untrained voice
         source = self.batches(*self.position)
         started = time.perf_counter()
         start_step = self.step
@@ -222,10 +323,14 @@ class Trainer:
                     eta_s=round((self.total_steps - self.step) / max(rate, 1e-9), 1),
                     **{k: round(v, 6) for k, v in report.items()},
                 )
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    best_dir = self._validate() or best_dir
+                evaluate = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                periodic = None
                 if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save_checkpoint(self.output_dir / f"checkpoint-{self.step:06d}")
+                    periodic = self.output_dir / f"checkpoint-{self.step:06d}"
+                if evaluate or (periodic is not None and self.on_checkpoint is not None):
+                    best_dir = self._score(periodic) or best_dir
+                if periodic is not None:
+                    self.save_checkpoint(periodic)
                     self._rotate()
                 if self._stop_requested:
                     path = self.save_checkpoint(self.output_dir / "checkpoint-last")
@@ -233,9 +338,10 @@ class Trainer:
                     return TrainResult(
                         "stopped", self.step, self.total_steps, None, best_dir, last_loss
                     )
-            if self.val_batches:
-                best_dir = self._validate() or best_dir
-            final = self.save_checkpoint(self.output_dir / "checkpoint-final")
+            final_path = self.output_dir / "checkpoint-final"
+            if self.val_batches or self.on_checkpoint is not None:
+                best_dir = self._score(final_path) or best_dir
+            final = self.save_checkpoint(final_path)
             self.progress.emit(
                 "done",
                 step=self.step,
@@ -258,12 +364,25 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop_requested = True
 
-    def _validate(self) -> Path | None:
-        val = self.evaluate()
-        if val is None:
-            return None
-        improved = self.best_val is None or val < self.best_val
-        self.progress.emit("eval", step=self.step, val_loss=round(val, 6), improved=improved)
+    def _score(self, checkpoint: Path | None) -> Path | None:
+        """Validation loss (and, when `checkpoint` is about to be written, the quality report)
+        of the current weights; saves `checkpoint-best` when they become the best
+        (`BestChoice`). The report runs before the checkpoint is written: same weights, and the
+        checkpoint's state then knows whether it is the best."""
+        if self._last_val is None or self._last_val[0] != self.step:
+            self._last_val = (self.step, self.evaluate())
+        val = self._last_val[1]
+        report = None
+        if checkpoint is not None:
+            if self._last_report is None or self._last_report[0] != self.step:
+                self._last_report = (self.step, self.report_quality(checkpoint))
+            report = self._last_report[1]
+        similarity = None if report is None else report.get("similarity")
+        if val is None and similarity is None:
+            return None  # nothing to choose by (e.g. a family without a speaker encoder)
+        improved = self.choice.offer(Score(step=self.step, val=val, similarity=similarity))
+        if val is not None:
+            self.progress.emit("eval", step=self.step, val_loss=round(val, 6), improved=improved)
         if improved:
             self.best_val = val
             return self.save_checkpoint(self.output_dir / "checkpoint-best")
@@ -291,6 +410,7 @@ class Trainer:
             "epoch": self.position[0],
             "batch_index": self.position[1],
             "best_val": self.best_val,
+            "best_choice": self.choice.to_dict(),
             "seed": self.config.seed,
             "config": asdict(self.config),
         }
@@ -323,5 +443,6 @@ class Trainer:
         self.step = int(state["step"])
         self.position = (int(state["epoch"]), int(state["batch_index"]))
         self.best_val = state.get("best_val")
+        self.choice.load(state.get("best_choice"), self.best_val)
         mx.eval(self.module.trainable_parameters(), self.optimizer.state)
         self.progress.emit("resume", step=self.step, checkpoint=str(checkpoint))

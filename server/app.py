@@ -28,7 +28,7 @@ from server import audio_formats
 from server.auth import KeyStore, Scope, secret_from_headers
 from server.duplex.routes import duplex_socket
 from server.engine.bank import AdapterTensors
-from server.engine.qwen3_batch import Sampling
+from server.engine.requests import Sampling
 from server.engine.worker import Done, Engine, QueueFull, SpeakJob
 from server.errors import (
     BadRequest,
@@ -131,7 +131,9 @@ class Synthesis:
         model = self.engine.models.get(self.job.voicing.model)
         if adapter is None or model is None or model.bank.slot_of(str(adapter)):
             return
-        tensors = await anyio.to_thread.run_sync(AdapterTensors.read, adapter, model.adapter_module)
+        tensors = await anyio.to_thread.run_sync(
+            AdapterTensors.read, adapter, model.adapter_module, model.adapter_riders
+        )
         await self.engine.run(lambda: model.bank.ensure(tensors))
 
     def submit(self) -> None:
@@ -374,6 +376,21 @@ async def cancel_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[
     return _job_out(await state.jobs.cancel(job_id))
 
 
+@get(
+    "/jobs/{job_id:str}/previews/{step:int}",
+    guards=[admin_guard],
+    media_type="audio/wav",
+    summary="The quality report's preview (WAV) at a step of the job's similarity curve",
+)
+async def job_preview(
+    state: State, job_id: Annotated[str, Parameter()], step: Annotated[int, Parameter()]
+) -> Response[bytes]:
+    path = await anyio.to_thread.run_sync(state.jobs.preview, job_id, step)
+    data = await anyio.to_thread.run_sync(path.read_bytes)
+    disposition = f'attachment; filename="{job_id}-step-{step}.wav"'
+    return Response(data, media_type="audio/wav", headers={"Content-Disposition": disposition})
+
+
 @get("/jobs/{job_id:str}/events", guards=[admin_guard])
 async def job_events(state: State, job_id: Annotated[str, Parameter()]) -> ServerSentEvent:
     jobs: JobService = state.jobs
@@ -450,6 +467,7 @@ def create_app(settings: Settings) -> Litestar:
             list_jobs,
             get_job,
             cancel_job,
+            job_preview,
             job_events,
             duplex_socket,
             healthz,

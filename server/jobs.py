@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune.audio import AudioError, duration_s, load_audio, write_wav
+from finetune.families import all_strategies, families_with, get_family
+from finetune.quality import preview_name
 
 import anyio
 
 from server.errors import Conflict, NotFound, Unprocessable
-from server.registry import Job, JobNotFound, Registry, validate_name
+from server.job_config import job_train_config
+from server.registry import Job, JobNotFound, Registry, VoiceNotFound, validate_name
 from server.settings import Settings
 from server.uploads import Upload, UploadedFile
 from server.voices import VoiceService
@@ -40,13 +44,22 @@ BOUNDS: dict[str, tuple[type, float, float]] = {
     "lora_rank": (int, 1, 64),
     "epochs": (int, 1, 50),
     "max_steps": (int, 1, 100_000),
-    "learning_rate": (float, 1e-6, 1e-3),
+    "learning_rate": (float, 1e-7, 5e-3),
     "batch_size": (int, 1, 8),
+    "grad_accumulation": (int, 1, 64),
+    "label_smoothing": (float, 0.0, 0.5),
+    "lora_dropout": (float, 0.0, 0.5),
+    "save_every": (int, 10, 100_000),  # steps between checkpoints (each gets a quality report)
+    # CSM: share of audio frames its depth decoder trains on per batch (the recipe's 1/16 is
+    # Sesame's amortisation for large data; a few short clips want 1.0).
+    "decoder_frame_fraction": (float, 0.01, 1.0),
 }
+FLAGS = ("train_code_predictor",)  # booleans: true / false
 MIN_TOTAL_SECONDS = {"speaker": 4.0, "language": 8.0, "duplex": 4.0}
 MAX_TEXT_PROMPT_CHARS = 2000
 DUPLEX_FRAME_RATE = 12.5  # PersonaPlex steps a second
 MIN_CLIP_S, MAX_CLIP_S = 0.5, 30.0
+PREVIEWS = "previews"  # <job>/previews/step-NNNNNN.wav: the quality report's previews (kept)
 
 
 @dataclass
@@ -118,11 +131,11 @@ class JobService:
         if pending:
             raise Conflict(f"job {pending[0]} is already making voice {name!r}")
         strategy = fields.get("strategy", "speaker")
-        if strategy not in MIN_TOTAL_SECONDS:
-            raise Unprocessable("strategy must be 'speaker', 'language' or 'duplex'")
+        if strategy not in all_strategies():
+            raise Unprocessable(f"strategy must be one of {', '.join(all_strategies())}")
         models = self._models_for(strategy)
         base_model = fields.get("base_model") or (next(iter(models)) if len(models) == 1 else "")
-        kind = "PersonaPlex (duplex)" if strategy == "duplex" else "speech"
+        kind = _model_kind(strategy)
         if not base_model and len(models) > 1:
             raise Unprocessable(
                 f"several {kind} models are loaded: name base_model "
@@ -132,6 +145,12 @@ class JobService:
             raise Unprocessable(
                 f"unknown {kind} base model {base_model!r} for strategy {strategy!r}; "
                 f"loaded: {', '.join(sorted(models)) or 'none'}"
+            )
+        family = get_family(models[base_model].family)
+        if strategy not in family.recipes:
+            raise Unprocessable(
+                f"{family.title} model {base_model!r} has no tested recipe for the {strategy} "
+                f"strategy; it fine-tunes: {', '.join(sorted(family.recipes))}"
             )
         hyper = _hyper_parameters(fields)
         text_prompt = fields.get("text_prompt") or None
@@ -183,10 +202,11 @@ class JobService:
             problems += _text_fits_frames(tokenizer, saved, texts)
         if problems:
             raise Unprocessable("; ".join(problems), problems=problems)
-        if total < MIN_TOTAL_SECONDS[strategy]:
+        least = self.settings.job_min_total_seconds
+        least = MIN_TOTAL_SECONDS.get(strategy, 4.0) if least is None else least
+        if total < least:
             raise Unprocessable(
-                f"{total:.1f} s of audio; the {strategy} strategy needs at "
-                f"least {MIN_TOTAL_SECONDS[strategy]:.0f} s"
+                f"{total:.1f} s of audio; the {strategy} strategy needs at least {least:g} s"
             )
         return JobRequest(
             name,
@@ -201,11 +221,12 @@ class JobService:
         )
 
     def _models_for(self, strategy: str) -> dict[str, Any]:
-        """Models a strategy trains: duplex -> PersonaPlex models, else the speech models."""
-        if strategy == "duplex":
-            duplex = self.voices.duplex
-            return dict(duplex.models) if duplex is not None else {}
-        return dict(self.voices.engine.models)
+        """The loaded models (of either engine) whose family trains `strategy`."""
+        return {
+            name: model
+            for name, model in self.voices.served_models().items()
+            if strategy in get_family(model.family).strategies
+        }
 
     def create(self, request: JobRequest, folder: Path) -> Job:
         job_id = uuid.uuid4().hex[:12]
@@ -222,15 +243,22 @@ class JobService:
                 user = users[i] if users else None
                 row = {"agent_audio": str(path), "user_audio": str(user) if user else None}
                 row["text"] = text
+                # Trained after the prompts the voice is served with (personaplex/conditioning.py).
+                row["voice_prompt"] = str(refs[0]) if refs else None
+                row["text_prompt"] = request.text_prompt
             else:
                 row = {"audio": str(path), "text": text}
-                if refs:
+                if request.strategy == "speaker":
                     row["ref_audio"] = str(refs[i % len(refs)])
+                else:
+                    # A language voice is served on one reference clip (the job's ref, else its
+                    # first clip): every line trains on that same speaker vector.
+                    row["ref_audio"] = str(refs[0] if refs else clips[0][0])
                 if request.language:
                     row["language"] = request.language
             lines.append(json.dumps(row))
         (job_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
-        spec = self._spec(request, job_dir, refs)
+        spec = _with_quality_report(self._spec(request, job_dir, refs), job_dir)
         (job_dir / "spec.json").write_text(json.dumps(spec, indent=2))
         payload = {
             "base_model": request.base_model,
@@ -245,6 +273,7 @@ class JobService:
             "pid": None,
             "hyper": request.hyper,
             "ref_clip": str(refs[0] if refs else clips[0][0]),
+            "quality": [],
         }
         job = self.registry.put_job(job_id, request.name, "queued", payload)
         self._queue.put_nowait(job_id)
@@ -254,31 +283,17 @@ class JobService:
         hyper = request.hyper
         model = self._models_for(request.strategy)[request.base_model]
         model_path = model.loaded.path
-        family = "personaplex" if request.strategy == "duplex" else model.family
-        trainer = {
-            "batch_size": hyper.get("batch_size", 2),
-            "learning_rate": hyper.get("learning_rate", 1e-4),
-            "num_epochs": hyper.get("epochs", 3),
-            "schedule": "cosine",
-            "save_every": 10,
-            "keep_checkpoints": 2,
-            "prefetch": 2,
-        }
-        if "max_steps" in hyper:
-            trainer["max_steps"] = hyper["max_steps"]
-        rank = hyper.get("lora_rank", 8)
-        config = {
-            "model": {"path": str(model_path), "family": family, "strategy": request.strategy},
-            "data": {
-                "train": [str(job_dir / "train.jsonl")],
-                "min_duration_s": MIN_CLIP_S,
-                "max_duration_s": MAX_CLIP_S,
-            },
-            "lora": {"rank": rank, "alpha": 2.0 * rank},  # the family's default targets
-            "trainer": trainer,
-            "speaker": {"name": request.name, "slot": 3000},
-            "output_dir": str(job_dir / "run"),
-        }
+        family = model.family
+        config = job_train_config(
+            family=family,
+            strategy=request.strategy,
+            model_path=model_path,
+            train_jsonl=job_dir / "train.jsonl",
+            output_dir=job_dir / "run",
+            voice_name=request.name,
+            hyper=hyper,
+            clip_seconds=(MIN_CLIP_S, MAX_CLIP_S),
+        )
         return {
             "name": request.name,
             "config": config,
@@ -294,6 +309,17 @@ class JobService:
             return self.registry.get_job(job_id)
         except JobNotFound as exc:
             raise NotFound(str(exc)) from exc
+
+    def preview(self, job_id: str, step: int) -> Path:
+        """The preview WAV of `step`'s quality report (404 for an unknown job or step)."""
+        job = self.get(job_id)
+        reported = any(
+            q.get("step") == step and q.get("preview") for q in job.payload.get("quality", [])
+        )
+        path = self.root / job.id / PREVIEWS / preview_name(step)
+        if not reported or not path.is_file():
+            raise NotFound(f"job {job_id} has no preview for step {step}")
+        return path
 
     def subscribe(self, job_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -407,11 +433,26 @@ class JobService:
                     losses=losses,
                     eta_s=event.get("eta_s"),
                 )
+            elif kind == "quality":
+                self._record_quality(job_id, event)
             elif kind == "package":
                 outcome["package"] = event["path"]
             elif kind == "stopped":
                 outcome["stopped"] = True
             self._publish(job_id, event)
+
+    def _record_quality(self, job_id: str, event: dict[str, Any]) -> None:
+        """One point of the similarity curve (a report for a step already seen replaces it)."""
+        step = int(event["step"])
+        point: dict[str, Any] = {
+            "step": step,
+            "similarity": event.get("similarity"),
+            "preview": f"/jobs/{job_id}/previews/{step}" if event.get("preview") else None,
+        }
+        if event.get("reason"):
+            point["reason"] = event["reason"]
+        curve = [q for q in self.get(job_id).payload.get("quality", []) if q["step"] != step]
+        self._set(job_id, None, quality=sorted([*curve, point], key=lambda q: q["step"]))
 
     @staticmethod
     async def _drain(stream: Any, log: Any, tail: deque[str]) -> None:
@@ -436,8 +477,15 @@ class JobService:
                 log_tail=list(tail),
             )
             return
+        quality = _quality_meta(payload.get("quality", []))
+        if quality:
+            async with self.registry.alock(voice.name):
+                with contextlib.suppress(VoiceNotFound):  # deleted already: nothing to note
+                    current = self.registry.get(voice.name)
+                    meta = {**current.meta, **quality}
+                    self.registry.replace(dataclasses.replace(current, meta=meta))
         self._set(job_id, "succeeded", voice=voice.name, log_tail=list(tail))
-        shutil.rmtree(self.root / job_id / "run", ignore_errors=True)
+        shutil.rmtree(self.root / job_id / "run", ignore_errors=True)  # previews/ stays
 
     def _set(self, job_id: str, state: str | None, **fields: Any) -> Job:
         job = self.registry.get_job(job_id)
@@ -446,6 +494,37 @@ class JobService:
         if (state is not None and state != job.state) or fields:
             self._publish(job_id, {"event": "state", "state": updated.state, **fields})
         return updated
+
+
+def _with_quality_report(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
+    """Every job reports its quality; previews go to `<job>/previews`, which outlives `run/`."""
+    quality = spec["config"].setdefault("quality", {})
+    quality.setdefault("enabled", True)
+    quality["previews_dir"] = str(job_dir / PREVIEWS)
+    return spec
+
+
+def _quality_meta(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the registered voice's meta says of its quality: the similarity of its final
+    checkpoint (the last report; the package is made from it) and of the untrained baseline."""
+    if not curve:
+        return {}
+    final = max(curve, key=lambda q: q["step"])
+    meta: dict[str, Any] = {"similarity": final["similarity"], "similarity_step": final["step"]}
+    baseline = next((q for q in curve if q["step"] == 0), None)
+    if baseline is not None:
+        meta["similarity_baseline"] = baseline["similarity"]
+    if final["similarity"] is None and final.get("reason"):
+        meta["similarity_reason"] = final["reason"]
+    return meta
+
+
+def _model_kind(strategy: str) -> str:
+    """How messages name the models a strategy trains: "speech", or e.g. "PersonaPlex (duplex)"."""
+    families = families_with(strategy)
+    if all(f.engine == "speech" for f in families):
+        return "speech"
+    return " / ".join(f"{f.title} ({f.engine})" for f in families)
 
 
 def _hyper_parameters(fields: dict[str, str]) -> dict[str, Any]:
@@ -460,6 +539,14 @@ def _hyper_parameters(fields: dict[str, str]) -> dict[str, Any]:
         if not low <= value <= high:
             raise Unprocessable(f"{key} must be between {low} and {high}")
         out[key] = value
+    for key in FLAGS:
+        value = fields.get(key, "").strip().lower()
+        if value in ("true", "1", "yes"):
+            out[key] = True
+        elif value in ("false", "0", "no"):
+            out[key] = False
+        elif value:
+            raise Unprocessable(f"{key} must be true or false")
     return out
 
 

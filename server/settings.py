@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from finetune.families import FAMILIES, unknown_family_message
 
 import msgspec
 import yaml
@@ -16,8 +18,12 @@ DEMO_MODEL = "qwen3-tiny"
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str  # a local directory or a hub id already in the local cache
-    # qwen3_tts and csm: the speech engine (/speak); personaplex: the duplex engine.
-    family: Literal["qwen3_tts", "csm", "personaplex"] = "qwen3_tts"
+    # A name in finetune.families.FAMILIES; its `engine` says which engine serves it.
+    family: str = "qwen3_tts"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(unknown_family_message(self.family))
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -40,9 +46,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_upload_bytes: int = 256 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
+    # Least audio a fine-tune job takes; None: per strategy (speaker 4 s, language 8 s, duplex 4 s).
+    job_min_total_seconds: float | None = None
     duplex_max_sessions: int = 8
     duplex_max_inbox_frames: int = 25  # 2 s of input queued before the oldest is dropped
     duplex_max_outbox_frames: int = 250  # 20 s of output a slow reader may fall behind
+    # Debugging / test aid: append every generated segment's codec codes (and every duplex
+    # session step's text token) to this JSON-lines file.
+    codes_log: str | None = None
 
     @property
     def data_path(self) -> Path:

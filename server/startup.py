@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from finetune.families import get_family
+
 from litestar import Litestar
 
 from server.auth import KeyStore
-from server.duplex.engine import DuplexEngine, DuplexModel
-from server.engine.family import BankLimits, load_speech_model, serves_family
+from server.duplex.engine import DuplexEngine
+from server.engine.family import BankLimits, load_served_model
 from server.engine.worker import Engine
 from server.jobs import JobService
 from server.registry import Registry
@@ -46,12 +48,14 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
         batch_window_s=settings.batch_window_ms / 1000,
+        codes_log=Path(settings.codes_log) if settings.codes_log else None,
     )
     engine.start()
     duplex = DuplexEngine(
         max_sessions=settings.duplex_max_sessions,
         max_inbox_frames=settings.duplex_max_inbox_frames,
         max_outbox_frames=settings.duplex_max_outbox_frames,
+        codes_log=Path(settings.codes_log) if settings.codes_log else None,
     )
     duplex.start()
     voices = VoiceService(registry, engine, data, duplex=duplex)
@@ -70,15 +74,14 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         limits = BankLimits(
             settings.adapter_slots, settings.adapter_max_rank, settings.adapter_max_bytes
         )
+        engines: dict[str, Engine | DuplexEngine] = {"speech": engine, "duplex": duplex}
         for name, spec in models.items():
-            if not serves_family(spec.family):
-                continue  # not a speech-engine family (e.g. personaplex: the duplex engine's)
-            model = await engine.run(
-                lambda n=name, s=spec: load_speech_model(n, s.family, s.path, limits)
+            serving = engines[get_family(spec.family).engine]
+            model = await serving.run(
+                lambda n=name, s=spec: load_served_model(n, s.family, s.path, limits)
             )
-            engine.models[name] = model
-            log.info("loaded model %s from %s", name, spec.path)
-        await load_duplex_models(duplex, models, settings)
+            serving.models[name] = model
+            log.info("loaded %s model %s from %s", spec.family, name, spec.path)
         restored = await voices.restore()
         log.info("restored %d baked voices", len(restored))
         if settings.demo:
@@ -95,22 +98,3 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         engine.stop(settings.shutdown_grace_s)
         duplex.stop(settings.shutdown_grace_s)
         registry.close()
-
-
-async def load_duplex_models(
-    duplex: DuplexEngine, models: dict[str, ModelSpec], settings: Settings
-) -> None:
-    for name, spec in models.items():
-        if spec.family != "personaplex":
-            continue
-        model = await duplex.run(
-            lambda n=name, s=spec: DuplexModel.load(
-                n,
-                s.path,
-                slots=settings.adapter_slots,
-                max_rank=settings.adapter_max_rank,
-                max_bytes=settings.adapter_max_bytes,
-            )
-        )
-        duplex.models[name] = model
-        log.info("loaded duplex model %s from %s", name, spec.path)

@@ -6,28 +6,31 @@ make import and delete atomic.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.families.qwen3_tts.bake import FIRST_FREE_ROW, PACKAGE_FORMAT, reserved_rows
+from finetune.families import FAMILIES, get_family
+from finetune.families.qwen3_tts.bake import PACKAGE_FORMAT
 
 import anyio
 import mlx.core as mx
 import numpy as np
 
 from server.engine.bank import AdapterTensors
+from server.engine.family import PackageError, package_member
 from server.engine.worker import ContextClip, Engine, Voicing
 from server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from server.registry import Registry, Voice, validate_name
 
 DEFAULT_SLOT = 3000
-PACKAGE_FAMILIES = ("qwen3_tts", "csm", "personaplex")
 
 
 class VoiceService:
@@ -56,6 +59,13 @@ class VoiceService:
 
     def _duplex_models(self) -> dict[str, Any]:
         return self.duplex.models if self.duplex is not None else {}
+
+    def served_models(self, engine: str | None = None) -> dict[str, Any]:
+        """The loaded models of `engine` ("speech" or "duplex", a `Family.engine`), or of both."""
+        by_engine = {"speech": self.engine.models, "duplex": self._duplex_models()}
+        if engine is not None:
+            return dict(by_engine[engine])
+        return {name: m for models in by_engine.values() for name, m in models.items()}
 
     def get(self, name: str) -> Voice:
         key = name.strip().lower()
@@ -101,25 +111,40 @@ class VoiceService:
                 context=context,
                 adapter=adapter,
             )
-        if voice.kind in ("builtin", "baked"):
-            return Voicing(model=voice.base_model, speaker_name=voice.name, adapter=adapter)
-        if voice.slot is not None:
-            return Voicing(model=voice.base_model, speaker_name=voice.name, adapter=adapter)
-        return Voicing(model=voice.base_model, ref_clip=self._path(voice.ref_clip), adapter=adapter)
+        rows = tuple((r["name"], int(r["row"])) for r in voice.meta.get("language_rows", []))
+        if voice.kind in ("builtin", "baked") or voice.slot is not None:
+            return Voicing(
+                model=voice.base_model,
+                speaker_name=voice.name,
+                adapter=adapter,
+                language_rows=rows,
+            )
+        return Voicing(
+            model=voice.base_model,
+            ref_clip=self._path(voice.ref_clip),
+            adapter=adapter,
+            language_rows=rows,
+        )
 
     def _path(self, stored: str | None) -> Path | None:
         return None if stored is None else (self.registry.data_dir / stored)
 
     # --- restore --------------------------------------------------------------------------
     async def restore(self) -> list[str]:
-        """Write every baked voice's row back into its (freshly loaded) model."""
+        """Write every voice's rows (baked speaker, new languages) back into its freshly loaded
+        model."""
         restored = []
         for voice in self.registry.list():
-            if voice.slot is None or voice.base_model not in self.engine.models:
+            model = self.engine.models.get(voice.base_model)
+            if model is None:
                 continue
-            embedding = self._embedding(self.voices_dir / voice.name)
-            model = self.engine.models[voice.base_model]
-            await self.engine.run(lambda m=model, v=voice, e=embedding: m.bake(v.name, v.slot, e))
+            folder = self.voices_dir / voice.name
+            if voice.slot is not None:
+                embedding = self._embedding(folder)
+                await self.engine.run(
+                    lambda m=model, v=voice, e=embedding: m.bake(v.name, v.slot, e)
+                )
+            await self.engine.run(lambda m=model, v=voice, f=folder: m.restore_voice(v.meta, f))
             restored.append(voice.name)
         return restored
 
@@ -167,15 +192,15 @@ class VoiceService:
         try:
             meta = _read_meta(staging)
             voice_name = validate_name(name or meta["name"])
-            duplex = meta.get("family") == "personaplex"
-            served = self._duplex_models() if duplex else self.engine.models
+            family = get_family(meta["family"])  # checked by _read_meta
+            served = self.served_models(family.engine)
             model_name = base_model or self._default_model(served)
             if model_name not in served:
                 raise Unprocessable(
                     f"unknown base model {model_name!r} for a {meta.get('family')} voice; "
                     f"loaded: {', '.join(sorted(served)) or 'none'}"
                 )
-            if not duplex and meta.get("family") != served[model_name].family:
+            if meta.get("family") != served[model_name].family:
                 raise Unprocessable(
                     f"a {meta.get('family')} voice package cannot go on base model "
                     f"{model_name!r}, a {served[model_name].family} model"
@@ -185,7 +210,7 @@ class VoiceService:
                     raise Conflict(f"voice {voice_name!r} already exists")
                 if ref_clip is not None:
                     (staging / "ref.wav").write_bytes(ref_clip)
-                if duplex:
+                if family.engine == "duplex":
                     from server.duplex.voices import install_duplex_package
 
                     return await install_duplex_package(self, staging, meta, voice_name, model_name)
@@ -207,14 +232,18 @@ class VoiceService:
         tensors = None
         if adapter_dir is not None:
             tensors = await anyio.to_thread.run_sync(
-                AdapterTensors.read, adapter_dir, model.adapter_module
+                AdapterTensors.read, adapter_dir, model.adapter_module, model.adapter_riders
             )
+        with _package_errors():
+            fields = model.package_fields(staging, meta)  # the family's own voice.json fields
         embedding = None
         slot = None
         if meta.get("embedding") and (staging / meta["embedding"]).is_file():
             embedding = self._embedding(staging)
-            slot = self._free_slot(model_name, int(meta.get("slot", DEFAULT_SLOT)))
-        csm = _csm_fields(staging, meta) if model.family == "csm" else None
+            wanted = int(meta.get("slot", DEFAULT_SLOT))
+            slot = model.free_speaker_slot(wanted, set(self.registry.used_slots(model_name)))
+            if slot is None:
+                raise Conflict(f"model {model_name!r} has no free speaker row left")
         target = self.voices_dir / name
         final_adapter = target / meta["adapter"] if adapter_dir is not None else None
 
@@ -226,10 +255,15 @@ class VoiceService:
                 model.bank.unload(str(tensors.path))
             if embedding is not None and slot is not None:
                 model.bake(name, slot, embedding)
-            if csm is not None:
-                _check_csm_context(model, staging, csm)
+            try:
+                model.check_package(staging, fields)
+            except BaseException:
+                if slot is not None:
+                    model.unbake(name)
+                raise
 
-        await self.engine.run(load)
+        with _package_errors():
+            await self.engine.run(load)
         try:
             staging.rename(target)
             ref = target / "ref.wav"
@@ -246,30 +280,19 @@ class VoiceService:
                 default_language=meta.get("language"),
                 meta={"strategy": meta.get("strategy"), "source": "package"},
             )
-            if csm is not None:
-                voice.meta.update(_relocated(csm, target, self.registry.data_dir))
+            stored_at = target.relative_to(self.registry.data_dir)
+            voice.meta.update(model.registry_meta(fields, stored_at))
             return await anyio.to_thread.run_sync(self.registry.add, voice)
         except BaseException:
-            if slot is not None:
-                await self.engine.run(lambda: model.unbake(name))
+
+            def undo() -> None:
+                if slot is not None:
+                    model.unbake(name)
+                model.release_package(fields)
+
+            await self.engine.run(undo)
             shutil.rmtree(target, ignore_errors=True)
             raise
-
-    def _free_slot(self, model_name: str, wanted: int) -> int:
-        model = self.engine.models[model_name].model
-        talker = model.config.talker_config
-        taken = set(self.registry.used_slots(model_name))
-        taken |= {int(v) for v in (talker.spk_id or {}).values()}
-        reserved = reserved_rows(talker)
-        order = [
-            wanted,
-            *range(DEFAULT_SLOT, talker.vocab_size),
-            *range(FIRST_FREE_ROW, DEFAULT_SLOT),
-        ]
-        for slot in order:
-            if FIRST_FREE_ROW <= slot < talker.vocab_size and slot not in taken | reserved:
-                return slot
-        raise Conflict(f"model {model_name!r} has no free speaker row left")
 
     # --- clone voices from an uploaded clip ---------------------------------------------------
     async def add_clone(
@@ -316,6 +339,7 @@ class VoiceService:
                 def unload() -> None:
                     if voice.slot is not None:
                         model.unbake(voice.name)
+                    model.release_voice(voice.meta)
                     if adapter is not None:
                         model.bank.unload(str(adapter))
                     model.forget(voicing)
@@ -358,9 +382,18 @@ def _extract(archive: bytes, into: Path) -> None:
 
 
 def _check_member(root: Path, name: str) -> None:
-    target = (root / name).resolve()
-    if root != target and root not in target.parents:
-        raise BadRequest(f"voice package path escapes the package: {name}")
+    with _package_errors():
+        package_member(root, name)
+
+
+@contextlib.contextmanager
+def _package_errors() -> Iterator[None]:
+    """A model's PackageError as the service's 400 / 409 / 422 with the same message."""
+    try:
+        yield
+    except PackageError as exc:
+        error = {400: BadRequest, 409: Conflict}.get(exc.status, Unprocessable)
+        raise error(str(exc)) from exc
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -372,53 +405,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise Unprocessable(f"voice.json is not valid JSON: {exc}") from exc
     if meta.get("format") != PACKAGE_FORMAT:
         raise Unprocessable(f"voice.json format must be {PACKAGE_FORMAT!r}")
-    if meta.get("family") not in PACKAGE_FAMILIES:
+    family = meta.get("family")
+    if not isinstance(family, str) or family not in FAMILIES:
         raise Unprocessable(f"voice package family {meta.get('family')!r} is not served")
     return meta
-
-
-def _csm_fields(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """A CSM package's speaker id and context clips (paths inside the package), checked."""
-    speaker = meta.get("speaker_id")
-    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
-        raise Unprocessable(f"CSM voice.json speaker_id must be an integer >= 0, not {speaker!r}")
-    clips = meta.get("context") or []
-    if not isinstance(clips, list):
-        raise Unprocessable("CSM voice.json context must be a list of {audio, text}")
-    context = []
-    for i, clip in enumerate(clips):
-        if not (isinstance(clip, dict) and isinstance(clip.get("audio"), str)):
-            raise Unprocessable(f"CSM context clip {i} needs an 'audio' file name")
-        if not isinstance(clip.get("text"), str) or not clip["text"].strip():
-            raise Unprocessable(f"CSM context clip {i} needs its transcript as 'text'")
-        _check_member(folder.resolve(), clip["audio"])
-        if not (folder / clip["audio"]).is_file():
-            raise Unprocessable(f"CSM context clip {clip['audio']!r} is not in the package")
-        context.append({"audio": clip["audio"], "text": clip["text"]})
-    return {"speaker_id": speaker, "context": context}
-
-
-def _check_csm_context(model: Any, folder: Path, csm: dict[str, Any]) -> None:
-    """Encode each context clip once (on the engine thread) to prove it loads."""
-    for clip in csm["context"]:
-        path = folder / clip["audio"]
-        try:
-            model.context_codes_of(path)
-        except Exception as exc:  # undecodable audio: the package's fault
-            raise Unprocessable(
-                f"CSM context clip {clip['audio']!r} cannot be used: {exc}"
-            ) from exc
-        finally:
-            model.context_codes.pop(str(path), None)
-
-
-def _relocated(csm: dict[str, Any], target: Path, data_dir: Path) -> dict[str, Any]:
-    """The CSM fields as the registry keeps them: clip paths relative to the data dir."""
-    context = [
-        {"audio": str((target / c["audio"]).relative_to(data_dir)), "text": c["text"]}
-        for c in csm["context"]
-    ]
-    return {"speaker_id": csm["speaker_id"], "context": context}
 
 
 def pack_directory(folder: Path) -> bytes:

@@ -111,3 +111,26 @@ def voice_package(tiny_qwen3_base: Path, speaker_dataset: Path, tmp_path_factory
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_q8(tiny_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_qwen3_base` quantised to 8 bits by mlx-audio's own converter (run offline)."""
+    from finetune.families.qwen3_tts.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(tiny_qwen3_base, tmp_path_factory.mktemp("models") / "q8", 8)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_q4(tiny_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.families.qwen3_tts.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(tiny_qwen3_base, tmp_path_factory.mktemp("models") / "q4", 4)
+
+
+@pytest.fixture(scope="session")
+def small_qwen3_q8(small_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_qwen3_base` quantised to 8 bits by mlx-audio's converter, for QLoRA overfits."""
+    from finetune.families.qwen3_tts.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(small_qwen3_base, tmp_path_factory.mktemp("models") / "q8s", 8)

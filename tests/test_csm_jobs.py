@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 
+from finetune.config import TrainConfig
 from finetune.data import synthetic_dataset
 
 import httpx
+import msgspec
 import numpy as np
+import pytest
 
+from server.errors import Unprocessable
+from server.job_config import job_train_config
+from server.jobs import _hyper_parameters
 from tests.service_helpers import server_process, wait_for_job, wav_samples
 
 MODEL = "csm"
@@ -70,3 +76,26 @@ def test_a_job_must_name_its_base_model_when_several_are_loaded(
         assert response.status_code == 422
         detail = response.json()["detail"]
         assert "name base_model" in detail and "csm" in detail and "qwen" in detail
+
+
+def test_job_fields_reach_the_depth_decoder(tmp_path):
+    def config(**fields: str) -> TrainConfig:
+        built = job_train_config(
+            family="csm",
+            strategy="speaker",
+            model_path=tmp_path,
+            train_jsonl=tmp_path / "train.jsonl",
+            output_dir=tmp_path / "run",
+            voice_name="v",
+            hyper=_hyper_parameters(fields),
+            clip_seconds=(0.5, 30.0),
+        )
+        return msgspec.convert(built, TrainConfig)
+
+    recipe = config().csm
+    assert recipe.train_decoder and recipe.decoder_frame_fraction == 0.0625
+    asked = config(decoder_frame_fraction="1.0", train_code_predictor="false").csm
+    assert asked.decoder_frame_fraction == 1.0 and not asked.train_decoder
+    for wrong in ("0", "1.5"):
+        with pytest.raises(Unprocessable, match="decoder_frame_fraction must be between"):
+            _hyper_parameters({"decoder_frame_fraction": wrong})

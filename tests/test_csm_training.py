@@ -127,6 +127,22 @@ def test_teacher_forced_logits_match_step_by_step_generation(loaded_csm: LoadedC
     np.testing.assert_allclose(partial, decoder[subset.decoder_rows], atol=1e-5, rtol=1e-5)
 
 
+def test_a_training_example_is_the_served_prompt_then_the_clip(loaded_csm: LoadedCsm) -> None:
+    from finetune.families.csm.conditioning import ContextClip, prompt_frames, training_sequence
+
+    rng = np.random.default_rng(3)
+    context = [ContextClip("Before.", 4, codes=rng.integers(1, 2048, (3, 8)).astype(np.int32))]
+    codes = rng.integers(1, 2048, (5, 8)).astype(np.int32)
+    frames, prompt_rows = training_sequence(loaded_csm, "Say this.", 4, codes, context)
+    served = prompt_frames(loaded_csm, "Say this.", 4, context)
+    assert prompt_rows == len(served) > len(text_frames(loaded_csm, "Say this.", 4)) + 3
+    np.testing.assert_array_equal(frames.tokens[:prompt_rows], served.tokens)
+    np.testing.assert_array_equal(frames.mask[:prompt_rows], served.mask)
+    np.testing.assert_array_equal(
+        frames.tokens[prompt_rows:, :8], np.vstack([codes, 0 * codes[:1]])
+    )
+
+
 def test_lora_scope_is_the_sesame_model_only(tiny_csm: Path, two_clips: Path) -> None:
     loaded = load_csm(tiny_csm)
     config = _config(tiny_csm, two_clips, Path("unused"), csm=CsmSection(train_decoder=False))
@@ -280,7 +296,11 @@ def test_run_job_writes_a_voice_package(tiny_csm: Path, two_clips: Path, tmp_pat
     assert meta["adapter"] == "adapter" and meta["base_model"]["audio_num_codebooks"] == 8
     first_clip = read_jsonl(two_clips, strategy="language")[0]
     assert meta["context"] == [{"audio": "context_00.wav", "text": first_clip.text}]
-    assert (package / "context_00.wav").is_file()
+    # The context is the clip training prefixed every example with, byte for byte (so the
+    # server encodes the very samples whose codes training used).
+    trained_on = json.loads((package / "adapter" / "adapter_config.json").read_text())["context"]
+    assert trained_on == [{"audio": str(first_clip.audio), "text": first_clip.text}]
+    assert (package / "context_00.wav").read_bytes() == Path(first_clip.audio).read_bytes()
     assert sorted(p.name for p in (package / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapters.safetensors",
@@ -297,8 +317,8 @@ def test_unsupported_strategy_is_a_config_error(tiny_csm: Path, two_clips: Path)
     from finetune.config import ConfigError
 
     config = _config(tiny_csm, two_clips, Path("unused"))
-    duplex = msgspec.structs.replace(
-        config, model=msgspec.structs.replace(config.model, strategy="duplex")
-    )
+    # The family registry refuses a strategy CSM does not train as soon as the config is built.
     with pytest.raises(ConfigError, match="not 'duplex'"):
-        prepare_run(duplex, progress=ProgressWriter(stream=io.StringIO()))
+        msgspec.structs.replace(
+            config, model=msgspec.structs.replace(config.model, strategy="duplex")
+        )

@@ -10,12 +10,13 @@ from pathlib import Path
 from finetune.config import DataSection, LoRASection, ModelSection, TrainConfig, TrainerSection
 from finetune.families.qwen3_tts.bake import BakeError, bake
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+from finetune.families.qwen3_tts.conditioning import Conditioning, SpecialIds
 from finetune.families.qwen3_tts.forward import input_embeddings
-from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.layout import build_sequence, chat_text, pack
 from finetune.families.qwen3_tts.training import (
-    mean_speaker_embedding,
     prepare_run,
     quantize_targets,
+    speaker_embedding,
 )
 from finetune.lora import LoRAConfig, apply_lora, fuse_lora, lora_state
 from finetune.progress import ProgressWriter
@@ -32,7 +33,10 @@ def _talker_logits(model) -> mx.array:
     ids = SpecialIds.from_config(model.config)
     codes = np.random.default_rng(0).integers(0, 2048, (5, 16)).astype(np.int32)
     seq = build_sequence(
-        ids, model.tokenizer.encode(chat_text("Fuse me.")), codes, language=None, with_speaker=False
+        ids,
+        model.tokenizer.encode(chat_text("Fuse me.")),
+        codes,
+        Conditioning(language=None, speaker=False),
     )
     logits, _ = model.talker(input_embeddings(model.talker, pack([seq], ids), None))
     return logits
@@ -116,16 +120,15 @@ def trained_speaker(base_with_builtins, speaker_dataset, tmp_path_factory) -> Tr
 
 def test_bake_exports_a_custom_voice_checkpoint_that_speaks_the_new_name(trained_speaker, tmp_path):
     checkpoint = Path(trained_speaker.output_dir) / "checkpoint-final"
-    result = bake(trained_speaker, checkpoint, tmp_path / "pkg", export=tmp_path / "cv", fuse=True)
+    result = bake(trained_speaker, checkpoint, tmp_path / "pkg", export=tmp_path / "cv")
     assert result.name == "narrator" and result.slot == 3000
 
     base = load_qwen3_tts(trained_speaker.model.path)
-    refs = {
-        Path(json.loads(line)["ref_audio"])
-        for line in Path(trained_speaker.data.train[0]).read_text().splitlines()
-    }
-    ref_paths = [Path(trained_speaker.data.train[0]).parent / r for r in refs]
-    expected = mean_speaker_embedding(base.model, ref_paths)
+    train = Path(trained_speaker.data.train[0])
+    lines = [json.loads(line) for line in train.read_text().splitlines()]
+    # One speaker vector per training line, as training used them.
+    vectors = [speaker_embedding(base.model, train.parent / x["ref_audio"]) for x in lines]
+    expected = np.mean(vectors, axis=0)
     np.testing.assert_allclose(result.embedding, expected, rtol=1e-5, atol=1e-6)
 
     package = json.loads((tmp_path / "pkg" / "voice.json").read_text())

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
+from finetune.families.qwen3_tts.conditioning import Conditioning, SpecialIds, VoiceConditioning
 from finetune.families.qwen3_tts.forward import input_embeddings, qwen3_tts_loss
-from finetune.families.qwen3_tts.layout import (
-    IGNORE,
-    SpecialIds,
-    build_sequence,
-    chat_text,
-    pack,
-)
+from finetune.families.qwen3_tts.layout import IGNORE, build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.serving import Qwen3Prompter
 
 import mlx.core as mx
 import numpy as np
@@ -34,8 +30,7 @@ def test_prefix_equals_mlx_audio_inference_prefix(loaded_qwen3_base, text, langu
         ids,
         model.tokenizer.encode(chat_text(text)),
         np.zeros((0, 16), np.int32),
-        language=language,
-        with_speaker=with_speaker,
+        Conditioning(language=language, speaker=with_speaker),
     )
     spk = model.extract_speaker_embedding(REF) if with_speaker else None
     ours = input_embeddings(model.talker, pack([seq], ids), spk)
@@ -54,8 +49,7 @@ def test_labels_are_shifted_once_and_end_with_codec_eos(loaded_qwen3_base):
         ids,
         model.tokenizer.encode(chat_text("Hi there.")),
         codes,
-        language=None,
-        with_speaker=False,
+        Conditioning(language=None, speaker=False),
     )
     batch = pack([seq], ids)
     p = seq.prefix_len
@@ -75,7 +69,10 @@ def test_teacher_forcing_matches_the_kv_cache_inference_loop(loaded_qwen3_base):
     codes = np.random.default_rng(1).integers(0, 2048, (4, 16)).astype(np.int32)
     text = "Teacher forcing."
     seq = build_sequence(
-        ids, model.tokenizer.encode(chat_text(text)), codes, language=None, with_speaker=False
+        ids,
+        model.tokenizer.encode(chat_text(text)),
+        codes,
+        Conditioning(language=None, speaker=False),
     )
     batch = pack([seq], ids)
     logits, _ = model.talker(input_embeddings(model.talker, batch, None))
@@ -101,7 +98,10 @@ def test_loss_parts_are_finite_and_weighted(loaded_qwen3_base):
     codes = np.random.default_rng(2).integers(0, 2048, (6, 16)).astype(np.int32)
     seqs = [
         build_sequence(
-            ids, model.tokenizer.encode(chat_text(t)), codes[:n], language=None, with_speaker=True
+            ids,
+            model.tokenizer.encode(chat_text(t)),
+            codes[:n],
+            Conditioning(language=None, speaker=True),
         )
         for t, n in (("One.", 6), ("A longer second sentence.", 3))
     ]
@@ -112,3 +112,59 @@ def test_loss_parts_are_finite_and_weighted(loaded_qwen3_base):
     assert total == pytest.approx(main + 0.3 * sub, rel=1e-5)
     with pytest.raises(ValueError, match="speaker"):
         qwen3_tts_loss(model.talker, pack(seqs, ids), None)
+
+
+@pytest.mark.parametrize(
+    ("speaker", "language"),
+    [
+        ("dylan", "auto"),
+        ("dylan", "chinese"),
+        ("eric", None),
+        ("dylan", "english"),
+        ("vivian", None),
+    ],
+)
+def test_served_named_speaker_prefix_equals_mlx_audio_including_dialects(
+    tiny_qwen3_custom, speaker, language
+):
+    """Dialect speakers speak with their dialect's language id in auto / Chinese mode."""
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+
+    model = load_qwen3_tts(tiny_qwen3_custom).model
+    prompter = Qwen3Prompter(model)
+    cond = VoiceConditioning(speaker="baked").utterance(language, speaker)
+    ours = prompter.prompt("Ni hao.", cond, prompter.speaker_vector(speaker))
+    theirs, _, _ = model._prepare_generation_inputs(
+        "Ni hao.", language=language or "auto", speaker=speaker
+    )
+    assert ours.shape == theirs.shape[1:]
+    assert mx.abs(ours - theirs[0]).max().item() < 1e-6
+
+
+def test_a_new_language_row_is_laid_out_like_a_builtin_language(loaded_qwen3_base):
+    from finetune.families.qwen3_tts.languages import free_rows, install_language_row
+
+    model = loaded_qwen3_base.model
+    talker = model.config.talker_config
+    saved = dict(talker.codec_language_id)
+    (row,) = free_rows(talker, 1)
+    assert row not in saved.values() and row not in (talker.spk_id or {}).values()
+    vector = np.linspace(-1, 1, model.talker.model.codec_embedding.weight.shape[1])
+    previous = install_language_row(model, "hindi", row, vector.astype(np.float32))
+    try:
+        ids = SpecialIds.from_config(model.config)
+        seq = build_sequence(
+            ids,
+            model.tokenizer.encode(chat_text("Namaste.")),
+            np.zeros((0, 16), np.int32),
+            Conditioning(language="Hindi", speaker=False),
+        )
+        assert row in seq.codec_ids.tolist()
+        ours = input_embeddings(model.talker, pack([seq], ids), None)
+        theirs, _, _ = model._prepare_generation_inputs("Namaste.", language="hindi")
+        assert mx.abs(ours - theirs).max().item() < 1e-6
+    finally:
+        from finetune.families.qwen3_tts.languages import remove_language_row
+
+        remove_language_row(model, "hindi", row, previous)
+    assert talker.codec_language_id == saved

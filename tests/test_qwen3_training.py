@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+from finetune.audio import load_audio
 from finetune.config import DataSection, LoRASection, ModelSection, TrainConfig, TrainerSection
 from finetune.data import load_codes, read_jsonl, synthetic_dataset
 from finetune.families.qwen3_tts.training import prepare_run, speech_tokenizer_identity
@@ -92,6 +93,8 @@ def test_overfit_two_clips_then_mlx_audio_greedy_generation_reproduces_them(
                 model.generate(
                     clip.text,
                     lang_code="english",
+                    # A line without ref_audio trains on its own clip's speaker vector.
+                    ref_audio=mx.array(load_audio(clip.audio, 24_000)),
                     temperature=0.0,
                     repetition_penalty=1.0,
                     max_tokens=target.shape[0] + 10,
@@ -217,9 +220,13 @@ def test_only_lora_tensors_train_and_the_adapter_records_its_origin(
     )
     names = [k for k, _ in tree_flatten(run.loaded.model.talker.trainable_parameters())]
     assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
-    assert not any(k.startswith("code_predictor.") for k in names)
+    # The code predictor (codebooks 1-15) is adapted by default, as in the official recipe.
+    assert any(k.startswith("code_predictor.") for k in names)
     run.trainer.train()
     config = json.loads((tmp_path / "o" / "checkpoint-final" / "adapter_config.json").read_text())
     assert config["family"] == "qwen3_tts" and config["strategy"] == "speaker"
     assert config["module"] == "talker" and config["lora"]["rank"] == 8
     assert config["base_model"]["hidden_size"] == 64
+    identity = config["base_model"]["identity"]
+    assert len(identity["weights_sha256"]) == 64 and identity["quantization"] is None
+    assert config["conditioning"]["speaker"] == "baked"

@@ -247,3 +247,39 @@ def test_a_language_job_registers_a_speaker_name_too(tmp_path, tiny_qwen3_base, 
     # Restarting cleaned the stale upload folder.
     with server_process(_settings(tmp_path / "data", tiny_qwen3_base)):
         assert not (tmp_path / "data" / "jobs" / ".incoming-stale").exists()
+
+
+def test_a_job_reports_its_quality_curve_previews_and_final_similarity(
+    tmp_path, tiny_qwen3_base, clips
+):
+    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
+        files, data = _form(clips, "measured", max_steps="2")
+        created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        assert created.json()["quality"] == []
+        done = wait_for_job(url, job_id)
+        assert done["state"] == "succeeded", done
+
+        # Step 0 (the untrained voice) and the final checkpoint, each with its preview.
+        curve = done["quality"]
+        assert [q["step"] for q in curve] == [0, 2], curve
+        for point in curve:
+            assert isinstance(point["similarity"], float) and -1 <= point["similarity"] <= 1
+            assert point["preview"] == f"/jobs/{job_id}/previews/{point['step']}"
+            preview = httpx.get(f"{url}{point['preview']}", timeout=30)
+            assert preview.status_code == 200
+            assert preview.headers["content-type"].startswith("audio/wav")
+            assert wav_samples(preview.content).size > 0
+        # The previews outlive the run folder, which is removed after success.
+        assert not (tmp_path / "data" / "jobs" / job_id / "run").exists()
+
+        for missing in (f"/jobs/{job_id}/previews/1", "/jobs/nosuchjob/previews/0"):
+            response = httpx.get(f"{url}{missing}", timeout=30)
+            assert response.status_code == 404, missing
+            assert response.headers["content-type"].startswith("application/problem+json")
+
+        meta = httpx.get(f"{url}/voices/measured").json()["meta"]
+        assert meta["similarity"] == curve[-1]["similarity"]
+        assert meta["similarity_baseline"] == curve[0]["similarity"]
+        assert meta["similarity_step"] == 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.families.personaplex.family import FAMILY
 from finetune.lora import AdapterError
 
 import numpy as np
@@ -22,12 +23,15 @@ class DuplexAdapterTensors(AdapterTensors):
     full: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path, module: str = MODULE) -> DuplexAdapterTensors:  # type: ignore[override]
+    def read(  # type: ignore[override]
+        cls, path: Path, module: str = MODULE, *, family: str = FAMILY.name
+    ) -> DuplexAdapterTensors:
+        """`family`: the family of the model it goes on (the loaded model's `family`)."""
         path = Path(path)
         config, weights = read_adapter_files(path)
         problems = []
-        if config.get("family") != "personaplex":
-            problems.append(f"adapter is for family {config.get('family')!r}, not personaplex")
+        if config.get("family") != family:
+            problems.append(f"adapter is for family {config.get('family')!r}, not {family}")
         if config.get("module", module) != module:
             problems.append(f"adapter is for module {config.get('module')!r}, not {module!r}")
         lora = config.get("lora") or {}

@@ -10,6 +10,7 @@ are dropped and counted.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 
 from finetune.audio import load_audio
 from finetune.config import PERSONAPLEX_TARGETS
+from finetune.families.personaplex.family import FAMILY
+from finetune.families.personaplex.sampling import SamplingParams
 
 import numpy as np
 
@@ -57,6 +60,7 @@ class LiveSession:
     id: str
     voicing: DuplexVoicing
     seed: int | None
+    sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
     max_inbox: int
     max_outbox: int
@@ -92,6 +96,8 @@ class LiveSession:
 
 class DuplexModel:
     """A loaded PersonaPlex with its adapter bank and streaming runtime."""
+
+    family: str = FAMILY.name
 
     def __init__(self, name: str, loaded: Any, *, slots: int, max_rank: int, max_bytes: int):
         from finetune.families.personaplex.runtime import PersonaPlexRuntime
@@ -147,8 +153,11 @@ class DuplexEngine:
         max_inbox_frames: int = 25,
         max_outbox_frames: int = 250,
         idle_wait_s: float = 0.02,
+        codes_log: Path | None = None,
     ) -> None:
         self.max_sessions = max_sessions
+        # Debugging / test aid (settings.codes_log): every live step's text token, JSON lines.
+        self.codes_log = codes_log
         self.max_inbox_frames = max_inbox_frames
         self.max_outbox_frames = max_outbox_frames
         self.idle_wait_s = idle_wait_s
@@ -191,7 +200,9 @@ class DuplexEngine:
         return len(self.sessions)
 
     # --- sessions ---------------------------------------------------------------------------
-    async def open(self, voicing: DuplexVoicing, *, seed: int | None) -> LiveSession:
+    async def open(
+        self, voicing: DuplexVoicing, *, seed: int | None, sampling: SamplingParams | None = None
+    ) -> LiveSession:
         """Condition a new session (voice prompt, spacers, text prompt) and make it live."""
         if voicing.model not in self.models:
             raise KeyError(f"duplex model {voicing.model!r} is not loaded")
@@ -199,11 +210,15 @@ class DuplexEngine:
             raise SessionLimit(f"{len(self.sessions)} duplex sessions are live (the limit)")
         adapter = None
         if voicing.adapter is not None:
-            adapter = await asyncio.to_thread(DuplexAdapterTensors.read, voicing.adapter)
+            family = self.models[voicing.model].family
+            adapter = await asyncio.to_thread(
+                lambda: DuplexAdapterTensors.read(voicing.adapter, family=family)
+            )
         session = LiveSession(
             id=uuid.uuid4().hex[:16],
             voicing=voicing,
             seed=seed,
+            sampling=sampling or SamplingParams(),
             loop=asyncio.get_running_loop(),
             max_inbox=self.max_inbox_frames,
             max_outbox=self.max_outbox_frames,
@@ -251,6 +266,10 @@ class DuplexEngine:
             voice_prompt=model.voice_prompt(session.voicing.voice_prompt),
             text_prompt=session.voicing.text_prompt,
             adapter_slot=session.slot,
+            text_temperature=session.sampling.text_temperature,
+            audio_temperature=session.sampling.audio_temperature,
+            text_top_k=session.sampling.text_top_k,
+            audio_top_k=session.sampling.audio_top_k,
         )
         model.runtime.condition(session.state)
 
@@ -326,6 +345,22 @@ class DuplexEngine:
         self.stats.frames += len(sessions)
         self.stats.tick_seconds.append(elapsed)
         self.stats.batch_sizes[len(sessions)] = self.stats.batch_sizes.get(len(sessions), 0) + 1
+        if self.codes_log is not None:
+            self._log_tokens(sessions, outs)
         for session, out in zip(sessions, outs, strict=True):
             session.steps += 1
             session.send(out)
+
+    def _log_tokens(self, sessions: list[LiveSession], outs: list[Any]) -> None:
+        """One line per session step: the output frame's text token (the runtime's alignment:
+        live step n carries the text sampled for input frame n - 1)."""
+        assert self.codes_log is not None
+        with self.codes_log.open("a") as handle:
+            for session, out in zip(sessions, outs, strict=True):
+                record = {
+                    "duplex_session": session.id,
+                    "speaker": session.voicing.speaker,
+                    "step": session.steps,
+                    "text_token": int(out.text_token),
+                }
+                handle.write(json.dumps(record) + "\n")

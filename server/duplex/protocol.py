@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
+
+from finetune.families.personaplex.sampling import SamplingParams
 
 import msgspec
 
@@ -63,6 +65,33 @@ class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int | None = None
     encoding: Literal["pcm16", "opus"] = "pcm16"
     api_key: str | None = None  # browsers cannot set headers on a WebSocket
+    # Sampling, named as the Moshi web clients name it; None: the model's defaults.
+    # Temperature 0 is greedy (argmax); top-k 0 keeps every token.
+    text_temperature: float | None = None
+    text_topk: int | None = None
+    audio_temperature: float | None = None
+    audio_topk: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        """The session's sampling; ValueError naming every value out of bounds."""
+        default = SamplingParams()
+        params = SamplingParams(
+            text_temperature=_pick(self.text_temperature, default.text_temperature),
+            audio_temperature=_pick(self.audio_temperature, default.audio_temperature),
+            text_top_k=_pick(self.text_topk, default.text_top_k),
+            audio_top_k=_pick(self.audio_topk, default.audio_top_k),
+        )
+        problems = params.problems()
+        if problems:
+            names = {"text_top_k": "text_topk", "audio_top_k": "audio_topk"}
+            for old, new in names.items():
+                problems = [p.replace(old, new) for p in problems]
+            raise ValueError("; ".join(problems))
+        return params
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class SessionInfo(msgspec.Struct, kw_only=True):

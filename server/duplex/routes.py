@@ -38,9 +38,11 @@ class _Rejected(Exception):
 def _params(socket: WebSocket) -> proto.DuplexParams:
     query = {k: v for k, v in socket.query_params.items()}
     try:
-        return msgspec.convert(query, proto.DuplexParams, strict=False)
-    except msgspec.ValidationError as exc:
+        params = msgspec.convert(query, proto.DuplexParams, strict=False)
+        params.sampling()
+    except (msgspec.ValidationError, ValueError) as exc:
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, f"invalid query parameters: {exc}") from exc
+    return params
 
 
 def _authenticate(socket: WebSocket, params: proto.DuplexParams) -> None:
@@ -70,7 +72,7 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
     if params.text_prompt is not None:
         voicing.text_prompt = params.text_prompt
     try:
-        return await engine.open(voicing, seed=params.seed)
+        return await engine.open(voicing, seed=params.seed, sampling=params.sampling())
     except SessionLimit as exc:
         raise _Rejected(proto.CloseCode.TRY_AGAIN, f"{exc}; try again shortly") from exc
     except Exception as exc:  # a corrupt adapter or voice prompt: the client learns why

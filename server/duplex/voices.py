@@ -68,7 +68,9 @@ async def install_duplex_package(
     if prompt_name is not None and not (staging / prompt_name).is_file():
         raise Unprocessable(f"voice package names voice_prompt {prompt_name!r} but lacks it")
     if adapter_dir is not None:
-        tensors = await anyio.to_thread.run_sync(DuplexAdapterTensors.read, adapter_dir)
+        tensors = await anyio.to_thread.run_sync(
+            lambda: DuplexAdapterTensors.read(adapter_dir, family=model.family)
+        )
 
         def check() -> None:
             model.bank.ensure(tensors)  # proves it fits; the final copy loads per session

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, linear_dims
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,9 +38,9 @@ class BankedLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, slots: int, max_rank: int, ctx: BankContext) -> None:
         super().__init__()
         self.base = base
-        out_dims, in_dims = base.weight.shape
-        if isinstance(base, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // base.bits
+        # A QuantizedLinear base is used as it is: the bank adds its rows to the quantised
+        # layer's output, as QLoRALinear does in training.
+        in_dims, out_dims = linear_dims(base)
         self.lora_a = mx.zeros((slots, in_dims, max_rank))
         self.lora_b = mx.zeros((slots, max_rank, out_dims))
         self.scales = mx.zeros((slots,))
@@ -85,7 +85,9 @@ class AdapterTensors:
     nbytes: int
 
     @classmethod
-    def read(cls, path: Path, module: str = "talker") -> AdapterTensors:
+    def read(
+        cls, path: Path, module: str = "talker", installed_elsewhere: tuple[str, ...] = ()
+    ) -> AdapterTensors:
         path = Path(path)
         config, weights = read_adapter_files(path)
         if config.get("module", module) != module:
@@ -95,6 +97,10 @@ class AdapterTensors:
             rank, alpha = int(lora["rank"]), float(lora["alpha"])
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterError(path, ["adapter_config.json lacks lora.rank / lora.alpha"]) from exc
+        # Fully trained tensors the family installs itself (e.g. Qwen3-TTS language rows) are
+        # not banked: leave them to the caller.
+        riders = set(config.get("trained_tensors") or []) & set(installed_elsewhere)
+        weights = {k: v for k, v in weights.items() if k not in riders}
         extra = sorted(k for k in weights if not k.endswith((".lora_a", ".lora_b")))
         if extra:
             raise AdapterError(path, [f"fully trained tensors cannot be banked: {extra[:3]}"])

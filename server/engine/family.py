@@ -4,8 +4,9 @@ The engine (server/engine/worker.py) knows only this surface: it asks a model fo
 request and segment, runs a batch of rows, and asks for audio (streamed ranges, or the whole
 segment). Everything about prompts, sampling and codecs stays inside the family's module.
 
-Families the speech engine does not list here (e.g. "personaplex", served by the duplex engine)
-are skipped by the startup loop: `serves_family` is that hook.
+Which families the speech engine serves, and by which class, comes from the family registry
+(`finetune.families.FAMILIES`: `Family.engine` and `Family.served_by`); `served_class` imports
+the model class of any family, whichever engine serves it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from finetune.families import FAMILIES, get_family
+
 import numpy as np
 
 from server.engine.bank import AdapterBank
 from server.engine.requests import SpeakJob, Voicing
 
-# family name (ModelSpec.family) -> "module:class" of its SpeechModel; imported on first use.
-SPEECH_FAMILIES: dict[str, str] = {
-    "qwen3_tts": "server.engine.families.qwen3:Qwen3Model",
-    "csm": "server.engine.families.csm:CsmModel",
-}
+SPEECH_ENGINE = "speech"
+
+
+def speech_families() -> dict[str, str]:
+    """Family name -> "module:Class" of its SpeechModel, for the families /speak serves."""
+    return {f.name: f.served_by for f in FAMILIES.values() if f.engine == SPEECH_ENGINE}
+
+
+class PackageError(ValueError):
+    """A voice package the model cannot take; `status` is the HTTP status the service answers."""
+
+    status = 422
+
+
+class PackageConflict(PackageError):
+    """A voice package that does not fit the loaded model (e.g. trained on another base)."""
+
+    status = 409
+
+
+class PackageMalformed(PackageError):
+    """A voice package that is not a well-formed package (e.g. a path escaping it)."""
+
+    status = 400
+
+
+def package_member(folder: Path, name: str) -> Path:
+    """`folder / name`, refusing a name that escapes `folder`."""
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    if root != target and root not in target.parents:
+        raise PackageMalformed(f"voice package path escapes the package: {name}")
+    return target
 
 
 class SpeechRow(Protocol):
@@ -48,6 +79,7 @@ class SpeechModel(Protocol):
     loaded: Any  # the family's loaded checkpoint; `.path` is where it came from
     bank: AdapterBank
     adapter_module: str  # what an adapter_config.json's "module" must say to fit the bank
+    adapter_riders: tuple[str, ...]  # adapter tensors the model installs itself, not banked
 
     @property
     def sample_rate(self) -> int: ...
@@ -81,6 +113,39 @@ class SpeechModel(Protocol):
         """Drop whatever the model cached for this voice (clone vectors, encoded context)."""
         ...
 
+    # --- voice packages (server/voices.py `_install`) -----------------------------------------
+    def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The family-specific fields of a staged package's voice.json, checked against the
+        package (paths relative to `folder`). Raises PackageError / PackageConflict."""
+        ...
+
+    def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
+        """On the engine thread, before the voice is registered: prove `fields` work on this
+        model (e.g. decode context clips). Raises PackageError."""
+        ...
+
+    def registry_meta(self, fields: dict[str, Any], stored_at: Path) -> dict[str, Any]:
+        """What the registry's `Voice.meta` keeps of `fields` once the package lives at
+        `stored_at` (relative to the data directory)."""
+        ...
+
+    def release_package(self, fields: dict[str, Any]) -> None:
+        """Undo `check_package` (the voice did not get registered after all)."""
+        ...
+
+    def free_speaker_slot(self, wanted: int, taken: set[int]) -> int | None:
+        """A free row for a baked speaker embedding (`wanted` if free), or None."""
+        ...
+
+    def restore_voice(self, meta: dict[str, Any], folder: Path) -> None:
+        """At start, on the engine thread: put back what a registered voice installs into the
+        model (beyond its baked row), from its registry `meta` and package `folder`."""
+        ...
+
+    def release_voice(self, meta: dict[str, Any]) -> None:
+        """On delete, on the engine thread: free what `restore_voice` / `check_package` took."""
+        ...
+
 
 @dataclass(frozen=True)
 class BankLimits:
@@ -90,23 +155,35 @@ class BankLimits:
 
 
 def serves_family(family: str) -> bool:
-    return family in SPEECH_FAMILIES
+    return family in speech_families()
+
+
+def served_class(family: str) -> Any:
+    """The server-side model class of `family` (any engine), imported on first use."""
+    module, _, cls = get_family(family).served_by.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def speech_model_class(family: str) -> Any:
-    try:
-        target = SPEECH_FAMILIES[family]
-    except KeyError:
+    if not serves_family(family):
         raise ValueError(
             f"model family {family!r} is not served by the speech engine; "
-            f"served: {', '.join(sorted(SPEECH_FAMILIES))}"
-        ) from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+            f"served: {', '.join(sorted(speech_families()))}"
+        )
+    return served_class(family)
 
 
 def load_speech_model(name: str, family: str, path: str | Path, limits: BankLimits) -> SpeechModel:
     """Load a checkpoint of `family` for serving (runs on the engine's MLX thread)."""
-    return speech_model_class(family).load(
+    return _load(speech_model_class(family), name, path, limits)
+
+
+def load_served_model(name: str, family: str, path: str | Path, limits: BankLimits) -> Any:
+    """Load a checkpoint of `family` for whichever engine serves it (on that engine's thread)."""
+    return _load(served_class(family), name, path, limits)
+
+
+def _load(cls: Any, name: str, path: str | Path, limits: BankLimits) -> Any:
+    return cls.load(
         name, str(path), slots=limits.slots, max_rank=limits.max_rank, max_bytes=limits.max_bytes
     )

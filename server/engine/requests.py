@@ -10,16 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling options; a family uses the ones its model has (CSM: temperature, top_k)."""
-
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.05
-    max_tokens: int = 2048  # frames per segment
+from finetune.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -44,6 +35,8 @@ class Voicing:
     adapter: Path | None = None
     speaker_id: int | None = None
     context: tuple[ContextClip, ...] = ()
+    # Qwen3-TTS: codec rows of new languages the voice brought (name, row).
+    language_rows: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass

@@ -6,6 +6,7 @@ The engine knows no model family: it drives any `SpeechModel` (server/engine/fam
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 import time
@@ -37,8 +38,17 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, *, max_queue: int, max_batch: int, batch_window_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        max_batch: int,
+        batch_window_s: float = 0.01,
+        codes_log: Path | None = None,
+    ) -> None:
         self.max_queue = max_queue
+        # Debugging aid (settings.codes_log): every finished segment's codec codes, as JSON lines.
+        self.codes_log = codes_log
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.models: dict[str, SpeechModel] = {}
@@ -189,7 +199,9 @@ class Engine:
             return 0
         slot = model.bank.slot_of(str(adapter)) or 0
         if not slot:
-            slot = model.bank.ensure(AdapterTensors.read(adapter, model.adapter_module))
+            slot = model.bank.ensure(
+                AdapterTensors.read(adapter, model.adapter_module, model.adapter_riders)
+            )
         model.bank.acquire(slot)
         return slot
 
@@ -215,8 +227,9 @@ class Engine:
 
         return on_frames
 
-    @staticmethod
-    def _deliver(model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
+    def _deliver(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
+        if self.codes_log is not None:
+            self._log_codes(model, job, row)
         job.frames_made += len(row.frames)
         job.audio_seconds += len(row.frames) / model.frame_rate
         if not row.frames:
@@ -226,6 +239,17 @@ class Engine:
                 job.send(model.decode_chunk(row, job.sent, len(row.frames)))
             return
         job.send(model.decode_all(row))
+
+    def _log_codes(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
+        record = {
+            "model": model.name,
+            "text": job.text,
+            "cancelled": job.cancel.is_set(),
+            "codes": [np.asarray(f).astype(int).tolist() for f in row.frames],
+        }
+        assert self.codes_log is not None
+        with self.codes_log.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _finish(self, job: SpeakJob, error: BaseException | None) -> None:
         with self._pending_lock:

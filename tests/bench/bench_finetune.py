@@ -27,8 +27,9 @@ def child(args: argparse.Namespace) -> None:
     import finetune  # noqa: F401
     from finetune.config import QWEN3_TALKER_TARGETS
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+    from finetune.families.qwen3_tts.conditioning import Conditioning, SpecialIds
     from finetune.families.qwen3_tts.forward import qwen3_tts_loss
-    from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
+    from finetune.families.qwen3_tts.layout import build_sequence, chat_text, pack
     from finetune.lora import LoRAConfig, apply_lora, save_adapters
 
     import mlx.core as mx
@@ -63,8 +64,7 @@ def child(args: argparse.Namespace) -> None:
             ids,
             model.tokenizer.encode(chat_text(t)),
             rng.integers(0, 2048, (SEQ_FRAMES, 16)).astype(np.int32),
-            language=None,
-            with_speaker=False,
+            Conditioning(language=None, speaker=False),
         )
         for t in ("A sentence for the benchmark.", "And a second one, a little longer.")
     ]

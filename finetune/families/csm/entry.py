@@ -6,18 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig
+from finetune.families.csm.family import FAMILY
 from finetune.progress import ProgressWriter
 
-PRESETS = ("tiny", "real-1b")
-VARIANTS = ("base",)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DEFAULT_TARGETS":
-        from finetune.families.csm.training import CSM_BACKBONE_TARGETS
-
-        return CSM_BACKBONE_TARGETS
-    raise AttributeError(name)
+DEFAULT_TARGETS = list(FAMILY.default_targets)
+PRESETS = FAMILY.presets
+VARIANTS = FAMILY.variants
 
 
 def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:

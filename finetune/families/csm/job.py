@@ -10,21 +10,13 @@ from finetune.families.csm.package import ContextSource, write_package
 from finetune.progress import ProgressWriter
 
 
-def context_sources(config: TrainConfig, ref_clip: str | None) -> list[ContextSource]:
-    """Up to `csm.context_clips` training clips of the voice's speaker id, the job's ref clip
-    first when it is one of them (its transcript is needed)."""
-    from finetune.families.csm.training import clip_speakers, read_clips
-
-    wanted = config.csm.context_clips
-    if wanted <= 0:
-        return []
-    clips = read_clips(config, config.data.train)
-    speakers = clip_speakers(clips, config.csm.speaker_id)
-    own = [c for c in clips if speakers[(c.source, c.line)] == config.csm.speaker_id]
-    if ref_clip is not None:
-        ref = Path(ref_clip).resolve()
-        own.sort(key=lambda c: Path(c.audio).resolve() != ref)  # stable: the ref clip first
-    return [ContextSource(audio=Path(c.audio), text=c.text) for c in own[:wanted]]
+def context_sources(adapter_cfg: dict[str, Any]) -> list[ContextSource]:
+    """The context clips training prefixed every example with (recorded in the adapter): the
+    voice is served with exactly those."""
+    return [
+        ContextSource(audio=Path(c["audio"]), text=c["text"])
+        for c in adapter_cfg.get("context", [])
+    ]
 
 
 def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
@@ -35,13 +27,14 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     if final is None:
         return 0  # stopped on SIGTERM: the checkpoint is saved, the server decides
     progress.emit("phase", phase="packaging")
+    adapter_cfg = read_adapter_config(final)
     package = write_package(
         Path(spec.package_dir),
         name=spec.name,
         speaker_id=config.csm.speaker_id,
         adapter_dir=final,
-        adapter_cfg=read_adapter_config(final),
-        context=context_sources(config, spec.ref_clip),
+        adapter_cfg=adapter_cfg,
+        context=context_sources(adapter_cfg),
     )
     progress.emit("package", path=str(package))
     return 0

@@ -4,8 +4,10 @@
                     "strategy", "name", "speaker_id", "adapter": "adapter",
                     "context": [{"audio": "context_00.wav", "text": ...}], "base_model", ...}
     adapter/       adapters.safetensors + adapter_config.json (no optimizer or trainer state)
-    context_NN.wav 24 kHz mono clips with their transcripts: Sesame's conversation context,
-                   prepended to every prompt of this voice
+    context_NN.wav the clips (with their transcripts) training prefixed every example with:
+                   Sesame's conversation context, prepended to every prompt of this voice. Copied
+                   byte for byte (the source's suffix kept), so the server decodes the very
+                   samples whose Mimi codes training used.
 
 Written whole or not at all (built beside the target, then renamed).
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.audio import TARGET_SAMPLE_RATE, load_audio, write_wav
+from finetune.audio import load_audio
 from finetune.families.csm.checkpoint import FAMILY
 from finetune.fsutil import atomic_directory
 from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -52,8 +54,9 @@ def write_package(
             shutil.copy2(Path(adapter_dir) / file, staging / ADAPTER_DIR / file)
         clips = []
         for i, source in enumerate(context):
-            file = f"context_{i:02d}.wav"
-            write_wav(staging / file, load_audio(source.audio, TARGET_SAMPLE_RATE))
+            load_audio(source.audio)  # an unreadable clip fails the package, not the server
+            file = f"context_{i:02d}{Path(source.audio).suffix.lower() or '.wav'}"
+            shutil.copyfile(source.audio, staging / file)
             clips.append({"audio": file, "text": source.text})
         meta = {
             "format": PACKAGE_FORMAT,

@@ -1,9 +1,14 @@
 """CSM fine-tuning: JSONL clips -> Mimi codes -> LoRA on the SesameModel -> trainer.
 
-A training example is Sesame's own layout: the `[speaker]text` frames of the clip, then its audio
-frames and an all-zero EOS frame. The backbone's hidden state at every position followed by an
-audio frame predicts that frame's codebook 0 (`codebook0_head`); the depth decoder, fed that
-hidden state and the frame's codebooks 0..N-2 (teacher forcing), predicts codebooks 1..N-1
+A training example is the voice's served prompt (`conditioning.training_sequence`: the voice's
+context clips, each `[speaker]text` + audio + EOS, then the clip's `[speaker]text`), then the
+clip's audio frames and an all-zero EOS frame. The context clips are the first
+`csm.context_clips` training clips of the voice's speaker id; the adapter records them and the
+job packages exactly those, so serving prepends what training saw.
+
+The backbone's hidden state at every position followed by one of the clip's audio frames
+predicts that frame's codebook 0 (`codebook0_head`); the depth decoder, fed that hidden state
+and the frame's codebooks 0..N-2 (teacher forcing), predicts codebooks 1..N-1
 (`audio_head`). loss = CE(codebook 0) + csm.decoder_loss_weight x mean CE(codebooks 1..N-1). The
 decoder can be trained on a random share of the frames (Sesame's "compute amortization").
 
@@ -26,27 +31,31 @@ from typing import Any
 from finetune import data as data_lib
 from finetune.config import ConfigError, TrainConfig
 from finetune.families.csm.checkpoint import FAMILY, LoadedCsm, load_csm
-from finetune.families.csm.generate import Frames, audio_frames, encode_audio, text_frames
+from finetune.families.csm.conditioning import (
+    ContextClip,
+    Frames,
+    audio_frames,
+    encode_audio,
+    text_frames,
+    training_sequence,
+)
+from finetune.families.csm.family import (
+    CSM_BACKBONE_TARGETS,  # noqa: F401 (re-exported)
+    CSM_DECODER_TARGETS,
+)
+from finetune.families.csm.family import FAMILY as CSM_FAMILY
 from finetune.families.csm.mimi import MIMI_DIR, MIMI_FILENAME, MIMI_REPO
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
 from finetune.progress import ProgressWriter
+from finetune.quality import unavailable_hook
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# Relative to the SesameModel, the LoRA root ("model." of the loaded mlx-audio Model).
-CSM_BACKBONE_TARGETS = [
-    r"backbone\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
-    r"backbone\.layers\.\d+\.mlp\.(gate|up|down)_proj",
-]
-CSM_DECODER_TARGETS = [
-    r"decoder\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
-    r"decoder\.layers\.\d+\.mlp\.(gate|up|down)_proj",
-]
 ADAPTER_MODULE = "model"
-STRATEGIES = ("speaker", "language")
+STRATEGIES = CSM_FAMILY.strategies
 
 
 # --------------------------------------------------------------------------- batches
@@ -190,13 +199,17 @@ def prepare_lora(loaded: LoadedCsm, config: TrainConfig) -> LoRAConfig:
     return lcfg
 
 
-def adapter_metadata(loaded: LoadedCsm, config: TrainConfig) -> dict[str, Any]:
+def adapter_metadata(
+    loaded: LoadedCsm, config: TrainConfig, context: list[data_lib.Clip]
+) -> dict[str, Any]:
     quantize = config.lora.quantize
     return {
         "family": FAMILY,
         "module": ADAPTER_MODULE,
         "strategy": config.model.strategy,
         "speaker_id": config.csm.speaker_id,
+        # The clips every training example was prefixed with: the voice's package carries them.
+        "context": [{"audio": str(c.audio), "text": c.text} for c in context],
         "base_model": loaded.base_model_info(),
         "quantize": None
         if quantize is None
@@ -243,6 +256,14 @@ def clip_speakers(clips: list[data_lib.Clip], default: int) -> dict[tuple[Path, 
     if problems:
         raise data_lib.DataError(problems)
     return speakers
+
+
+def voice_context(
+    config: TrainConfig, clips: list[data_lib.Clip], speakers: dict[tuple[Path, int], int]
+) -> list[data_lib.Clip]:
+    """The voice's context clips: the first `csm.context_clips` training clips of its speaker id."""
+    own = [c for c in clips if speakers[(c.source, c.line)] == config.csm.speaker_id]
+    return own[: max(0, config.csm.context_clips)]
 
 
 def read_clips(config: TrainConfig, paths: list[str]) -> list[data_lib.Clip]:
@@ -301,11 +322,18 @@ def prepare_run(
     train = data_lib.load_examples(train_clips, codec_id, num_codebooks=n)
     val = data_lib.load_examples(val_clips, codec_id, num_codebooks=n)
 
+    context_clips = voice_context(config, [ex.clip for ex in train], speakers)
+    codes_of = {(ex.clip.source, ex.clip.line): ex.codes for ex in train}
+    # The context as serving builds it: the voice's speaker id, the clips' Mimi codes.
+    context = [
+        ContextClip(text=c.text, speaker=config.csm.speaker_id, codes=codes_of[(c.source, c.line)])
+        for c in context_clips
+    ]
+
     def sequence(example: data_lib.Example) -> tuple[Frames, int]:
         clip = example.clip
         speaker = speakers[(clip.source, clip.line)]
-        text = text_frames(loaded, clip.text, speaker)
-        return Frames.concat([text, audio_frames(example.codes)]), len(text)
+        return training_sequence(loaded, clip.text, speaker, example.codes, context)
 
     # Tokenized once: batches are then pure numpy (and may be built on the prefetch thread).
     train_sequences = {id(ex): sequence(ex) for ex in train}
@@ -345,7 +373,7 @@ def prepare_run(
             for idx in val_plan.epoch_batches(0)
         ]
 
-    metadata = adapter_metadata(loaded, config)
+    metadata = adapter_metadata(loaded, config, context_clips)
     weight = config.csm.decoder_loss_weight
     smoothing = tcfg.label_smoothing
 
@@ -366,6 +394,7 @@ def prepare_run(
         samples_in=lambda batch: batch.size,
         val_batches=val_batches,
         progress=progress,
+        on_checkpoint=unavailable_hook(config, progress),
     )
     if resume is not None:
         trainer.resume(resume)

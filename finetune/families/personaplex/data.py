@@ -2,8 +2,10 @@
 
 A JSONL line is ``{"agent_audio": path, "user_audio": path | null, "text": "agent transcript"}``
 (relative paths resolve against the JSONL file's folder). ``user_audio`` null means the user is
-silent. A stereo ``agent_audio`` holds the whole conversation: left channel the user, right
-channel the agent (``user_audio`` must then be null). Audio is resampled to 24 kHz mono.
+silent. Optional ``voice_prompt`` (audio path) and ``text_prompt`` (role text) are what the voice
+is served with: training prepends the same prompt frames a session runs (`conditioning.py`).
+A stereo ``agent_audio`` holds the whole conversation: left channel the user, right channel the
+agent (``user_audio`` must then be null). Audio is resampled to 24 kHz mono.
 
 Each stream is encoded with the model's Mimi (8 codebooks, one frame per 1920 samples) and
 cached beside its audio as ``<file>.mimi-<channel>.npz`` (codes + per-frame level, the codec's
@@ -86,6 +88,8 @@ class DuplexClip:
     duration_s: float
     line: int
     source: Path
+    voice_prompt: Path | None = None  # the session's voice prompt (conditioning.py)
+    text_prompt: str | None = None  # the session's role text
 
     @property
     def streams(self) -> list[tuple[Path, Channel]]:
@@ -153,6 +157,12 @@ def _check_line(
         reasons.append("'text' is empty")
     agent = _path_field(obj, "agent_audio", source.parent, reasons, required=True)
     user = _path_field(obj, "user_audio", source.parent, reasons, required=False)
+    voice_prompt = _path_field(obj, "voice_prompt", source.parent, reasons, required=False)
+    if voice_prompt is not None:
+        _probe(voice_prompt, "voice_prompt", reasons)
+    text_prompt = obj.get("text_prompt")
+    if text_prompt is not None and not isinstance(text_prompt, str):
+        reasons.append("'text_prompt' must be a string or null")
     agent_info = _probe(agent, "agent_audio", reasons) if agent is not None else None
     user_info = _probe(user, "user_audio", reasons) if user is not None else None
     if agent_info is None or (user is not None and user_info is None) or reasons:
@@ -186,6 +196,8 @@ def _check_line(
         duration_s=duration,
         line=number,
         source=source,
+        voice_prompt=voice_prompt,
+        text_prompt=text_prompt.strip() or None if isinstance(text_prompt, str) else None,
     )
 
 
@@ -418,6 +430,7 @@ class TextTokenizer:
 class DuplexExample:
     clip: DuplexClip
     codes: np.ndarray  # [T, 17] int32: text, agent codebooks 1-8, user codebooks 1-8
+    prompt_frames: int = 0  # leading frames of forced conditioning: no loss
 
     @property
     def frames(self) -> int:
@@ -432,8 +445,12 @@ def build_example(
     tokenizer: TextTokenizer,
     *,
     max_frames: int,
+    prefix: Callable[[np.ndarray], tuple[np.ndarray, int]] | None = None,
 ) -> DuplexExample:
-    """Align the streams (the shorter padded with silence codes), place the text, clip."""
+    """Align the streams (the shorter padded with silence codes), place the text, clip.
+
+    `prefix` turns the exchange's [T, 17] codes into the sequence a session reads (with its
+    prompt frames first) and their count: `conditioning.conditioned_codes` for this clip."""
     frames = max(agent.frames, user.frames if user is not None else 0)
     if silence.shape[0] < frames:
         raise ValueError(f"silence codes cover {silence.shape[0]} frames, {frames} needed")
@@ -463,13 +480,20 @@ def build_example(
     except ValueError as exc:
         raise DataError([f"{where}: {exc}"]) from exc
     codes = np.concatenate([text[:, None], fill(agent), fill(user)], axis=1)
-    return DuplexExample(clip=clip, codes=np.ascontiguousarray(codes[:max_frames], np.int32))
+    prompt = 0
+    if prefix is not None:
+        codes, prompt = prefix(codes)
+    if prompt >= max_frames:
+        raise DataError([f"{where}: the prompts fill the model's {max_frames}-frame context"])
+    codes = np.ascontiguousarray(codes[:max_frames], np.int32)
+    return DuplexExample(clip=clip, codes=codes, prompt_frames=prompt)
 
 
 @dataclass
 class DuplexBatch:
     codes: np.ndarray  # [B, 17, T] int32, PAD_CODE after each example's end
     size: int
+    loss_from: np.ndarray | None = None  # [B] int: first frame with a loss (after the prompts)
 
 
 def pack(examples: Sequence[DuplexExample]) -> DuplexBatch:
@@ -479,7 +503,8 @@ def pack(examples: Sequence[DuplexExample]) -> DuplexBatch:
     codes = np.full((len(examples), NUM_STREAMS, frames), PAD_CODE, dtype=np.int32)
     for i, ex in enumerate(examples):
         codes[i, :, : ex.frames] = ex.codes.T
-    return DuplexBatch(codes=codes, size=len(examples))
+    loss_from = np.asarray([ex.prompt_frames for ex in examples], dtype=np.int64)
+    return DuplexBatch(codes=codes, size=len(examples), loss_from=loss_from)
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.config import PERSONAPLEX_TARGETS, TrainConfig
+from finetune.config import TrainConfig
+from finetune.families.personaplex.family import FAMILY
 from finetune.progress import ProgressWriter
 
-DEFAULT_TARGETS = PERSONAPLEX_TARGETS
-PRESETS = ("tiny", "width", "real-7b")
-VARIANTS = ("base",)
+DEFAULT_TARGETS = list(FAMILY.default_targets)
+PRESETS = FAMILY.presets
+VARIANTS = FAMILY.variants
 
 
 def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:

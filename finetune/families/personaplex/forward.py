@@ -76,8 +76,13 @@ class DelayedSequence:
     valid: np.ndarray  # [B, K, S] bool: targets that are real tokens
 
 
-def delay_streams(codes: np.ndarray, layout: StreamLayout) -> DelayedSequence:
-    """[B, K, T] undelayed tokens -> inputs / targets over S = T + max_delay steps."""
+def delay_streams(
+    codes: np.ndarray, layout: StreamLayout, loss_from: np.ndarray | None = None
+) -> DelayedSequence:
+    """[B, K, T] undelayed tokens -> inputs / targets over S = T + max_delay steps.
+
+    `loss_from` [B]: frames before it are forced conditioning (the prompts): read, no target.
+    """
     codes = np.asarray(codes, dtype=np.int32)
     if codes.ndim != 3 or codes.shape[1] != layout.num_streams:
         raise ValueError(f"codes must be [B, {layout.num_streams}, T], got {codes.shape}")
@@ -87,10 +92,13 @@ def delay_streams(codes: np.ndarray, layout: StreamLayout) -> DelayedSequence:
     real = np.zeros((b, k_streams, steps), dtype=bool)
     initial = np.full((k_streams,), layout.audio_initial, dtype=np.int32)
     initial[0] = layout.text_initial
+    trained = np.ones((b, t), dtype=bool)
+    if loss_from is not None:
+        trained = np.arange(t)[None, :] >= np.asarray(loss_from).reshape(b, 1)
     for k, delay in enumerate(layout.delays):
         delayed[:, k, :delay] = initial[k]
         delayed[:, k, delay : delay + t] = codes[:, k]
-        real[:, k, delay : delay + t] = codes[:, k] != ZERO_TOKEN
+        real[:, k, delay : delay + t] = (codes[:, k] != ZERO_TOKEN) & trained
     first = np.broadcast_to(initial[None, :, None], (b, k_streams, 1))
     inputs = np.concatenate([first, delayed[:, :, :-1]], axis=2)
     return DelayedSequence(inputs=inputs, targets=delayed, valid=real)
@@ -208,10 +216,11 @@ def teacher_forced(
     *,
     num_slices: int | None = None,
     causal: bool = True,
+    loss_from: np.ndarray | None = None,
 ) -> ForwardOutput:
     """Logits for every step of `codes` [B, 1 + n_q, T] (undelayed; -1 = no token)."""
     layout = StreamLayout.from_lm(lm)
-    sequence = delay_streams(codes, layout)
+    sequence = delay_streams(codes, layout, loss_from)
     n = layout.dep_q if num_slices is None else num_slices
     if not 0 <= n <= layout.dep_q:
         raise ValueError(f"num_slices must be in [0, {layout.dep_q}], got {n}")
@@ -256,12 +265,14 @@ def personaplex_loss(
     weights: LossWeights,
     *,
     text_pad_ids: tuple[int, ...] = (TEXT_PAD, TEXT_EPAD),
+    loss_from: np.ndarray | None = None,
 ) -> LossParts:
-    """text CE (pads down-weighted) x text + agent audio CE x audio (+ user audio CE x user)."""
+    """text CE (pads down-weighted) x text + agent audio CE x audio (+ user audio CE x user);
+    no loss on the frames before `loss_from` [B] (the prompts)."""
     layout = StreamLayout.from_lm(lm)
     agent = min(weights.agent_codebooks, layout.dep_q)
     slices = layout.dep_q if weights.user_audio > 0 else agent
-    fwd = teacher_forced(lm, codes, num_slices=slices)
+    fwd = teacher_forced(lm, codes, num_slices=slices, loss_from=loss_from)
     seq = fwd.sequence
 
     text_targets = mx.array(np.where(seq.valid[:, 0], seq.targets[:, 0], 0))

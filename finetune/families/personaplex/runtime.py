@@ -9,7 +9,8 @@ ours, following NVIDIA's `LMGen` and `server.py`:
 - `condition` runs the prompts before the session goes live, in NVIDIA's order: the voice
   prompt (normalised to -24 LUFS, streamed through a fresh Mimi encoder) as forced agent tokens
   with text token 3 and sine tokens on the user stream; 0.5 s of agent silence; the text prompt
-  `<system> ... <system>`, one forced text token a step; 0.5 s of silence. Every token of those
+  `<system> ... <system>`, one forced text token a step; 0.5 s of silence (`conditioning.py`,
+  which training prepends to every exchange too). Every token of those
   steps is forced, so nothing is sampled and the depformer is not needed: the steps' model
   inputs are run as one causal prefill of the temporal transformer (chunks of 256 steps).
 - `step` advances any subset of live sessions by one 80 ms frame: ONE batched Mimi encode
@@ -24,19 +25,21 @@ ours, following NVIDIA's `LMGen` and `server.py`:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+from finetune.families.personaplex.conditioning import (
+    DuplexConditioning,
+    Frame,
+    encode_voice_prompt,
+    prompt_frames,
+)
 from finetune.families.personaplex.layout import (
     FRAME_SIZE,
     SAMPLE_RATE,
-    SILENCE_TOKENS,
-    SINE_TOKENS,
     STREAM_CODEBOOKS,
     TEXT_PAD_ID,
-    spacer_steps,
 )
-from finetune.families.personaplex.loudness import normalize_loudness
 from finetune.families.personaplex.mimi_stream import MimiStreamer
 from finetune.families.personaplex.sampling import SamplingParams, draw_noise, sample_top_k
 from finetune.families.personaplex.session import DuplexError, DuplexSession, StepOut
@@ -56,10 +59,7 @@ import mlx.core as mx
 import numpy as np
 
 PREFILL_CHUNK = 256
-VOICE_PROMPT_CHUNK_FRAMES = 25
 MAX_VOICE_PROMPT_SECONDS = 120.0
-
-Frame = tuple[int, Sequence[int], Sequence[int]]  # (text, agent codes, user codes)
 
 
 class PersonaPlexRuntime:
@@ -161,29 +161,10 @@ class PersonaPlexRuntime:
         session.phase = "live"
 
     def _prompt_frames(self, session: DuplexSession) -> list[Frame]:
-        spacer = [(TEXT_PAD_ID, SILENCE_TOKENS, SINE_TOKENS)] * spacer_steps()
-        frames: list[Frame] = []
-        if session.voice_prompt is not None:
-            codes = self._encode_voice_prompt(session.voice_prompt)
-            frames += [(TEXT_PAD_ID, codes[:, f], SINE_TOKENS) for f in range(codes.shape[1])]
-        frames += spacer
-        frames += [(t, SILENCE_TOKENS, SINE_TOKENS) for t in session.text_prompt_tokens]
-        frames += spacer
-        return frames
-
-    def _encode_voice_prompt(self, audio: np.ndarray) -> np.ndarray:
-        """Agent codes [8, frames] of a voice prompt, streamed through a fresh Mimi encoder."""
-        pcm = normalize_loudness(audio, SAMPLE_RATE)
-        frames = max(1, -(-pcm.shape[0] // FRAME_SIZE))
-        pcm = np.pad(pcm, (0, frames * FRAME_SIZE - pcm.shape[0]))
-        state = self.mimi.new_encoder()
-        chunks = []
-        step = VOICE_PROMPT_CHUNK_FRAMES * FRAME_SIZE
-        for start in range(0, pcm.shape[0], step):
-            codes = self.mimi.encode(state, mx.array(pcm[start : start + step]))
-            mx.eval(codes, state.arrays())
-            chunks.append(np.array(codes)[0])
-        return np.concatenate(chunks, axis=1).astype(np.int64)
+        """The shared conditioning (`conditioning.py`): what training prepends, too."""
+        voice = session.voice_prompt
+        codes = None if voice is None else encode_voice_prompt(self.mimi, voice)
+        return prompt_frames(DuplexConditioning(codes, list(session.text_prompt_tokens)))
 
     # -----------------------------------------------------------------------------------------
     # Live steps

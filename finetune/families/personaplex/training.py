@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from finetune.audio import TARGET_SAMPLE_RATE, AudioError, load_audio
 from finetune.config import ConfigError, TrainConfig
 from finetune.data import BatchPlan, prefetch
 from finetune.families.personaplex import data as duplex_data
+from finetune.families.personaplex.conditioning import (
+    DuplexConditioning,
+    conditioned_codes,
+    prefix_codes,
+)
 from finetune.families.personaplex.forward import LossWeights, StreamLayout, personaplex_loss
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
 from finetune.progress import ProgressWriter
+from finetune.quality import unavailable_hook
 from finetune.smoke import smoke_run
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
@@ -133,7 +141,9 @@ def loss_weights(config: TrainConfig) -> LossWeights:
 
 def make_loss_fn(weights: LossWeights, pad_ids: tuple[int, ...]):
     def loss_fn(lm: nn.Module, batch: duplex_data.DuplexBatch) -> tuple[mx.array, dict]:
-        parts = personaplex_loss(lm, batch.codes, weights, text_pad_ids=pad_ids)
+        parts = personaplex_loss(
+            lm, batch.codes, weights, text_pad_ids=pad_ids, loss_from=batch.loss_from
+        )
         report = {"text": parts.text, "audio": parts.audio}
         if parts.user_audio is not None:
             report["user_audio"] = parts.user_audio
@@ -147,14 +157,47 @@ def text_tokenizer(loaded: Any) -> duplex_data.TextTokenizer:
     return duplex_data.TextTokenizer.from_sentencepiece(loaded.text_tokenizer, pad_id=pad)
 
 
+PromptPrefix = Callable[[duplex_data.DuplexClip], np.ndarray]
+
+
+def prompt_prefixes(loaded: Any) -> PromptPrefix:
+    """clip -> the [P, 17] prompt frames a session of its voice runs first (`conditioning.py`),
+    one computation per distinct (voice prompt, text prompt)."""
+    from finetune.families.personaplex.mimi_stream import MimiStreamer
+
+    streamer: MimiStreamer | None = None
+    cache: dict[tuple[Path | None, str | None], np.ndarray] = {}
+
+    def prefix(clip: duplex_data.DuplexClip) -> np.ndarray:
+        nonlocal streamer
+        key = (clip.voice_prompt, clip.text_prompt)
+        if key not in cache:
+            audio = None
+            if clip.voice_prompt is not None:
+                audio = load_audio(clip.voice_prompt, TARGET_SAMPLE_RATE)
+                streamer = streamer or MimiStreamer(loaded.mimi)
+            cond = DuplexConditioning.build(
+                streamer,
+                loaded.text_tokenizer,
+                voice_prompt=audio,
+                text_prompt=clip.text_prompt,
+            )
+            cache[key] = prefix_codes(cond)
+        return cache[key]
+
+    return prefix
+
+
 def build_examples(
     clips: list[duplex_data.DuplexClip],
     encode: duplex_data.Encoder,
     codec_id: str,
     tokenizer: duplex_data.TextTokenizer,
     max_frames: int,
+    prompts: PromptPrefix | None = None,
 ) -> list[duplex_data.DuplexExample]:
-    """Cached codes -> examples; one DataError lists every clip that cannot be used."""
+    """Cached codes -> examples, each after the prompt frames `prompts` gives its clip (the
+    session's conditioning); one DataError lists every clip that cannot be used."""
     if not clips:
         return []
     streams = {
@@ -165,9 +208,23 @@ def build_examples(
     problems: list[str] = []
     for clip in clips:
         agent, *user = (streams[key] for key in clip.streams)
+        prefix = None
+        if prompts is not None:
+            try:
+                codes = prompts(clip)
+            except (OSError, AudioError, ValueError) as exc:
+                problems.append(f"{clip.source}:{clip.line}: voice prompt: {exc}")
+                continue
+            prefix = partial(conditioned_codes, codes)
         try:
             example = duplex_data.build_example(
-                clip, agent, user[0] if user else None, silence, tokenizer, max_frames=max_frames
+                clip,
+                agent,
+                user[0] if user else None,
+                silence,
+                tokenizer,
+                max_frames=max_frames,
+                prefix=prefix,
             )
             examples.append(example)
         except duplex_data.DataError as exc:
@@ -218,8 +275,9 @@ def prepare_run(
     progress.emit("preprocessed", encoded=report.encoded, skipped=report.skipped)
     tokenizer = text_tokenizer(loaded)
     max_frames = lm.cfg.transformer.context - StreamLayout.from_lm(lm).max_delay
-    train = build_examples(train_clips, encode, codec_id, tokenizer, max_frames)
-    val = build_examples(val_clips, encode, codec_id, tokenizer, max_frames)
+    prompts = prompt_prefixes(loaded)
+    train = build_examples(train_clips, encode, codec_id, tokenizer, max_frames, prompts)
+    val = build_examples(val_clips, encode, codec_id, tokenizer, max_frames, prompts)
 
     lcfg, trained = prepare_lm(lm, config)
     lm.train()
@@ -251,6 +309,7 @@ def prepare_run(
         samples_in=_batch_size,
         val_batches=val_batches,
         progress=progress,
+        on_checkpoint=unavailable_hook(config, progress),
     )
     if resume is not None:
         trainer.resume(resume)

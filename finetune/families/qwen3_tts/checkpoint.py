@@ -37,6 +37,12 @@ class LoadedQwen3TTS:
     def tts_model_type(self) -> str:
         return str(self.config.get("tts_model_type", "base"))
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """config.json's quantization (mlx-audio's converter writes it), None: full precision."""
+        quant = self.config.get("quantization", self.config.get("quantization_config"))
+        return quant if isinstance(quant, dict) else None
+
 
 def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
     from mlx_audio.tts.utils import load_model
@@ -68,6 +74,7 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
         problems.extend(weight_problems)
     if config.get("tts_model_type", "base") == "base" and model.speaker_encoder is None:
         problems.append("base model without a speaker encoder")
+    problems.extend(_quantization_problems(model, config))
     if problems:
         raise CheckpointError(path, problems)
 
@@ -82,6 +89,27 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
 
 
 PROBE_TEXT = "Hello world."
+
+
+def _quantization_problems(model: nn.Module, config: dict[str, Any]) -> list[str]:
+    """The quantised layers must be what config.json says (mlx-audio quantises by its keys)."""
+    quant = config.get("quantization", config.get("quantization_config"))
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    if not isinstance(quant, dict):
+        if layers:
+            return [f"{len(layers)} layers loaded quantised but config.json has no quantization"]
+        return []
+    if not layers:
+        return [f"config.json says quantised ({quant}) but no layer loaded quantised"]
+    want = (quant.get("bits"), quant.get("group_size", 64), quant.get("mode", "affine"))
+    off = [
+        path
+        for path, layer in layers.items()
+        if path not in quant and (layer.bits, layer.group_size, layer.mode) != want
+    ]
+    if off:
+        return [f"{len(off)} layers are not quantised as config.json says {want}: {off[:3]}"]
+    return []
 
 
 def _text_tokenizer_problems(tokenizer: Any, config: dict[str, Any]) -> list[str]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.config import QWEN3_TALKER_TARGETS, TrainConfig
-from finetune.families.qwen3_tts.tiny import PRESETS, make_tiny_qwen3_tts
+from finetune.config import TrainConfig
+from finetune.families.qwen3_tts.family import FAMILY
+from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
 from finetune.progress import ProgressWriter
 
-DEFAULT_TARGETS = QWEN3_TALKER_TARGETS
-VARIANTS = ("base", "custom_voice")
+DEFAULT_TARGETS = list(FAMILY.default_targets)
+PRESETS = FAMILY.presets
+VARIANTS = FAMILY.variants
 
 __all__ = ["DEFAULT_TARGETS", "PRESETS", "make_tiny", "run_job", "smoke_config", "train"]
 
@@ -50,10 +52,13 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     if config.model.strategy == "speaker":
         bake(config, final, package, name=spec.name, slot=config.speaker.slot, force=True)
     else:
+        from finetune.data import read_jsonl
         from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+        from finetune.families.qwen3_tts.training import speaker_ref
         from finetune.lora import read_adapter_config
 
         base = load_qwen3_tts(config.model.path)
+        first = read_jsonl([Path(p) for p in config.data.train], strategy="language")[0]
         write_package(
             package,
             name=spec.name,
@@ -63,6 +68,7 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
             adapter_cfg=read_adapter_config(final),
             base=base,
             language=spec.language,
+            ref_clip=speaker_ref(first),  # what every line trained on (server/jobs.py)
         )
     progress.emit("package", path=str(package))
     return 0

@@ -31,6 +31,8 @@ def input_embeddings(
     codec_ids = mx.array(batch.codec_ids)
     codec = talker.model.codec_embedding(mx.maximum(codec_ids, 0))
     codec = codec * (codec_ids >= 0)[..., None].astype(codec.dtype)
+    if "language_rows" in talker:  # new languages being trained (languages.py)
+        codec = talker.language_rows.overlay(codec_ids, codec)
 
     frame_codes = mx.array(batch.frame_codes)
     frames = talker.model.codec_embedding(frame_codes[..., 0])

@@ -11,53 +11,26 @@ codec-channel embedding, exactly as mlx-audio lays out a prompt at inference
     P-1      tts_pad                      codec_bos
     P+j      tts_pad                      frame j: codebook 0 + codebooks 1-15 (code predictor)
 
-with C = [nothink, think_bos, think_eos] (or [think, think_bos, LANG, think_eos] for a known
-language) + [speaker] + [codec_pad, codec_bos]. The logits at position P-1+j predict codebook 0
+with C the codec prefix of the utterance's `Conditioning` (conditioning.py, shared with
+serving). The logits at position P-1+j predict codebook 0
 of frame j, and the last frame's position predicts codec_eos: labels are shifted exactly once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from finetune.families.qwen3_tts.conditioning import (
+    SPEAKER_SLOT,
+    Conditioning,
+    SpecialIds,
+    codec_prefix,
+)
 
 import numpy as np
 
 NO_CODEC = -1  # role positions carry no codec embedding
-SPEAKER_SLOT = -2  # the codec embedding there is a speaker-encoder vector
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    tts_pad: int
-    tts_bos: int
-    tts_eos: int
-    codec_pad: int
-    codec_bos: int
-    codec_eos: int
-    think: int
-    nothink: int
-    think_bos: int
-    think_eos: int
-    languages: dict[str, int]
-
-    @classmethod
-    def from_config(cls, config: Any) -> SpecialIds:
-        talker = config.talker_config
-        return cls(
-            tts_pad=config.tts_pad_token_id,
-            tts_bos=config.tts_bos_token_id,
-            tts_eos=config.tts_eos_token_id,
-            codec_pad=talker.codec_pad_id,
-            codec_bos=talker.codec_bos_id,
-            codec_eos=talker.codec_eos_token_id,
-            think=talker.codec_think_id,
-            nothink=talker.codec_nothink_id,
-            think_bos=talker.codec_think_bos_id,
-            think_eos=talker.codec_think_eos_id,
-            languages=dict(talker.codec_language_id or {}),
-        )
 
 
 @dataclass
@@ -74,13 +47,6 @@ class Sequence:
         return int(self.text_ids.shape[0])
 
 
-def codec_think_part(ids: SpecialIds, language: str | None) -> list[int]:
-    lang = (language or "auto").lower()
-    if lang != "auto" and lang in ids.languages:
-        return [ids.think, ids.think_bos, ids.languages[lang], ids.think_eos]
-    return [ids.nothink, ids.think_bos, ids.think_eos]
-
-
 def split_chat_ids(chat_ids: list[int]) -> tuple[list[int], list[int]]:
     """Role and text tokens of the chat prompt (`chat_text`), sliced as mlx-audio slices it."""
     return chat_ids[:3], chat_ids[3:-5]
@@ -94,20 +60,15 @@ def build_sequence(
     ids: SpecialIds,
     chat_ids: list[int],
     codes: np.ndarray,
-    *,
-    language: str | None,
-    with_speaker: bool,
+    cond: Conditioning,
 ) -> Sequence:
     role, text = split_chat_ids(chat_ids)
-    codec_prefix = codec_think_part(ids, language)
-    if with_speaker:
-        codec_prefix.append(SPEAKER_SLOT)
-    codec_prefix += [ids.codec_pad, ids.codec_bos]
+    prefix = codec_prefix(ids, cond)
 
     n_frames = int(codes.shape[0])
     text_ids = (
         role
-        + [ids.tts_pad] * (len(codec_prefix) - 2)
+        + [ids.tts_pad] * (len(prefix) - 2)
         + [ids.tts_bos]
         + text
         + [ids.tts_eos]
@@ -116,7 +77,7 @@ def build_sequence(
     )
     codec_ids = (
         [NO_CODEC] * len(role)
-        + codec_prefix[:-1]
+        + prefix[:-1]
         + [ids.codec_pad] * (len(text) + 1)
         + [ids.codec_bos]
         + [NO_CODEC] * n_frames

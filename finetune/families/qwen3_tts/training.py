@@ -1,7 +1,11 @@
-"""Qwen3-TTS fine-tuning: data -> codes -> LoRA on the talker -> trainer.
+"""Qwen3-TTS fine-tuning: data -> codes -> LoRA on the talker (and code predictor) -> trainer.
 
-Strategies: `language` (no speaker conditioning) and `speaker` (the detached speaker-encoder
-embedding of each line's ref clip sits in the codec prefix's speaker slot).
+Both strategies put the detached speaker-encoder embedding of each line's reference clip in the
+codec prefix's speaker slot, as the official recipe does: `speaker` lines name their
+`ref_audio`; a `language` line without one uses its own audio. A served voice conditions the
+same way (conditioning.py): a baked speaker row (the mean of exactly those embeddings), or the
+voice's reference clip. Languages the checkpoint has no id for get a trainable row
+(languages.py).
 """
 
 from __future__ import annotations
@@ -17,14 +21,21 @@ from finetune import data as data_lib
 from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, TrainConfig
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
-from finetune.families.qwen3_tts.forward import qwen3_tts_loss
-from finetune.families.qwen3_tts.layout import (
-    PackedBatch,
+from finetune.families.qwen3_tts.conditioning import (
     SpecialIds,
-    build_sequence,
-    chat_text,
-    pack,
+    VoiceConditioning,
+    normalise_language,
 )
+from finetune.families.qwen3_tts.forward import qwen3_tts_loss
+from finetune.families.qwen3_tts.languages import (
+    WEIGHT_KEY,
+    LanguageRows,
+    attach_language_rows,
+    new_languages,
+)
+from finetune.families.qwen3_tts.layout import PackedBatch, build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.quality import quality_hook
+from finetune.identity import weights_identity
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
 from finetune.progress import ProgressWriter
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
@@ -62,9 +73,28 @@ def speaker_embedding(model: Any, audio_path: Path) -> np.ndarray:
     return np.asarray(model.extract_speaker_embedding(mx.array(wav))[0], dtype=np.float32)
 
 
+def speaker_ref(clip: data_lib.Clip) -> Path:
+    """The clip whose speaker embedding conditions a training line: its ref, else itself."""
+    return Path(clip.ref_audio) if clip.ref_audio else Path(clip.audio)
+
+
 def mean_speaker_embedding(model: Any, ref_paths: list[Path]) -> np.ndarray:
-    vectors = [speaker_embedding(model, p) for p in sorted(set(ref_paths))]
-    return np.mean(np.stack(vectors), axis=0)
+    """The mean over `ref_paths` as given, one term per training line (repeats count)."""
+    cache: dict[Path, np.ndarray] = {}
+    for path in ref_paths:
+        if path not in cache:
+            cache[path] = speaker_embedding(model, path)
+    return np.mean(np.stack([cache[p] for p in ref_paths]), axis=0)
+
+
+def voice_conditioning(strategy: str, clips: list[data_lib.Clip]) -> VoiceConditioning:
+    """What the trained voice records: a baked row (speaker) or its reference clip (language),
+    in the one language all its lines share (None when they mix: requests name it)."""
+    languages = {normalise_language(c.language) for c in clips}
+    language = languages.pop() if len(languages) == 1 else None
+    return VoiceConditioning(
+        speaker="baked" if strategy == "speaker" else "ref_clip", language=language
+    )
 
 
 @dataclass
@@ -75,27 +105,26 @@ class Qwen3Batch:
 
 
 class Collator:
-    def __init__(self, model: Any, strategy: str, speakers: dict[Path, np.ndarray]) -> None:
+    """Examples -> a packed batch, each line conditioned as its served voice will be."""
+
+    def __init__(self, model: Any, speakers: dict[Path, np.ndarray]) -> None:
         self.tokenizer = model.tokenizer
-        self.ids = SpecialIds.from_config(model.config)
-        self.strategy = strategy
+        self.ids = SpecialIds.from_config(model.config)  # after new language rows are added
         self.speakers = speakers
 
     def __call__(self, examples: list[data_lib.Example]) -> Qwen3Batch:
-        with_speaker = self.strategy == "speaker"
         sequences = [
             build_sequence(
                 self.ids,
                 self.tokenizer.encode(chat_text(ex.clip.text)),
                 ex.codes,
-                language=ex.clip.language,
-                with_speaker=with_speaker,
+                VoiceConditioning(speaker="ref_clip", language=ex.clip.language).utterance(
+                    None, None
+                ),
             )
             for ex in examples
         ]
-        spk = None
-        if with_speaker:
-            spk = np.stack([self.speakers[Path(ex.clip.ref_audio)] for ex in examples])
+        spk = np.stack([self.speakers[speaker_ref(ex.clip)] for ex in examples])
         return Qwen3Batch(packed=pack(sequences, self.ids), speaker_embeds=spk, size=len(examples))
 
 
@@ -123,18 +152,38 @@ def lora_config(config: TrainConfig) -> LoRAConfig:
     )
 
 
-def adapter_metadata(loaded: LoadedQwen3TTS, config: TrainConfig) -> dict[str, Any]:
+def base_model_record(loaded: LoadedQwen3TTS, config: TrainConfig) -> dict[str, Any]:
+    """The base a voice was trained against: where, its shape, and what exactly its weights were
+    (content hash, and how they were quantised: by the checkpoint, or on the fly for QLoRA)."""
     talker = loaded.config["talker_config"]
+    identity = weights_identity(loaded.path)
+    if config.lora.quantize is not None:
+        identity["quantization"] = {
+            "bits": config.lora.quantize.bits,
+            "group_size": config.lora.quantize.group_size,
+            "on_the_fly": True,
+        }
     return {
+        "path": str(loaded.path),
+        "tts_model_size": loaded.config.get("tts_model_size"),
+        "hidden_size": talker["hidden_size"],
+        "num_hidden_layers": talker["num_hidden_layers"],
+        "identity": identity,
+    }
+
+
+def adapter_metadata(
+    loaded: LoadedQwen3TTS,
+    config: TrainConfig,
+    conditioning: VoiceConditioning,
+    language_rows: LanguageRows | None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "family": FAMILY,
         "module": "talker",
         "strategy": config.model.strategy,
-        "base_model": {
-            "path": str(loaded.path),
-            "tts_model_size": loaded.config.get("tts_model_size"),
-            "hidden_size": talker["hidden_size"],
-            "num_hidden_layers": talker["num_hidden_layers"],
-        },
+        "conditioning": conditioning.to_dict(),
+        "base_model": base_model_record(loaded, config),
         "quantize": None
         if config.lora.quantize is None
         else {
@@ -142,12 +191,21 @@ def adapter_metadata(loaded: LoadedQwen3TTS, config: TrainConfig) -> dict[str, A
             "group_size": config.lora.quantize.group_size,
         },
     }
+    if language_rows is not None:
+        meta["language_rows"] = language_rows.entries()
+        meta["trained_tensors"] = [WEIGHT_KEY]
+    return meta
 
 
 def prepare_talker(loaded: LoadedQwen3TTS, config: TrainConfig) -> LoRAConfig:
     """Quantize the targets for QLoRA if asked, then wrap them with LoRA."""
     talker = loaded.model.talker
     lcfg = lora_config(config)
+    if config.lora.quantize is not None and loaded.quantization is not None:
+        raise ValueError(
+            f"{loaded.path} is already quantised ({loaded.quantization}): drop lora.quantize "
+            "(LoRA trains over its quantised layers as they are)"
+        )
     if config.lora.quantize is not None:
         quantize_targets(talker, lcfg, config.lora.quantize.bits, config.lora.quantize.group_size)
     # The LoRA A matrices come from MLX's global RNG, which is seeded from the clock at import:
@@ -217,17 +275,26 @@ def prepare_run(
     train = [data_lib.Example(c, data_lib.load_codes(c, tokenizer_id)) for c in train_clips]
     val = [data_lib.Example(c, data_lib.load_codes(c, tokenizer_id)) for c in val_clips]
 
+    if model.speaker_encoder is None:
+        raise ValueError(
+            f"{loaded.path} has no speaker encoder (a custom_voice checkpoint): fine-tune a Base"
+        )
     speakers: dict[Path, np.ndarray] = {}
-    if strategy == "speaker":
-        for clip in train_clips + val_clips:
-            ref = Path(clip.ref_audio)
-            if ref not in speakers:
-                speakers[ref] = speaker_embedding(model, ref)
+    for clip in train_clips + val_clips:
+        ref = speaker_ref(clip)
+        if ref not in speakers:
+            speakers[ref] = speaker_embedding(model, ref)
 
     lcfg = prepare_talker(loaded, config)
+    languages = new_languages(
+        model.config.talker_config, [c.language for c in train_clips + val_clips]
+    )
+    rows = attach_language_rows(model, languages)  # trainable: attached after LoRA froze all
+    if rows is not None:
+        progress.emit("language_rows", rows=rows.entries())
     talker = model.talker
     talker.train()
-    collate = Collator(model, strategy, speakers)
+    collate = Collator(model, speakers)
     tcfg = config.trainer
     plan = data_lib.BatchPlan(train, tcfg.batch_size, seed=tcfg.seed)
 
@@ -240,7 +307,7 @@ def prepare_run(
         val_plan = data_lib.BatchPlan(val, tcfg.batch_size, seed=0, shuffle=False)
         val_batches = [collate([val[i] for i in idx]) for idx in val_plan.epoch_batches(0)]
 
-    metadata = adapter_metadata(loaded, config)
+    metadata = adapter_metadata(loaded, config, voice_conditioning(strategy, train_clips), rows)
 
     def save_weights(module: nn.Module, out_dir: Path) -> None:
         save_adapters(out_dir, module, lcfg, metadata)
@@ -256,6 +323,7 @@ def prepare_run(
         samples_in=lambda batch: batch.size,
         val_batches=val_batches,
         progress=progress,
+        on_checkpoint=quality_hook(config, loaded, train_clips, progress),
     )
     if resume is not None:
         trainer.resume(resume)

@@ -20,9 +20,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune.audio import load_audio
 from finetune.families.csm.checkpoint import LoadedCsm, load_csm
+from finetune.families.csm.family import CSM_BACKBONE_TARGETS, CSM_DECODER_TARGETS
+from finetune.families.csm.family import FAMILY as CSM_FAMILY
 from finetune.families.csm.generate import (
     MAX_SEQUENCE,
     ContextClip,
@@ -33,17 +36,16 @@ from finetune.families.csm.generate import (
 )
 from finetune.families.csm.training import (
     ADAPTER_MODULE,  # what CSM adapters say they wrap: the SesameModel (`loaded.backbone`)
-    CSM_BACKBONE_TARGETS,
-    CSM_DECODER_TARGETS,
 )
 
 import mlx.core as mx
 import numpy as np
 
 from server.engine.bank import AdapterBank
+from server.engine.family import PackageError, package_member
 from server.engine.requests import Sampling, SpeakJob, Voicing
 
-FAMILY = "csm"
+FAMILY = CSM_FAMILY.name
 BUILTIN_SPEAKER_IDS = (0, 1)
 FRAME_RATE = 12.5  # Mimi frames per second
 
@@ -72,6 +74,7 @@ class CsmModel:
     context_codes: dict[str, np.ndarray] = field(default_factory=dict)  # clip path -> codes
     family: str = FAMILY
     adapter_module: str = ADAPTER_MODULE
+    adapter_riders: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, name: str, path: str, *, slots: int, max_rank: int, max_bytes: int) -> CsmModel:
@@ -185,6 +188,61 @@ class CsmModel:
 
     def _context_clip(self, audio: Path, text: str, speaker: int) -> ContextClip:
         return ContextClip(text=text, speaker=speaker, codes=self.context_codes_of(audio))
+
+    # --- voice packages ----------------------------------------------------------------------
+    def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """A CSM package's speaker id and context clips (paths inside the package), checked."""
+        speaker = meta.get("speaker_id")
+        if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
+            raise PackageError(
+                f"CSM voice.json speaker_id must be an integer >= 0, not {speaker!r}"
+            )
+        clips = meta.get("context") or []
+        if not isinstance(clips, list):
+            raise PackageError("CSM voice.json context must be a list of {audio, text}")
+        context = []
+        for i, clip in enumerate(clips):
+            if not (isinstance(clip, dict) and isinstance(clip.get("audio"), str)):
+                raise PackageError(f"CSM context clip {i} needs an 'audio' file name")
+            if not isinstance(clip.get("text"), str) or not clip["text"].strip():
+                raise PackageError(f"CSM context clip {i} needs its transcript as 'text'")
+            package_member(folder, clip["audio"])
+            if not (folder / clip["audio"]).is_file():
+                raise PackageError(f"CSM context clip {clip['audio']!r} is not in the package")
+            context.append({"audio": clip["audio"], "text": clip["text"]})
+        return {"speaker_id": speaker, "context": context}
+
+    def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
+        """Encode each context clip once (on the engine thread) to prove it loads."""
+        for clip in fields["context"]:
+            path = folder / clip["audio"]
+            try:
+                self.context_codes_of(path)
+            except Exception as exc:  # undecodable audio: the package's fault
+                raise PackageError(
+                    f"CSM context clip {clip['audio']!r} cannot be used: {exc}"
+                ) from exc
+            finally:
+                self.context_codes.pop(str(path), None)
+
+    def release_package(self, fields: dict[str, Any]) -> None:
+        return None  # check_package installs nothing
+
+    def free_speaker_slot(self, wanted: int, taken: set[int]) -> int | None:
+        return None  # CSM voices are speaker ids + context clips, never baked rows
+
+    def restore_voice(self, meta: dict[str, Any], folder: Path) -> None:
+        return None
+
+    def release_voice(self, meta: dict[str, Any]) -> None:
+        return None
+
+    def registry_meta(self, fields: dict[str, Any], stored_at: Path) -> dict[str, Any]:
+        """The CSM fields as the registry keeps them: clip paths relative to the data dir."""
+        context = [
+            {"audio": str(stored_at / c["audio"]), "text": c["text"]} for c in fields["context"]
+        ]
+        return {"speaker_id": fields["speaker_id"], "context": context}
 
 
 def builtin_name(model: str, speaker_id: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,16 +11,27 @@ from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, QWEN3_TALKER_TARGETS
 from finetune.families.qwen3_tts.bake import bake_into_model, check_slot, unbake_from_model
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
+from finetune.families.qwen3_tts.conditioning import SpeakerSource, VoiceConditioning
+from finetune.families.qwen3_tts.languages import (
+    FIRST_SPEAKER_ROW,
+    WEIGHT_KEY,
+    free_rows,
+    occupied_rows,
+    write_row,
+)
+from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
+from finetune.identity import same_base, weights_identity
 
 import mlx.core as mx
 import numpy as np
 
-from server.engine.bank import AdapterBank
-from server.engine.qwen3_batch import Qwen3BatchGenerator, Qwen3Prompter, Row
+from server.engine.bank import AdapterBank, read_adapter_files
+from server.engine.family import PackageConflict, PackageError, package_member
 from server.engine.requests import SpeakJob, Voicing
 
 # Frames of left context a streamed chunk is decoded with, for continuity at its seams.
 DECODE_CONTEXT_FRAMES = 25
+DEFAULT_SLOT = 3000  # the official recipe's speaker row
 
 
 @dataclass
@@ -31,8 +43,12 @@ class Qwen3Model:
     generator: Qwen3BatchGenerator
     clone_cache: dict[str, mx.array] = field(default_factory=dict)
     original_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    # codec rows holding installed voices' new-language vectors -> the rows' original contents
+    language_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
     family: str = "qwen3_tts"
     adapter_module: str = "talker"
+    adapter_riders: tuple[str, ...] = (WEIGHT_KEY,)  # adapter tensors installed as rows, not banked
 
     @classmethod
     def load(cls, name: str, path: str, *, slots: int, max_rank: int, max_bytes: int) -> Qwen3Model:
@@ -51,6 +67,7 @@ class Qwen3Model:
             bank=bank,
             prompter=Qwen3Prompter(loaded.model),
             generator=Qwen3BatchGenerator(loaded.model, bank.set_rows),
+            identity=weights_identity(loaded.path),
         )
 
     @property
@@ -72,12 +89,16 @@ class Qwen3Model:
     def make_row(self, job: SpeakJob, *, slot: int) -> Row:
         v = job.voicing
         speaker = None
+        source: SpeakerSource = "none"
         if v.speaker_name is not None:
-            speaker = self.prompter.speaker_vector(v.speaker_name)
+            speaker, source = self.prompter.speaker_vector(v.speaker_name), "baked"
         elif v.ref_clip is not None:
-            speaker = self.clone_vector(v.ref_clip)
+            speaker, source = self.clone_vector(v.ref_clip), "ref_clip"
+        # job.language is the request's language, else the voice's trained one (see app.py).
+        voice = VoiceConditioning(speaker=source, language_rows=v.language_rows)
+        cond = voice.utterance(job.language, v.speaker_name)
         return Row(
-            prompt=self.prompter.prompt(job.text, job.language, speaker),
+            prompt=self.prompter.prompt(job.text, cond, speaker),
             sampling=job.sampling,
             seed=job.segment_seed,
             slot=slot,
@@ -108,6 +129,131 @@ class Qwen3Model:
     def forget(self, voicing: Voicing) -> None:
         if voicing.ref_clip is not None:
             self.clone_cache.pop(str(voicing.ref_clip), None)
+
+    # --- voice packages (server/voices.py `_install`; see SpeechModel) -----------------------
+    def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The voice's conditioning and new-language rows; refuses a package trained on
+        another base (other weights, or the same weights quantised otherwise)."""
+        recorded = (meta.get("base_model") or {}).get("identity")
+        if recorded is not None:  # packages from before identities were recorded: unverified
+            problems = same_base(recorded, self.identity)
+            if problems:
+                raise PackageConflict(
+                    f"the voice was trained on another base than model {self.name!r}: "
+                    + "; ".join(problems)
+                )
+        legacy = {
+            "speaker": "baked" if meta.get("embedding") else "ref_clip",
+            "language": meta.get("language"),
+        }
+        try:
+            conditioning = VoiceConditioning.from_dict(meta.get("conditioning") or legacy)
+        except ValueError as exc:
+            raise PackageError(f"voice.json {exc}") from exc
+        if conditioning.speaker == "ref_clip" and not (folder / "ref.wav").is_file():
+            raise PackageError(
+                "the voice was trained on a reference clip's speaker vector: the package needs "
+                "it as ref.wav (or send one as 'ref')"
+            )
+        return {
+            "conditioning": conditioning,
+            "base_verified": recorded is not None,
+            "language_rows": self._package_language_rows(folder, meta),
+        }
+
+    def _package_language_rows(
+        self, folder: Path, meta: dict[str, Any]
+    ) -> list[tuple[str, int, np.ndarray]]:
+        entries = meta.get("language_rows") or []
+        if not entries:
+            return []
+        if not meta.get("adapter"):
+            raise PackageError("voice.json names language_rows but the package has no adapter")
+        _, weights = read_adapter_files(package_member(folder, meta["adapter"]))
+        vectors = weights.get(WEIGHT_KEY)
+        width = self.model.talker.model.codec_embedding.weight.shape[1]
+        if vectors is None or tuple(vectors.shape) != (len(entries), width):
+            raise PackageError(
+                f"the adapter's {WEIGHT_KEY} must be [{len(entries)}, {width}] for the "
+                f"{len(entries)} language row(s) voice.json names"
+            )
+        rows = []
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+                raise PackageError(f"voice.json language_rows[{i}] needs a 'name'")
+            rows.append((entry["name"].lower(), int(entry.get("row", -1)), np.asarray(vectors[i])))
+        return rows
+
+    def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
+        """Install the voice's language rows (rolled back by `release_package`)."""
+        fields["installed_rows"] = self.install_language_rows(fields["language_rows"])
+
+    def release_package(self, fields: dict[str, Any]) -> None:
+        self.release_language_rows(fields.get("installed_rows", []))
+
+    def registry_meta(self, fields: dict[str, Any], stored_at: Path) -> dict[str, Any]:
+        return {
+            "conditioning": fields["conditioning"].to_dict(),
+            "base_verified": fields["base_verified"],
+            "language_rows": [{"name": n, "row": r} for n, r in fields.get("installed_rows", [])],
+        }
+
+    # --- new-language rows -------------------------------------------------------------------
+    def install_language_rows(
+        self, rows: list[tuple[str, int, np.ndarray]], *, exact: bool = False
+    ) -> list[tuple[str, int]]:
+        """Write each row, at its trained row if free (always, with `exact`), else at another
+        free row: rows are per voice, so two voices can bring their own Hindi."""
+        installed: list[tuple[str, int]] = []
+        talker = self.model.config.talker_config
+        try:
+            for name, wanted, vector in rows:
+                taken = occupied_rows(talker) | set(self.language_rows)
+                free = FIRST_SPEAKER_ROW <= wanted < talker.vocab_size and wanted not in taken
+                row = wanted if exact or free else free_rows(talker, 1, also_taken=taken)[0]
+                self.language_rows[row] = write_row(self.model, row, vector)
+                installed.append((name, row))
+        except BaseException:
+            self.release_language_rows(installed)
+            raise
+        return installed
+
+    def release_language_rows(self, rows: list[tuple[str, int]] | list[dict[str, Any]]) -> None:
+        for entry in rows:
+            row = int(entry["row"] if isinstance(entry, dict) else entry[1])
+            previous = self.language_rows.pop(row, None)
+            if previous is not None:
+                write_row(self.model, row, previous)
+
+    def free_speaker_slot(self, wanted: int, taken: set[int]) -> int | None:
+        """A codec row for a baked speaker: `wanted` if free, else the first free one from 3000
+        up, then from 2048 up (rows below 2048 are audio codes); None when all are taken."""
+        talker = self.model.config.talker_config
+        taken = taken | occupied_rows(talker) | set(self.language_rows)
+        order = [
+            wanted,
+            *range(DEFAULT_SLOT, talker.vocab_size),
+            *range(FIRST_SPEAKER_ROW, DEFAULT_SLOT),
+        ]
+        return next(
+            (r for r in order if FIRST_SPEAKER_ROW <= r < talker.vocab_size and r not in taken),
+            None,
+        )
+
+    def restore_voice(self, meta: dict[str, Any], folder: Path) -> None:
+        """At start: a registered voice's new-language rows, at the rows it was given."""
+        entries = meta.get("language_rows") or []
+        if not entries:
+            return
+        package = json.loads((folder / "voice.json").read_text())
+        trained = self._package_language_rows(folder, package)
+        vectors = {name: vector for name, _, vector in trained}
+        self.install_language_rows(
+            [(e["name"], int(e["row"]), vectors[e["name"]]) for e in entries], exact=True
+        )
+
+    def release_voice(self, meta: dict[str, Any]) -> None:
+        self.release_language_rows(meta.get("language_rows") or [])
 
     # --- voices ------------------------------------------------------------------------------
     def clone_vector(self, ref_clip: Path) -> mx.array:

@@ -1,4 +1,4 @@
-"""Batched Qwen3-TTS generation for serving.
+"""Batched Qwen3-TTS generation: the server's decode loop, also used for training previews.
 
 The same step as mlx-audio's `Model.generate` (base path), for several requests at once: left
 padded prompts with an attention mask, one adapter-bank slot per row, and one random key per row
@@ -15,19 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.families.qwen3_tts.conditioning import Conditioning, SpecialIds
 from finetune.families.qwen3_tts.forward import input_embeddings
-from finetune.families.qwen3_tts.layout import SpecialIds, build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.layout import build_sequence, chat_text, pack
+from finetune.sampling import Sampling
 
 import mlx.core as mx
 import numpy as np
 from mlx_audio.lm.sample_utils import apply_top_k
 from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
 
-from server.engine.requests import Sampling
-
 REPETITION_CONTEXT = 64
 
-__all__ = ["Qwen3BatchGenerator", "Qwen3Prompter", "Row", "Sampling"]
+__all__ = ["Qwen3BatchGenerator", "Qwen3Prompter", "Row"]
 
 
 @dataclass
@@ -59,7 +59,6 @@ class Qwen3Prompter:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.ids = SpecialIds.from_config(model.config)
 
     def speaker_vector(self, name: str) -> mx.array:
         spk_id = self.model.config.talker_config.spk_id or {}
@@ -67,17 +66,15 @@ class Qwen3Prompter:
         row = row[0] if isinstance(row, list | tuple) else row
         return self.model.talker.model.codec_embedding.weight[int(row)]
 
-    def prompt(self, text: str, language: str | None, speaker: mx.array | None) -> mx.array:
+    def prompt(self, text: str, cond: Conditioning, speaker: mx.array | None) -> mx.array:
+        """[P, H] prefix of `text` under `cond` (the layout training uses, with no frames)."""
+        if cond.speaker != (speaker is not None):
+            raise ValueError("the conditioning and the speaker vector disagree")
+        ids = SpecialIds.from_config(self.model.config)  # language rows can change at run time
         chat = self.model.tokenizer.encode(chat_text(text))
-        seq = build_sequence(
-            self.ids,
-            chat,
-            np.zeros((0, 16), np.int32),
-            language=language,
-            with_speaker=speaker is not None,
-        )
+        seq = build_sequence(ids, chat, np.zeros((0, 16), np.int32), cond)
         spk = None if speaker is None else speaker.reshape(1, -1)
-        embeds = input_embeddings(self.model.talker, pack([seq], self.ids), spk)
+        embeds = input_embeddings(self.model.talker, pack([seq], ids), spk)
         return embeds[0]
 
 

@@ -1,0 +1,27 @@
+"""Sesame CSM in the family registry."""
+
+from __future__ import annotations
+
+from finetune.families.base import Family
+
+# Relative to the SesameModel, the LoRA root ("model." of the loaded mlx-audio Model).
+CSM_BACKBONE_TARGETS = [
+    r"backbone\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    r"backbone\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+]
+CSM_DECODER_TARGETS = [
+    r"decoder\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    r"decoder\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+]
+
+FAMILY = Family(
+    name="csm",
+    title="Sesame CSM",
+    strategies=("speaker", "language"),
+    engine="speech",
+    served_by="server.engine.families.csm:CsmModel",
+    entry="finetune.families.csm.entry",
+    default_targets=tuple(CSM_BACKBONE_TARGETS),
+    presets=("tiny", "real-1b"),  # the keys of tiny.PRESETS
+    recipes={"speaker": "csm_speaker.yaml"},
+)
