@@ -127,10 +127,3 @@ def tiny_qwen3_q4(tiny_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactor
 
     return quantize_checkpoint(tiny_qwen3_base, tmp_path_factory.mktemp("models") / "q4", 4)
 
-
-@pytest.fixture(scope="session")
-def small_qwen3_q8(small_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`small_qwen3_base` quantised to 8 bits by mlx-audio's converter, for QLoRA overfits."""
-    from finetune.families.qwen3_tts.quantize import quantize_checkpoint
-
-    return quantize_checkpoint(small_qwen3_base, tmp_path_factory.mktemp("models") / "q8s", 8)

@@ -52,14 +52,14 @@ def clips(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, small_qwen3_base, small_qwen3_q8, tiny_csm):
+def service(tmp_path_factory, small_qwen3_base, tiny_qwen3_q8, tiny_csm):
     data = tmp_path_factory.mktemp("served_equals_trained") / "data"
     codes_log = data.parent / "codes.jsonl"
     settings = {
         "data_dir": str(data),
         "models": {
             "q": {"path": str(small_qwen3_base)},
-            "q8": {"path": str(small_qwen3_q8)},
+            "q8": {"path": str(tiny_qwen3_q8)},
             "csm": {"path": str(tiny_csm), "family": "csm"},
         },
         "codes_log": str(codes_log),
@@ -67,7 +67,12 @@ def service(tmp_path_factory, small_qwen3_base, small_qwen3_q8, tiny_csm):
         "shutdown_grace_s": 20,
     }
     with server_process(settings, timeout=300) as url:
-        yield {"url": url, "codes_log": codes_log, "data": data}
+        yield {
+            "url": url,
+            "codes_log": codes_log,
+            "data": data,
+            "models": {"q": small_qwen3_base, "q8": tiny_qwen3_q8},
+        }
 
 
 def _train(service: dict, clips: dict, name: str, base: str, **fields: str) -> dict:
@@ -85,7 +90,7 @@ def _train(service: dict, clips: dict, name: str, base: str, **fields: str) -> d
     assert created.status_code == 202, created.text
     job = wait_for_job(service["url"], created.json()["id"], timeout=900)
     assert job["state"] == "succeeded", job
-    return job
+    return {**job, "base": base}
 
 
 def _targets(service: dict, job: dict) -> list[tuple[str, np.ndarray]]:
@@ -95,7 +100,8 @@ def _targets(service: dict, job: dict) -> list[tuple[str, np.ndarray]]:
     return [(row["text"], np.load(codes_path(Path(row["audio"])))) for row in lines]
 
 
-def _speak_codes(service: dict, voice: str, text: str, frames: int, **extra) -> np.ndarray:
+def _speak(service: dict, voice: str, text: str, frames: int, **extra) -> dict:
+    """Greedy `/speak` of one segment; the server's codes_log record of it."""
     log: Path = service["codes_log"]
     before = log.read_text().count("\n") if log.exists() else 0
     request = {
@@ -112,12 +118,22 @@ def _speak_codes(service: dict, voice: str, text: str, frames: int, **extra) -> 
     assert spoken.status_code == 200, spoken.text
     records = [json.loads(x) for x in log.read_text().splitlines()[before:]]
     assert [r["text"] for r in records] == [text], "the text was not spoken as one segment"
-    return np.asarray(records[0]["codes"])
+    return records[0]
 
 
 def _assert_reproduced(service: dict, job: dict, voice: str, **extra) -> None:
+    base = service["models"].get(job["base"])
+    trained = _trained_prefixes(service, job, voice, base) if base is not None else {}
     for text, target in _targets(service, job):
-        generated = _speak_codes(service, voice, text, target.shape[0], **extra)
+        record = _speak(service, voice, text, target.shape[0], **extra)
+        if text in trained:
+            served = np.asarray(record["prompt"], np.float32)
+            assert served.shape == trained[text].shape, (
+                f"{voice}: served prefix has {served.shape[0]} positions, training had "
+                f"{trained[text].shape[0]}"
+            )
+            np.testing.assert_allclose(served, trained[text], atol=1e-5, err_msg=voice)
+        generated = np.asarray(record["codes"])
         assert generated.shape[0] == target.shape[0], (
             f"{voice}: generation did not stop at the clip's end ({generated.shape[0]} frames, "
             f"the clip has {target.shape[0]}); final losses {job['losses']}"
@@ -126,6 +142,38 @@ def _assert_reproduced(service: dict, job: dict, voice: str, **extra) -> None:
         every = (generated == target).mean()
         assert first >= 0.9, f"{voice}: codebook 0 reproduced {first:.0%}; {job['losses']}"
         assert every >= 0.8, f"{voice}: all codebooks reproduced {every:.0%}; {job['losses']}"
+
+
+def _trained_prefixes(service: dict, job: dict, voice: str, model_path: Path) -> dict:
+    """Each clip's text -> the [P, H] prefix embeddings training fed the talker for that clip,
+    rebuilt with the trainer's own collator from the job's files and the voice's package."""
+    from finetune import data as data_lib
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+    from finetune.families.qwen3_tts.forward import input_embeddings
+    from finetune.families.qwen3_tts.languages import WEIGHT_KEY, install_language_row
+    from finetune.families.qwen3_tts.training import Collator, speaker_embedding, speaker_ref
+
+    import mlx.core as mx
+
+    folder = service["data"] / "jobs" / job["id"]
+    clips = data_lib.read_jsonl([folder / "train.jsonl"], strategy="language")
+    model = load_qwen3_tts(model_path).model
+    package = service["data"] / "voices" / voice
+    meta = json.loads((package / "voice.json").read_text())
+    if meta.get("language_rows"):  # a new language: the row's trained vector, where it trained
+        vectors = mx.load(str(package / "adapter" / "adapters.safetensors"))[WEIGHT_KEY]
+        for i, entry in enumerate(meta["language_rows"]):
+            install_language_row(model, entry["name"], entry["row"], np.array(vectors[i]))
+    refs = {speaker_ref(c) for c in clips}
+    collate = Collator(model, {ref: speaker_embedding(model, ref) for ref in refs})
+    prefixes = {}
+    for clip in clips:
+        example = data_lib.Example(clip, np.load(codes_path(clip.audio)))
+        batch = collate([example])
+        embeds = input_embeddings(model.talker, batch.packed, mx.array(batch.speaker_embeds))
+        frames = example.codes.shape[0]
+        prefixes[clip.text] = np.array(embeds[0, : embeds.shape[1] - frames].astype(mx.float32))
+    return prefixes
 
 
 def test_qwen3_speaker_voice(service, clips):

@@ -113,6 +113,10 @@ class SpeechModel(Protocol):
         """Drop whatever the model cached for this voice (clone vectors, encoded context)."""
         ...
 
+    def debug_record(self, row: SpeechRow) -> dict[str, Any]:
+        """What conditioned `row` (e.g. its prompt), for the `codes_log` debugging aid."""
+        ...
+
     # --- voice packages (server/voices.py `_install`) -----------------------------------------
     def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         """The family-specific fields of a staged package's voice.json, checked against the

@@ -246,6 +246,7 @@ class Engine:
             "text": job.text,
             "cancelled": job.cancel.is_set(),
             "codes": [np.asarray(f).astype(int).tolist() for f in row.frames],
+            **model.debug_record(row),
         }
         assert self.codes_log is not None
         with self.codes_log.open("a") as handle:

@@ -173,6 +173,9 @@ class CsmModel:
     def decode_all(self, row: CsmRow) -> np.ndarray:
         return _join(row.pcm)
 
+    def debug_record(self, row: CsmRow) -> dict[str, Any]:
+        return {}
+
     def forget(self, voicing: Voicing) -> None:
         for clip in voicing.context:
             self.context_codes.pop(str(clip.audio), None)

@@ -126,6 +126,9 @@ class Qwen3Model:
             audio = audio[:valid]
         return np.array(audio, dtype=np.float32)
 
+    def debug_record(self, row: Row) -> dict[str, Any]:
+        return {"prompt": np.asarray(row.prompt.astype(mx.float32)).tolist()}
+
     def forget(self, voicing: Voicing) -> None:
         if voicing.ref_clip is not None:
             self.clone_cache.pop(str(voicing.ref_clip), None)
