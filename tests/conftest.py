@@ -126,4 +126,3 @@ def tiny_qwen3_q4(tiny_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactor
     from finetune.families.qwen3_tts.quantize import quantize_checkpoint
 
     return quantize_checkpoint(tiny_qwen3_base, tmp_path_factory.mktemp("models") / "q4", 4)
-

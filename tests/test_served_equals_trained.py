@@ -200,7 +200,9 @@ def test_qwen3_language_voice_of_a_new_language(service, clips):
 
 
 def test_qwen3_voice_trained_on_an_8bit_base_is_served_on_it(service, clips):
-    job = _train(service, clips, "spk-q8", "q8", strategy="speaker")
+    # The tiny 8-bit model fits the two clips' argmax by ~150 steps (its random head keeps the
+    # loss near 1); quantised matmuls are the slow part of this suite, so it trains 250.
+    job = _train(service, clips, "spk-q8", "q8", strategy="speaker", max_steps="250")
     _assert_reproduced(service, job, "spk-q8")
 
 
