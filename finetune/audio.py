@@ -43,12 +43,34 @@ class AudioError(ValueError):
     """Audio could not be loaded or decoded; the message names the source and reason."""
 
 
-def _decode(source: str | BinaryIO, name: str, target_sr: int, mono: bool) -> np.ndarray:
-    """Decode ``source`` with soundfile, down-mix, resample and validate."""
+def _decode(
+    source: str | BinaryIO,
+    name: str,
+    target_sr: int,
+    mono: bool,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode ``source`` with soundfile, down-mix, resample and validate.
+
+    With ``max_seconds``, a longer file is refused from its header, before it is decoded, and
+    at most that much is ever decoded (a header can lie): a small compressed file of hours of
+    audio never reaches memory whole.
+    """
     try:
-        data, sr = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as handle:
+            sr = handle.samplerate
+            limit = None if max_seconds is None else int(max_seconds * sr) + 1
+            if limit is not None and handle.frames > limit:
+                raise AudioError(_too_long(name, handle.frames / sr, max_seconds))
+            data = handle.read(
+                frames=-1 if limit is None else limit, dtype="float32", always_2d=True
+            )
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError) as exc:
+        if isinstance(exc, AudioError):
+            raise
         raise AudioError(f"{name}: cannot decode audio ({exc})") from exc
+    if limit is not None and data.shape[0] >= limit:
+        raise AudioError(_too_long(name, data.shape[0] / sr, max_seconds))
     if data.shape[0] == 0:
         raise AudioError(f"{name}: audio is empty (zero samples)")
     if not np.all(np.isfinite(data)):
@@ -57,10 +79,19 @@ def _decode(source: str | BinaryIO, name: str, target_sr: int, mono: bool) -> np
     return resample(audio, int(sr), target_sr)
 
 
+def _too_long(name: str, seconds: float, max_seconds: float | None) -> str:
+    return f"{name}: {seconds:.1f} s of audio or more; the limit is {max_seconds:g} s"
+
+
 def load_audio(
-    path: str | os.PathLike[str], target_sr: int = TARGET_SAMPLE_RATE, *, mono: bool = True
+    path: str | os.PathLike[str],
+    target_sr: int = TARGET_SAMPLE_RATE,
+    *,
+    mono: bool = True,
+    max_seconds: float | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
-    """Load an audio file as float32 at ``target_sr``.
+    """Load an audio file as float32 at ``target_sr`` (``name``: how errors call it).
 
     Returns shape ``[samples]`` when ``mono`` (channels averaged), else ``[samples, channels]``.
     Raises AudioError for a missing, undecodable or empty file.
@@ -72,7 +103,7 @@ def load_audio(
         raise AudioError(f"{p}: not a regular file")
     if p.stat().st_size == 0:
         raise AudioError(f"{p}: file is empty (0 bytes)")
-    return _decode(str(p), str(p), target_sr, mono)
+    return _decode(str(p), name or str(p), target_sr, mono, max_seconds)
 
 
 def decode_audio_bytes(
@@ -81,11 +112,12 @@ def decode_audio_bytes(
     *,
     mono: bool = True,
     name: str = "<bytes>",
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode an in-memory audio file (wav, flac, ogg, ...) like :func:`load_audio`."""
     if not data:
         raise AudioError(f"{name}: audio buffer is empty (0 bytes)")
-    return _decode(io.BytesIO(bytes(data)), name, target_sr, mono)
+    return _decode(io.BytesIO(bytes(data)), name, target_sr, mono, max_seconds)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

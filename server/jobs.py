@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class JobService:
         self._listeners: dict[str, list[asyncio.Queue]] = {}
         self._workers: list[asyncio.Task] = []
         self._stopping = False
+        # Held from the name check to the job's row: two uploads of one name cannot both pass.
+        self._names = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,15 +124,7 @@ class JobService:
         """Every check before a job exists; raises a 4xx error with the reason."""
         fields = upload.fields
         name = validate_name(fields.get("name", ""))
-        if self.registry.exists(name) or name in self.voices.builtin():
-            raise Conflict(f"voice {name!r} already exists")
-        pending = [
-            j.id
-            for j in self.registry.list_jobs()
-            if j.name == name and (j.state in ACTIVE or j.state == "interrupted")
-        ]
-        if pending:
-            raise Conflict(f"job {pending[0]} is already making voice {name!r}")
+        self._check_name_free(name)  # early; create() checks again, atomically
         strategy = fields.get("strategy", "speaker")
         if strategy not in all_strategies():
             raise Unprocessable(f"strategy must be one of {', '.join(all_strategies())}")
@@ -228,7 +223,24 @@ class JobService:
             if strategy in get_family(model.family).strategies
         }
 
+    def _check_name_free(self, name: str) -> None:
+        if self.registry.exists(name) or name in self.voices.builtin():
+            raise Conflict(f"voice {name!r} already exists")
+        pending = [
+            j.id
+            for j in self.registry.list_jobs()
+            if j.name == name and (j.state in ACTIVE or j.state == "interrupted")
+        ]
+        if pending:
+            raise Conflict(f"job {pending[0]} is already making voice {name!r}")
+
     def create(self, request: JobRequest, folder: Path) -> Job:
+        """The job's row and folder; the name is reserved from here until the job ends."""
+        with self._names:
+            self._check_name_free(request.name)
+            return self._create(request, folder)
+
+    def _create(self, request: JobRequest, folder: Path) -> Job:
         job_id = uuid.uuid4().hex[:12]
         job_dir = self.root / job_id
         folder.rename(job_dir)
@@ -615,9 +627,10 @@ def _checked_audio(item: UploadedFile) -> Any:
     if not item.filename.lower().endswith(AUDIO_SUFFIXES):
         raise Unprocessable(f"{item.filename}: not an audio file (wav, flac, ogg, mp3)")
     try:
-        wav = load_audio(item.path, 24_000)
+        # Refused from its header when longer than a clip may be: never decoded whole.
+        wav = load_audio(item.path, 24_000, max_seconds=MAX_CLIP_S, name=item.filename)
     except AudioError as exc:
-        raise Unprocessable(f"{item.filename}: cannot decode ({exc})") from exc
+        raise Unprocessable(str(exc)) from exc
     seconds = duration_s(wav)
     if not MIN_CLIP_S <= seconds <= MAX_CLIP_S:
         raise Unprocessable(

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+# Bounds of the sampling fields: a request outside them is a 422 naming the field (the engine
+# keys its PRNG with the seed, which must fit 32 bits; absurd values would stall or crash it).
+Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=0, le=1_000_000)]
+RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
+MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
 
 
 class SpeakRequest(Strict):
@@ -18,12 +29,12 @@ class SpeakRequest(Strict):
     instruct: str | None = None
     format: str = "wav"
     stream: bool = False
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
+    seed: Seed | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    max_tokens: MaxTokens | None = None
 
 
 class OpenAISpeechRequest(Strict):

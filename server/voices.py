@@ -31,6 +31,7 @@ from server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from server.registry import Registry, Voice, validate_name
 
 DEFAULT_SLOT = 3000
+MAX_CLONE_CLIP_S = 60.0  # a clone's reference clip; longer is refused before it is decoded
 
 
 class VoiceService:
@@ -301,7 +302,9 @@ class VoiceService:
         from finetune.audio import decode_audio_bytes, write_wav
 
         name = validate_name(name)
-        wav = await anyio.to_thread.run_sync(decode_audio_bytes, clip)
+        wav = await anyio.to_thread.run_sync(
+            lambda: decode_audio_bytes(clip, name="clip", max_seconds=MAX_CLONE_CLIP_S)
+        )
         async with self.registry.alock(name):
             if self.registry.exists(name) or name in self.builtin():
                 raise Conflict(f"voice {name!r} already exists")

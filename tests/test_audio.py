@@ -223,3 +223,33 @@ def test_speaker_mel_matches_mlx_audio() -> None:
     assert ours.shape[1] == 128
     assert ours.shape[0] == 1 + (n + 2 * ((1024 - 256) // 2) - 1024) // 256
     assert float(np.max(np.abs(ours - ref))) < 1e-3
+
+
+def test_a_long_file_is_refused_from_its_header_before_it_is_decoded(tmp_path):
+    """A small FLAC of minutes of 48 kHz stereo (a decompression bomb for a 30 s limit) is
+    refused without decoding it: memory stays far below what decoding it would take."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    path = tmp_path / "long.flac"
+    block = np.zeros((48_000 * 10, 2), np.float32)  # silence compresses to almost nothing
+    with sf.SoundFile(str(path), "w", samplerate=48_000, channels=2, format="FLAC") as out:
+        for _ in range(30):  # 5 minutes
+            out.write(block)
+    del block
+    decoded_bytes = 5 * 60 * 48_000 * 2 * 4
+    assert path.stat().st_size < decoded_bytes // 50
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioError, match=r"300\.0 s of audio or more; the limit is 30 s"):
+            load_audio(path, 24_000, max_seconds=30.0, name="long.flac")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < decoded_bytes // 20, f"peak {peak} bytes: the file was decoded"
+    # Within the limit it loads as before.
+    short = tmp_path / "short.flac"
+    sf.write(str(short), np.zeros((48_000, 2), np.float32), 48_000, format="FLAC")
+    assert load_audio(short, 24_000, max_seconds=30.0).shape == (24_000,)
