@@ -73,7 +73,8 @@ def _decode(body: bytes, kind: type) -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
-def _voice_out(voice: Voice) -> VoiceOut:
+def _voice_out(voice: Voice, unavailable: dict[str, str] | None = None) -> VoiceOut:
+    reason = (unavailable or {}).get(voice.name)
     return VoiceOut(
         name=voice.name,
         base_model=voice.base_model,
@@ -84,6 +85,8 @@ def _voice_out(voice: Voice) -> VoiceOut:
         default_language=voice.default_language,
         created_at=voice.created_at or None,
         meta=voice.meta,
+        available=reason is None,
+        unavailable_reason=reason,
     )
 
 
@@ -275,12 +278,13 @@ async def openai_speech(request: Request, state: State) -> Response | Stream:
 @get("/voices", guards=[speak_guard])
 async def list_voices(state: State) -> VoiceList:
     voices = await anyio.to_thread.run_sync(state.voices.list)
-    return VoiceList(voices=[_voice_out(v) for v in voices])
+    return VoiceList(voices=[_voice_out(v, state.voices.unavailable) for v in voices])
 
 
 @get("/voices/{name:str}", guards=[speak_guard])
 async def get_voice(state: State, name: Annotated[str, Parameter()]) -> VoiceOut:
-    return _voice_out(await anyio.to_thread.run_sync(state.voices.get, name))
+    voice = await anyio.to_thread.run_sync(state.voices.get, name)
+    return _voice_out(voice, state.voices.unavailable)
 
 
 @delete("/voices/{name:str}", guards=[admin_guard], status_code=200)
@@ -420,6 +424,11 @@ async def readyz(state: State) -> Health:
 @get("/metrics", media_type="text/plain; version=0.0.4")
 async def metrics(state: State) -> str:
     text = state.metrics.render(state.engine)
+    text += (
+        "# HELP voicefoundry_voices_unavailable Registered voices that could not be restored.\n"
+        "# TYPE voicefoundry_voices_unavailable gauge\n"
+        f"voicefoundry_voices_unavailable {len(state.voices.unavailable)}\n"
+    )
     if getattr(state, "duplex", None) is not None:
         text += state.metrics.render_duplex(state.duplex)
     return text

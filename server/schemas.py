@@ -57,6 +57,8 @@ class VoiceOut(msgspec.Struct, kw_only=True):
     default_language: str | None = None
     created_at: str | None = None
     meta: dict[str, Any] = {}
+    available: bool = True
+    unavailable_reason: str | None = None  # why a registered voice could not be restored
 
 
 class VoiceList(msgspec.Struct):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import re
 import shutil
 import tarfile
 import tempfile
@@ -30,6 +32,8 @@ from server.engine.worker import ContextClip, Engine, Voicing
 from server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from server.registry import Registry, Voice, validate_name
 
+log = logging.getLogger("voicefoundry")
+
 DEFAULT_SLOT = 3000
 MAX_CLONE_CLIP_S = 60.0  # a clone's reference clip; longer is refused before it is decoded
 
@@ -43,6 +47,9 @@ class VoiceService:
         self.duplex = duplex  # the DuplexEngine (PersonaPlex models), if any
         self.voices_dir = data_dir / "voices"
         self.voices_dir.mkdir(parents=True, exist_ok=True)
+        # Registered voices that failed to restore at start -> why (they answer 409 until fixed
+        # by deleting and re-creating them; the rest serve).
+        self.unavailable: dict[str, str] = {}
 
     # --- lookups --------------------------------------------------------------------------
     def builtin(self) -> dict[str, str]:
@@ -91,6 +98,8 @@ class VoiceService:
         return sorted(self.registry.list() + builtins, key=lambda v: v.name)
 
     def voicing(self, voice: Voice) -> Voicing:
+        if voice.name in self.unavailable:
+            raise Conflict(f"voice {voice.name!r} is unavailable: {self.unavailable[voice.name]}")
         if voice.kind == "duplex":
             raise Unprocessable(
                 f"voice {voice.name!r} is a duplex (speech-to-speech) voice: open a "
@@ -139,15 +148,22 @@ class VoiceService:
             model = self.engine.models.get(voice.base_model)
             if model is None:
                 continue
-            folder = self.voices_dir / voice.name
-            if voice.slot is not None:
-                embedding = self._embedding(folder)
-                await self.engine.run(
-                    lambda m=model, v=voice, e=embedding: m.bake(v.name, v.slot, e)
-                )
-            await self.engine.run(lambda m=model, v=voice, f=folder: m.restore_voice(v.meta, f))
+            try:
+                await self._restore_one(model, voice)
+            except Exception as exc:  # one broken voice never stops the service
+                self.unavailable[voice.name] = _restore_failure(exc)
+                log.warning("voice %s is unavailable: %s", voice.name, self.unavailable[voice.name])
+                await self.engine.run(lambda m=model, v=voice: _undo_restore(m, v))
+                continue
             restored.append(voice.name)
         return restored
+
+    async def _restore_one(self, model: Any, voice: Voice) -> None:
+        folder = self.voices_dir / voice.name
+        if voice.slot is not None:
+            embedding = await anyio.to_thread.run_sync(self._embedding, folder)
+            await self.engine.run(lambda: model.bake(voice.name, voice.slot, embedding))
+        await self.engine.run(lambda: model.restore_voice(voice.meta, folder))
 
     @staticmethod
     def _embedding(folder: Path) -> np.ndarray:
@@ -337,7 +353,7 @@ class VoiceService:
             model = self.engine.models.get(voice.base_model)
             if model is not None:
                 adapter = self._path(voice.adapter)
-                voicing = self.voicing(voice)
+                voicing = None if key in self.unavailable else self.voicing(voice)
 
                 def unload() -> None:
                     if voice.slot is not None:
@@ -345,7 +361,8 @@ class VoiceService:
                     model.release_voice(voice.meta)
                     if adapter is not None:
                         model.bank.unload(str(adapter))
-                    model.forget(voicing)
+                    if voicing is not None:
+                        model.forget(voicing)
 
                 await self.engine.run(unload)
             if voice.kind == "duplex" and voice.base_model in self._duplex_models():
@@ -354,7 +371,23 @@ class VoiceService:
                 await unload_duplex_voice(self, voice)
             await anyio.to_thread.run_sync(self.registry.delete, key)
             shutil.rmtree(self.voices_dir / key, ignore_errors=True)
+            self.unavailable.pop(key, None)
             return voice
+
+
+def _restore_failure(exc: Exception) -> str:
+    """Why a voice did not restore, without the server's paths."""
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+        return f"a file of its package cannot be read ({type(exc).__name__})"
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = re.sub(r"(?:/[^\s/:'\"]+)+/?", "<path>", message)  # no server paths
+    return f"its package does not load ({message[:200]})"
+
+
+def _undo_restore(model: Any, voice: Voice) -> None:
+    if voice.slot is not None:
+        model.unbake(voice.name)
+    model.release_voice(voice.meta)
 
 
 def _extract(archive: bytes, into: Path) -> None:
