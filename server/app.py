@@ -41,7 +41,14 @@ from server.errors import (
 from server.jobs import TERMINAL, JobService
 from server.metrics import Metrics
 from server.registry import Voice
-from server.schemas import Health, OpenAISpeechRequest, SpeakRequest, VoiceList, VoiceOut
+from server.schemas import (
+    Health,
+    JobOut,
+    OpenAISpeechRequest,
+    SpeakRequest,
+    VoiceList,
+    VoiceOut,
+)
 from server.settings import Settings
 from server.text_split import split_text
 from server.uploads import receive_multipart
@@ -318,16 +325,19 @@ async def import_voice(request: Request, state: State) -> VoiceOut:
     return _voice_out(voice)
 
 
-def _job_out(job) -> dict[str, Any]:
-    payload = dict(job.payload)
-    return {
-        "id": job.id,
-        "name": job.name,
-        "state": job.state,
-        "created_at": job.created_at,
-        "updated_at": job.updated_at,
-        **payload,
-    }
+def _job_out(job) -> JobOut:
+    public = {k: job.payload[k] for k in JOB_PUBLIC_FIELDS if job.payload.get(k) is not None}
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        state=job.state,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        **public,
+    )
+
+
+JOB_PUBLIC_FIELDS = tuple(f for f in JobOut.__struct_fields__ if f not in ("id", "name", "state"))
 
 
 @post(
@@ -336,7 +346,7 @@ def _job_out(job) -> dict[str, Any]:
     status_code=202,
     summary="Fine-tune a new voice or language from uploaded clips",
 )
-async def create_voice_job(request: Request, state: State) -> Response[dict[str, Any]]:
+async def create_voice_job(request: Request, state: State) -> Response[JobOut]:
     settings: Settings = state.settings
     jobs: JobService = state.jobs
     incoming = jobs.root / f".incoming-{uuid.uuid4().hex}"
@@ -354,18 +364,18 @@ async def create_voice_job(request: Request, state: State) -> Response[dict[str,
 
 
 @get("/jobs", guards=[admin_guard])
-async def list_jobs(state: State) -> dict[str, Any]:
+async def list_jobs(state: State) -> dict[str, list[JobOut]]:
     jobs = await anyio.to_thread.run_sync(state.registry.list_jobs)
     return {"jobs": [_job_out(j) for j in jobs]}
 
 
 @get("/jobs/{job_id:str}", guards=[admin_guard])
-async def get_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[str, Any]:
+async def get_job(state: State, job_id: Annotated[str, Parameter()]) -> JobOut:
     return _job_out(await anyio.to_thread.run_sync(state.jobs.get, job_id))
 
 
 @delete("/jobs/{job_id:str}", guards=[admin_guard], status_code=200)
-async def cancel_job(state: State, job_id: Annotated[str, Parameter()]) -> dict[str, Any]:
+async def cancel_job(state: State, job_id: Annotated[str, Parameter()]) -> JobOut:
     return _job_out(await state.jobs.cancel(job_id))
 
 
@@ -393,7 +403,7 @@ async def job_events(state: State, job_id: Annotated[str, Parameter()]) -> Serve
     async def events() -> AsyncIterator[str]:
         try:
             current = jobs.get(job_id)
-            yield json.dumps({"event": "state", **_job_out(current)})
+            yield json.dumps({"event": "state", **msgspec.to_builtins(_job_out(current))})
             if current.state in TERMINAL:
                 return
             while True:

@@ -60,6 +60,8 @@ MIN_TOTAL_SECONDS = {"speaker": 4.0, "language": 8.0, "duplex": 4.0}
 MAX_TEXT_PROMPT_CHARS = 2000
 DUPLEX_FRAME_RATE = 12.5  # PersonaPlex steps a second
 MIN_CLIP_S, MAX_CLIP_S = 0.5, 30.0
+# What job events never show a client: the trainer's pid and paths on this server.
+PRIVATE_EVENT_FIELDS = frozenset({"pid", "ref_clip", "path", "checkpoint", "package_dir"})
 PREVIEWS = "previews"  # <job>/previews/step-NNNNNN.wav: the quality report's previews (kept)
 
 
@@ -343,8 +345,11 @@ class JobService:
             self._listeners[job_id].remove(queue)
 
     def _publish(self, job_id: str, event: dict[str, Any]) -> None:
+        public = {k: v for k, v in event.items() if k not in PRIVATE_EVENT_FIELDS}
+        if event.get("event") == "quality" and event.get("preview"):
+            public["preview"] = f"/jobs/{job_id}/previews/{int(event['step'])}"
         for queue in self._listeners.get(job_id, []):
-            queue.put_nowait(event)
+            queue.put_nowait(public)
 
     # --- cancelling ---------------------------------------------------------------------
     async def cancel(self, job_id: str) -> Job:

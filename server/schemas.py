@@ -61,6 +61,29 @@ class VoiceOut(msgspec.Struct, kw_only=True):
     unavailable_reason: str | None = None  # why a registered voice could not be restored
 
 
+class JobOut(msgspec.Struct, kw_only=True):
+    """What a client sees of a fine-tune job (never the trainer's pid or server paths)."""
+
+    id: str
+    name: str
+    state: str
+    created_at: str | None = None
+    updated_at: str | None = None
+    base_model: str | None = None
+    strategy: str | None = None
+    clips: int | None = None
+    step: int = 0
+    total_steps: int | None = None
+    losses: dict[str, float] = {}
+    eta_s: float | None = None
+    reason: str | None = None
+    note: str | None = None
+    voice: str | None = None
+    hyper: dict[str, Any] = {}
+    log_tail: list[str] = []
+    quality: list[dict[str, Any]] = []
+
+
 class VoiceList(msgspec.Struct):
     voices: list[VoiceOut]
 

@@ -85,7 +85,8 @@ def test_upload_trains_in_another_process_and_the_new_voice_speaks(
 
         final = httpx.get(f"{url}/jobs/{job['id']}").json()
         assert final["state"] == "succeeded" and final["step"] == 4 and final["voice"] == "newvoice"
-        assert final["pid"] and final["pid"] != _server_pid(url)
+        assert "pid" not in final  # the trainer's pid (and server paths) stay on the server
+        assert json.dumps(final).count(str(tmp_path)) == 0
         assert {"loss", "main", "sub"} <= set(final["losses"])
 
         speech = httpx.post(
@@ -175,18 +176,29 @@ def test_cancel_and_kill_are_never_silent(tmp_path, tiny_qwen3_base, clips):
         while running.get("step", 0) < 1:
             running = httpx.get(f"{url}/jobs/{job['id']}").json()
             time.sleep(0.2)
+        pid = _trainer_pid(job["id"])
+        assert pid != _server_pid(url)
         assert httpx.delete(f"{url}/jobs/{job['id']}").status_code == 200
         cancelled = wait_for_job(url, job["id"], {"cancelled", "failed"})
         assert cancelled["state"] == "cancelled"
-        assert not Path(f"/proc/{running['pid']}").exists() or _zombie(running["pid"])
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
         files, data = _form(clips, "killme", max_steps="5000")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
-        running = wait_for_job(url, job["id"], {"training"})
-        os.kill(running["pid"], signal.SIGKILL)
+        wait_for_job(url, job["id"], {"training"})
+        os.kill(_trainer_pid(job["id"]), signal.SIGKILL)
         failed = wait_for_job(url, job["id"], {"failed", "succeeded"})
         assert failed["state"] == "failed" and "SIGKILL" in failed["reason"]
         assert httpx.get(f"{url}/voices/killme").status_code == 404
+
+
+def _trainer_pid(job_id: str) -> int:
+    """The job's training process (`python -m finetune run-job --spec .../ID/spec.json`)."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"run-job --spec .*{job_id}/spec.json"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
 
 
 def _zombie(pid: int) -> bool:
