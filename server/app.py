@@ -71,6 +71,21 @@ admin_guard = _guard("admin")
 
 
 # --- helpers ----------------------------------------------------------------------------------
+async def _json_body(request: Request, settings: Settings) -> bytes:
+    """A JSON request body, refused with 413 as soon as it passes `max_json_bytes` (never
+    read whole: the app-wide body limit is the upload limit)."""
+    limit = settings.max_json_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the JSON body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the JSON body is over {limit} bytes")
+    return bytes(body)
+
+
 def _decode(body: bytes, kind: type) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
@@ -248,8 +263,8 @@ async def _respond(
 # --- routes -----------------------------------------------------------------------------------
 @post("/speak", guards=[speak_guard], status_code=200, summary="Speech for a speaker name")
 async def speak(request: Request, state: State) -> Response | Stream:
-    req: SpeakRequest = _decode(await request.body(), SpeakRequest)
     settings: Settings = state.settings
+    req: SpeakRequest = _decode(await _json_body(request, settings), SpeakRequest)
     text = _check_text(settings, req.text)
     fmt = _check_format(req.format, req.stream)
     sampling = _sampling(settings, req)
@@ -262,8 +277,8 @@ async def speak(request: Request, state: State) -> Response | Stream:
 
 @post("/v1/audio/speech", guards=[speak_guard], status_code=200, summary="OpenAI-compatible speech")
 async def openai_speech(request: Request, state: State) -> Response | Stream:
-    req: OpenAISpeechRequest = _decode(await request.body(), OpenAISpeechRequest)
     settings: Settings = state.settings
+    req: OpenAISpeechRequest = _decode(await _json_body(request, settings), OpenAISpeechRequest)
     text = _check_text(settings, req.input)
     stream = req.stream_format == "audio"
     fmt = _check_format(req.response_format, stream)

@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     adapter_max_rank: int = 32
     adapter_max_bytes: int = 512 * 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
+    max_json_bytes: int = 1024 * 1024  # a /speak body: text is bounded by max_text_chars anyway
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
     # Least audio a fine-tune job takes; None: per strategy (speaker 4 s, language 8 s, duplex 4 s).

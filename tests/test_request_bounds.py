@@ -48,3 +48,38 @@ async def test_out_of_bounds_sampling_fields_are_422_naming_the_field(client):
     # In bounds at the edges: served.
     edge = {"speaker": "vivian", "text": "Hi.", "max_tokens": 2, "seed": 2**32 - 1, "top_p": 1.0}
     assert (await client.post("/speak", json=edge)).status_code == 200
+
+
+async def test_an_oversized_json_body_is_413_before_it_is_read_whole(tmp_path, tiny_qwen3_custom):
+    settings = Settings(
+        data_dir=str(tmp_path / "data"),
+        models={"m": ModelSpec(path=str(tiny_qwen3_custom))},
+        max_json_bytes=10_000,
+    )
+    async with AsyncTestClient(create_app(settings), timeout=120) as c:
+        body = b'{"speaker": "vivian", "text": "' + b"a" * 50_000 + b'"}'
+        for route in ("/speak", "/v1/audio/speech"):
+            answer = await c.post(route, content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 413, (route, answer.text)
+            assert "limit is 10000" in answer.json()["detail"]
+
+
+async def test_a_chunked_json_body_is_cut_off_at_the_limit():
+    """Without a Content-Length the limit holds while streaming: reading stops past it."""
+    from server.app import _json_body
+    from server.errors import PayloadTooLarge
+
+    read: list[int] = []
+
+    class ChunkedRequest:
+        headers: dict[str, str] = {}  # noqa: RUF012
+
+        async def stream(self):
+            for _ in range(1000):  # 5 MB offered
+                read.append(5_000)
+                yield b"a" * 5_000
+
+    settings = Settings(max_json_bytes=10_000)
+    with pytest.raises(PayloadTooLarge, match="over 10000 bytes"):
+        await _json_body(ChunkedRequest(), settings)
+    assert sum(read) <= 15_000
