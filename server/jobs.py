@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import shutil
@@ -103,10 +104,28 @@ class JobService:
                 await anyio.to_thread.run_sync(_stop_orphan, job.payload.get("pid"))
                 self._set(job.id, "queued", note="resumed after a server restart")
                 self._queue.put_nowait(job.id)
+        await anyio.to_thread.run_sync(self.sweep)
         self._workers = [
             asyncio.create_task(self._worker())
             for _ in range(max(1, self.settings.job_concurrency))
         ]
+
+    def sweep(self) -> list[str]:
+        """Remove the folders of failed and cancelled jobs older than the retention setting
+        (uploads, checkpoints, logs: megabytes each); their rows stay, with a note."""
+        hours = self.settings.failed_job_retention_hours
+        if hours is None:
+            return []
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
+        removed = []
+        for job in self.registry.list_jobs():
+            folder = self.root / job.id
+            if job.state not in ("failed", "cancelled") or not folder.exists():
+                continue
+            if dt.datetime.fromisoformat(job.updated_at) <= cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(job.id)
+        return removed
 
     async def stop(self) -> None:
         self._stopping = True
@@ -374,6 +393,7 @@ class JobService:
                 await self._run(job_id)
             except Exception as exc:  # a job failure never stops the worker
                 self._set(job_id, "failed", reason=f"{type(exc).__name__}: {exc}")
+            await anyio.to_thread.run_sync(self.sweep)
 
     async def _run(self, job_id: str) -> None:
         job_dir = self.root / job_id

@@ -47,6 +47,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_json_bytes: int = 1024 * 1024  # a /speak body: text is bounded by max_text_chars anyway
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
+    # Folders of failed / cancelled jobs are removed this long after they ended (None: kept).
+    failed_job_retention_hours: float | None = 168.0
     # Least audio a fine-tune job takes; None: per strategy (speaker 4 s, language 8 s, duplex 4 s).
     job_min_total_seconds: float | None = None
     duplex_max_sessions: int = 8
