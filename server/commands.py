@@ -1,5 +1,5 @@
-"""The service's own commands: serve, keys. The client commands (say, voices, jobs) come from
-the SDK: `voicefoundry_client.cli`, registered by server/cli.py."""
+"""The service's own commands: serve, keys, backup, restore. The client commands (say, voices,
+jobs) come from the SDK: `voicefoundry_client.cli`, registered by server/cli.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build a tiny model and demo voices into the data dir, offline",
     )
     serve.set_defaults(handler=_serve)
+
+    for name, help_text in (
+        ("backup", "snapshot the registry and voice packages into a new directory (live)"),
+        ("restore", "bring a backup back into a new data dir"),
+    ):
+        command = subparsers.add_parser(name, help=help_text)
+        command.add_argument("dir", type=Path, help="the backup directory")
+        command.add_argument("--data-dir")
+        command.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
+        command.set_defaults(handler=_backup_or_restore, action=name)
 
     keys = subparsers.add_parser("keys", help="create API keys (stored hashed)")
     keys.add_argument("--file", type=Path, required=True)
@@ -59,6 +69,21 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         log_level="info",
     )
+    return 0
+
+
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    from server.backup import BackupError, backup, restore
+    from server.settings import SettingsError, load_settings
+
+    try:
+        data = load_settings(args.config, data_dir=args.data_dir).data_path
+        backing_up = args.action == "backup"
+        manifest = backup(data, args.dir) if backing_up else restore(args.dir, data)
+    except (BackupError, SettingsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"voices": len(manifest["voices"]), "jobs": manifest["jobs"]}))
     return 0
 
 
