@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.families import get_family
 
+import anyio
 from litestar import Litestar
 
 from server.auth import KeyStore
@@ -82,6 +83,9 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
             )
             serving.models[name] = model
             log.info("loaded %s model %s from %s", spec.family, name, spec.path)
+        leftovers = await anyio.to_thread.run_sync(voices.reconcile)
+        if leftovers:
+            log.warning("removed %d voice folders a crash left behind", len(leftovers))
         restored = await voices.restore()
         log.info("restored %d baked voices", len(restored))
         if settings.demo:

@@ -140,6 +140,24 @@ class VoiceService:
         return None if stored is None else (self.registry.data_dir / stored)
 
     # --- restore --------------------------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """At start, before restore: what a crash left between a voice's folder and its row.
+
+        An import writes the folder (renamed from staging) before the row, and a delete removes
+        the row before the folder; so a folder without a row, or a staging folder, is a crash's
+        leftover and goes. A row without a folder stays, and restores as unavailable.
+        """
+        names = {v.name for v in self.registry.list()}
+        removed = []
+        for folder in self.voices_dir.iterdir():
+            if folder.name.startswith(".") or folder.name not in names:
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink()
+                removed.append(folder.name)
+        return removed
+
     async def restore(self) -> list[str]:
         """Write every voice's rows (baked speaker, new languages) back into its freshly loaded
         model."""
