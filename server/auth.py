@@ -9,6 +9,7 @@ sending the same key on every request pays the PBKDF2 price once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -127,6 +128,12 @@ def verify_key(secret: str, encoded: str) -> bool:
     return True
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """A valid hash no secret matches (a random secret, thrown away)."""
+    return hash_key(secrets.token_urlsafe(32))
+
+
 def clear_verify_cache() -> None:
     with _verified_lock:
         _verified.clear()
@@ -231,14 +238,34 @@ class KeyStore:
             raise Unauthorized("missing API key")
         key_id = key_id_of(secret)
         key = self._keys.get(key_id) if key_id is not None else None
+        # An unknown id costs the same hashing as a wrong secret for a known one: the answer's
+        # timing must not tell which key ids exist.
+        valid = verify_key(secret, key.hash if key is not None else _dummy_hash())
         # The message never repeats the secret: it ends up in logs and problem+json bodies.
-        if key is None or not verify_key(secret, key.hash):
+        if key is None or not valid:
             raise Unauthorized("invalid API key")
         if not key.allows(needed):
             raise Forbidden(f"API key {key.id!r} has scope {key.scope!r}; this needs {needed!r}")
         return key
 
     # ---- persistence --------------------------------------------------------------------------
+    @classmethod
+    def load_configured(cls, path: Path | str) -> KeyStore:
+        """The key file a server was configured with: missing, unreadable, malformed or empty
+        is an error (one line), never a server without auth."""
+        path = Path(path)
+        try:
+            store = cls.load(path)
+        except FileNotFoundError:
+            raise ValueError(f"api_keys_file {path} does not exist") from None
+        except OSError as exc:
+            raise ValueError(f"api_keys_file {path} cannot be read ({exc.strerror})") from None
+        if not store.enabled:
+            raise ValueError(
+                f"api_keys_file {path} holds no keys; add one (voicefoundry keys --file "
+                f"{path}) or remove api_keys_file to run without auth"
+            )
+        return store
 
     @classmethod
     def load(cls, path: Path | str, *, missing_ok: bool = False) -> KeyStore:

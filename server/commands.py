@@ -56,6 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if settings.api_keys_file:
+        from server.auth import KeyStore
+
+        try:
+            KeyStore.load_configured(settings.api_keys_file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not settings.models and not settings.demo:
         print(
             "error: no models configured (add `models:` to --config, or use --demo)",

@@ -45,6 +45,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     adapter_max_bytes: int = 512 * 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
     max_json_bytes: int = 1024 * 1024  # a /speak body: text is bounded by max_text_chars anyway
+    # A voice package archive, unpacked: all members together, any one member, how many members
+    # (checked while each member streams out, before more than the cap is written).
+    package_max_bytes: int = 2 * 1024 * 1024 * 1024
+    package_max_member_bytes: int = 1024 * 1024 * 1024
+    package_max_members: int = 256
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
     # Folders of failed / cancelled jobs are removed this long after they ended (None: kept).

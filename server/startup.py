@@ -40,10 +40,9 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         duplex_path = str(ensure_demo_duplex_model(data))
         models.setdefault(DEMO_DUPLEX_MODEL, ModelSpec(path=duplex_path, family="personaplex"))
     registry = Registry(data / "registry.sqlite3")
+    # No key file configured: no auth, explicitly. A configured one must load and hold keys.
     keys = (
-        KeyStore.load(Path(settings.api_keys_file), missing_ok=True)
-        if settings.api_keys_file
-        else KeyStore([])
+        KeyStore.load_configured(settings.api_keys_file) if settings.api_keys_file else KeyStore()
     )
     engine = Engine(
         max_queue=settings.max_queue,
