@@ -194,6 +194,11 @@ def test_dropped_sockets_free_their_sessions(server):
 def test_unknown_speaker_and_bad_parameters_are_refused(server):
     talk = asyncio.run(rejected(ws_url(server, speaker="nobody")))
     assert talk.close_code == 4404 and "nobody" in talk.errors[0]
+    # A name no voice can have (the web clients' voice file name) was a bare 4500.
+    before = _metric(server, 'voicefoundry_duplex_rejected_total{code="4404"}')
+    talk = asyncio.run(rejected(ws_url(server, speaker="NATF0.pt")))
+    assert talk.close_code == 4404 and "NATF0.pt" in talk.errors[0]
+    assert _metric(server, 'voicefoundry_duplex_rejected_total{code="4404"}') == before + 1
     talk = asyncio.run(rejected(ws_url(server, speaker=MODEL, encoding="mp3")))
     assert talk.close_code == 4422 and "encoding" in talk.errors[0]
 

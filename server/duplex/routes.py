@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from typing import Any
 
 import anyio
@@ -79,6 +80,14 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, f"cannot start the session: {exc}") from exc
 
 
+def _internal(exc: Exception) -> _Rejected:
+    """An unexpected failure while opening a session: logged with its traceback under an id the
+    client gets, never a bare close without a reason."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("duplex session failed to open (error %s)", error_id, exc_info=exc)
+    return _Rejected(proto.CloseCode.INTERNAL, f"internal error {error_id}")
+
+
 @websocket("/duplex")
 async def duplex_socket(socket: WebSocket) -> None:
     await socket.accept()
@@ -87,11 +96,12 @@ async def duplex_socket(socket: WebSocket) -> None:
         params = _params(socket)
         _authenticate(socket, params)
         session = await _open(socket, params)
-    except _Rejected as exc:
-        metrics.duplex_rejected(exc.code)
+    except Exception as exc:
+        rejected = exc if isinstance(exc, _Rejected) else _internal(exc)
+        metrics.duplex_rejected(rejected.code)
         with contextlib.suppress(Exception):
-            await socket.send_bytes(proto.error_message(exc.reason))
-            await socket.close(code=exc.code, reason=exc.reason[:120])
+            await socket.send_bytes(proto.error_message(rejected.reason))
+            await socket.close(code=rejected.code, reason=rejected.reason[:120])
         return
     engine: DuplexEngine = socket.app.state.duplex
     try:

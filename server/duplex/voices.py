@@ -14,7 +14,7 @@ import anyio
 from server.duplex.adapters import DuplexAdapterTensors
 from server.duplex.engine import DuplexEngine, DuplexVoicing
 from server.errors import NotFound, Unprocessable
-from server.registry import Registry, Voice
+from server.registry import InvalidVoiceName, Registry, Voice
 
 
 def builtin_duplex_voices(engine: DuplexEngine | None) -> dict[str, str]:
@@ -24,7 +24,11 @@ def builtin_duplex_voices(engine: DuplexEngine | None) -> dict[str, str]:
 
 def duplex_voicing(registry: Registry, engine: DuplexEngine, name: str) -> DuplexVoicing:
     key = name.strip().lower()
-    if registry.exists(key):
+    try:
+        registered = registry.exists(key)
+    except InvalidVoiceName:  # no voice can have that name (e.g. a file name "NATF0.pt")
+        registered = False
+    if registered:
         return voicing_of(registry, engine, registry.get(key))
     if key in engine.models:
         return DuplexVoicing(model=key, speaker=key)
