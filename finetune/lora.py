@@ -43,6 +43,12 @@ class AdapterError(ValueError):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         super().__init__(f"cannot load adapter at {path} ({count}):\n{listing}")
 
+    def renamed(self, name: str) -> AdapterError:
+        """The same problems, naming the adapter `name` (e.g. as its package names it) instead
+        of by the path it was read from."""
+        problems = [p.replace(self.path, name) for p in self.problems]
+        return AdapterError(name, problems)
+
 
 class _LoRABranch(nn.Module):
     """The trainable low-rank branch shared by LoRALinear and QLoRALinear."""

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 import numpy as np
-from litestar import Litestar, Request, Response, delete, get, post
+from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -39,6 +39,7 @@ from server.errors import (
     exception_handler,
 )
 from server.jobs import TERMINAL, JobService
+from server.logs import redact_request_logs
 from server.metrics import Metrics
 from server.registry import Voice
 from server.schemas import (
@@ -68,6 +69,18 @@ def _guard(scope: Scope):
 
 speak_guard = _guard("speak")
 admin_guard = _guard("admin")
+
+
+def _setting_guard(field: str):
+    """The key an operational route needs, read from the setting `field` ("none" | scope)."""
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        needed = getattr(connection.app.state.settings, field)
+        if needed != "none":
+            keys: KeyStore = connection.app.state.api_keys
+            keys.authenticate(secret_from_headers(connection.headers), needed)
+
+    return guard
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -322,21 +335,23 @@ async def delete_voice(state: State, name: Annotated[str, Parameter()]) -> Voice
 )
 async def import_voice(request: Request, state: State) -> VoiceOut:
     settings: Settings = state.settings
-    form = await request.form()
-    package = form.get("package")
-    if package is None or not hasattr(package, "read"):
-        raise Unprocessable("send the voice package as the multipart file field 'package'")
-    data = await package.read()
-    if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"package is larger than {settings.max_upload_bytes} bytes")
-    ref = form.get("ref_clip")
-    ref_bytes = await ref.read() if ref is not None and hasattr(ref, "read") else None
-    voice = await state.voices.import_package(
-        data,
-        name=form.get("name") or None,
-        base_model=form.get("base_model") or None,
-        ref_clip=ref_bytes,
-    )
+    voices: VoiceService = state.voices
+    # Streamed to disk under the data dir (bounded by max_upload_bytes), never held whole.
+    incoming = voices.voices_dir / f".upload-{uuid.uuid4().hex}"
+    try:
+        upload = await receive_multipart(request, incoming, max_bytes=settings.max_upload_bytes)
+        packages, refs = upload.files_of("package"), upload.files_of("ref_clip")
+        if len(packages) != 1 or len(refs) > 1:
+            raise Unprocessable("send one voice package as the multipart file field 'package'")
+        ref_bytes = await anyio.to_thread.run_sync(refs[0].path.read_bytes) if refs else None
+        voice = await voices.import_package(
+            packages[0].path,
+            name=upload.fields.get("name") or None,
+            base_model=upload.fields.get("base_model") or None,
+            ref_clip=ref_bytes,
+        )
+    finally:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
     return _voice_out(voice)
 
 
@@ -437,7 +452,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz")
+@get("/readyz", guards=[_setting_guard("readyz_auth")])
 async def readyz(state: State) -> Health:
     models = sorted(state.engine.models) if getattr(state, "engine", None) else []
     models += sorted(state.duplex.models) if getattr(state, "duplex", None) else []
@@ -446,7 +461,7 @@ async def readyz(state: State) -> Health:
     return Health(status="ready", models=models)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4")
+@get("/metrics", guards=[_setting_guard("metrics_auth")], media_type="text/plain; version=0.0.4")
 async def metrics(state: State) -> str:
     text = state.metrics.render(state.engine)
     text += (
@@ -474,6 +489,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         from server.startup import start_services
 
+        redact_request_logs()  # the request lines the server logs never hold an api_key
         async with start_services(app, settings):
             yield
 
@@ -499,7 +515,13 @@ def create_app(settings: Settings) -> Litestar:
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: exception_handler},
-        openapi_config=OpenAPIConfig(title="voicefoundry", version="0.1.0"),
+        openapi_config=OpenAPIConfig(
+            title="voicefoundry",
+            version="0.1.0",
+            openapi_router=Router(
+                "/schema", route_handlers=[], guards=[_setting_guard("schema_auth")]
+            ),
+        ),
         cors_config=cors,
         state=State({"settings": settings, "metrics": Metrics()}),
         request_max_body_size=settings.max_upload_bytes,

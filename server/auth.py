@@ -1,9 +1,10 @@
 """API keys: stored only as salted PBKDF2 hashes, two scopes (``admin`` implies ``speak``).
 
-A secret looks like ``vf_<id>_<random>``; the id is public and picks the one stored key to check,
-so an unknown or malformed key costs no hashing at all and a known one costs one PBKDF2 run,
-after which successful verifications are cached (keyed by the secret's SHA-256), so a client
-sending the same key on every request pays the PBKDF2 price once.
+A secret looks like ``vf_<id>_<random>``; the id is public and picks the one stored key to check.
+Every key that is not (yet) verified costs one PBKDF2 run of the stored keys' cost, an unknown or
+malformed one included (checked against a dummy hash), so answer times do not tell which ids
+exist. Successful verifications are cached (keyed by the secret's SHA-256), so a client sending
+the same key on every request pays the PBKDF2 price once.
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ def verify_key(secret: str, encoded: str) -> bool:
 
 
 @functools.cache
-def _dummy_hash() -> str:
-    """A valid hash no secret matches (a random secret, thrown away)."""
-    return hash_key(secrets.token_urlsafe(32))
+def _dummy_hash(iterations: int = DEFAULT_ITERATIONS) -> str:
+    """A valid hash of `iterations` that no secret matches (a random secret, thrown away)."""
+    return hash_key(secrets.token_urlsafe(32), iterations)
 
 
 def clear_verify_cache() -> None:
@@ -190,6 +191,11 @@ class KeyStore:
             self._keys[key.id] = key
         if problems:
             raise ValueError("invalid API keys: " + "; ".join(problems))
+        # An unknown id is checked against a dummy hash as costly as the stored keys' hashes.
+        costs = [_parse_hash(key.hash)[0] for key in self._keys.values()]
+        self._dummy_iterations = max(costs, default=DEFAULT_ITERATIONS)
+        if self._keys:
+            _dummy_hash(self._dummy_iterations)  # made now, not inside the first check
 
     @property
     def enabled(self) -> bool:
@@ -215,6 +221,8 @@ class KeyStore:
                     break
             key = ApiKey(id=key_id, scope=scope, hash=hash_key(secret), label=label)
             self._keys[key_id] = key
+            self._dummy_iterations = max(self._dummy_iterations, DEFAULT_ITERATIONS)
+            _dummy_hash(self._dummy_iterations)
         return secret, key
 
     def remove(self, key_id: str) -> ApiKey:
@@ -240,7 +248,8 @@ class KeyStore:
         key = self._keys.get(key_id) if key_id is not None else None
         # An unknown id costs the same hashing as a wrong secret for a known one: the answer's
         # timing must not tell which key ids exist.
-        valid = verify_key(secret, key.hash if key is not None else _dummy_hash())
+        encoded = key.hash if key is not None else _dummy_hash(self._dummy_iterations)
+        valid = verify_key(secret, encoded)
         # The message never repeats the secret: it ends up in logs and problem+json bodies.
         if key is None or not valid:
             raise Unauthorized("invalid API key")
@@ -253,6 +262,8 @@ class KeyStore:
     def load_configured(cls, path: Path | str) -> KeyStore:
         """The key file a server was configured with: missing, unreadable, malformed or empty
         is an error (one line), never a server without auth."""
+        if not str(path).strip():
+            raise ValueError("api_keys_file is empty; leave it out (or null) to run without auth")
         path = Path(path)
         try:
             store = cls.load(path)

@@ -43,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import serve_log_config
     from server.settings import SettingsError, load_settings
 
     try:
@@ -56,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.api_keys_file:
+    if settings.api_keys_file is not None:
         from server.auth import KeyStore
 
         try:
@@ -75,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        log_config=serve_log_config(),
         log_level="info",
     )
     return 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
+from pathlib import Path
 from typing import Any
 
 from finetune.families.csm.generate import GenerationError
@@ -15,6 +19,11 @@ from server.auth import Forbidden, Unauthorized
 from server.registry import InvalidVoiceName, SlotInUse, VoiceExists, VoiceNotFound
 
 PROBLEM_JSON = "application/problem+json"
+
+log = logging.getLogger("voicefoundry.errors")
+
+# An absolute filesystem path inside a message (after a space, quote, bracket or at the start).
+_ABSOLUTE_PATH_RE = re.compile(r"(?:^|(?<=[\s'\"(\[=]))/[^\s'\"()\[\],;]+")
 
 
 class ServiceError(Exception):
@@ -67,7 +76,24 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response[dict
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-def _domain(exc: Exception) -> ServiceError | None:
+def public_text(text: str) -> str:
+    """`text` with every absolute server path replaced by ``<path>``: what clients may read."""
+    return _ABSOLUTE_PATH_RE.sub("<path>", text)
+
+
+def public_adapter_error(exc: AdapterError, voices_dir: Path | None = None) -> AdapterError:
+    """`exc` naming its adapter as its package does (the folder under the voice's or staged
+    package's folder), never by the server's path; what remains of paths is ``<path>``."""
+    path = Path(exc.path)
+    if path.is_absolute():
+        parts = path.parts[-1:]
+        if voices_dir is not None and path.is_relative_to(voices_dir):
+            parts = path.relative_to(voices_dir).parts[1:] or parts  # <voice or staging>/...
+        exc = exc.renamed(f"package {'/'.join(parts)!r}")
+    return AdapterError(public_text(exc.path), [public_text(p) for p in exc.problems])
+
+
+def _domain(exc: Exception, voices_dir: Path | None = None) -> ServiceError | None:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, VoiceNotFound):
@@ -77,15 +103,15 @@ def _domain(exc: Exception) -> ServiceError | None:
     if isinstance(exc, InvalidVoiceName):
         return Unprocessable(str(exc))
     if isinstance(exc, AdapterError):
-        return Unprocessable(str(exc), problems=exc.problems)
+        public = public_adapter_error(exc, voices_dir)
+        return Unprocessable(str(public), problems=public.problems)
     if isinstance(exc, GenerationError):  # e.g. prompt + max_tokens beyond the model's window
         return Unprocessable(str(exc))
     return None
 
 
 def exception_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:
-    del request
-    domain = _domain(exc)
+    domain = _domain(exc, _voices_dir(request))
     if domain is not None:
         extra = dict(domain.extra)
         if isinstance(domain, Overloaded):
@@ -97,9 +123,26 @@ def exception_handler(request: Request, exc: Exception) -> Response[dict[str, An
         return problem(403, "Forbidden", str(exc) or "this API key lacks the needed scope")
     if isinstance(exc, LitestarValidation):
         return _validation_problem(exc)
-    if isinstance(exc, HTTPException):
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
         return problem(exc.status_code, exc.__class__.__name__, str(exc.detail))
-    return problem(500, "Internal error", f"{type(exc).__name__}: {exc}")
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    return _internal_error(request, exc, status)
+
+
+def _internal_error(request: Request, exc: Exception, status: int) -> Response[dict[str, Any]]:
+    """A failure nobody expected: the client gets an id and nothing of the exception (it may
+    name server paths); the log gets the traceback under that id."""
+    error_id = uuid.uuid4().hex[:12]
+    method = request.scope.get("method", "WEBSOCKET")
+    # The path only: the query string may carry an API key.
+    log.error("internal error %s on %s %s", error_id, method, request.url.path, exc_info=exc)
+    detail = f"internal error {error_id}: the server log has the details under this id"
+    return problem(status, "Internal error", detail, error_id=error_id)
+
+
+def _voices_dir(request: Request) -> Path | None:
+    settings = getattr(request.app.state, "settings", None)
+    return settings.data_path / "voices" if settings is not None else None
 
 
 def _validation_problem(exc: LitestarValidation) -> Response[dict[str, Any]]:

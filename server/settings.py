@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from finetune.families import FAMILIES, unknown_family_message
 
@@ -13,6 +13,8 @@ import msgspec
 import yaml
 
 ENV_PREFIX = "VOICEFOUNDRY_"
+# The key an operational route asks for while API keys are on: none, any key, an admin key.
+RouteAuth = Literal["none", "speak", "admin"]
 DEMO_MODEL = "qwen3-tiny"
 
 
@@ -32,7 +34,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = "./data"
     demo: bool = False
     models: dict[str, ModelSpec] = {}
+    # None (left out): no auth. A file that is missing, unreadable or holds no keys: no start.
     api_keys_file: str | None = None
+    metrics_auth: RouteAuth = "speak"
+    schema_auth: RouteAuth = "speak"
+    readyz_auth: RouteAuth = "none"  # load balancers probe it without a key
     cors_origins: list[str] = []
     max_queue: int = 64
     max_batch: int = 8

@@ -17,6 +17,7 @@ from server.duplex.engine import DuplexEngine
 from server.engine.family import BankLimits, load_served_model
 from server.engine.worker import Engine
 from server.jobs import JobService
+from server.package_archive import ArchiveLimits
 from server.registry import Registry
 from server.settings import DEMO_MODEL, ModelSpec, Settings
 from server.voices import VoiceService
@@ -26,6 +27,12 @@ log = logging.getLogger("voicefoundry")
 
 @contextlib.asynccontextmanager
 async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[None]:
+    # No key file configured: no auth, explicitly. A configured one must load and hold keys.
+    keys = (
+        KeyStore.load_configured(settings.api_keys_file)
+        if settings.api_keys_file is not None
+        else KeyStore()
+    )
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
     models = dict(settings.models)
@@ -40,10 +47,6 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         duplex_path = str(ensure_demo_duplex_model(data))
         models.setdefault(DEMO_DUPLEX_MODEL, ModelSpec(path=duplex_path, family="personaplex"))
     registry = Registry(data / "registry.sqlite3")
-    # No key file configured: no auth, explicitly. A configured one must load and hold keys.
-    keys = (
-        KeyStore.load_configured(settings.api_keys_file) if settings.api_keys_file else KeyStore()
-    )
     engine = Engine(
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
@@ -58,7 +61,10 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         codes_log=Path(settings.codes_log) if settings.codes_log else None,
     )
     duplex.start()
-    voices = VoiceService(registry, engine, data, duplex=duplex)
+    archive_limits = ArchiveLimits(
+        settings.package_max_bytes, settings.package_max_member_bytes, settings.package_max_members
+    )
+    voices = VoiceService(registry, engine, data, duplex=duplex, archive_limits=archive_limits)
     jobs = JobService(registry, voices, settings)
     app.state.update(
         {

@@ -6,43 +6,51 @@ make import and delete atomic.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import io
-import json
 import logging
 import re
 import shutil
 import tarfile
 import tempfile
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.families import FAMILIES, get_family
-from finetune.families.qwen3_tts.bake import PACKAGE_FORMAT
+from finetune.families import get_family
+from finetune.families.qwen3_tts.bake import EMBEDDING_FILE
+from finetune.sampling import Sampling
 
 import anyio
 import mlx.core as mx
 import numpy as np
 
 from server.engine.bank import AdapterTensors
-from server.engine.family import PackageError, package_member
-from server.engine.worker import ContextClip, Engine, Voicing
+from server.engine.family import PackageError, package_file, package_member
+from server.engine.worker import ContextClip, Engine, SpeakJob, Voicing
 from server.errors import BadRequest, Conflict, NotFound, Unprocessable
+from server.package_archive import ArchiveLimits, unpack
+from server.package_meta import package_errors as _package_errors
+from server.package_meta import package_folder, package_relative, read_meta, refuse_strays
 from server.registry import Registry, Voice, validate_name
 
 log = logging.getLogger("voicefoundry")
 
 DEFAULT_SLOT = 3000
 MAX_CLONE_CLIP_S = 60.0  # a clone's reference clip; longer is refused before it is decoded
+TRIAL_TEXT = "Hello."  # what an imported voice is tried on before it is registered
 
 
 class VoiceService:
     def __init__(
-        self, registry: Registry, engine: Engine, data_dir: Path, duplex: Any = None
+        self,
+        registry: Registry,
+        engine: Engine,
+        data_dir: Path,
+        duplex: Any = None,
+        archive_limits: ArchiveLimits | None = None,
     ) -> None:
         self.registry = registry
+        self.archive_limits = archive_limits or ArchiveLimits()
         self.engine = engine
         self.duplex = duplex  # the DuplexEngine (PersonaPlex models), if any
         self.voices_dir = data_dir / "voices"
@@ -185,23 +193,24 @@ class VoiceService:
 
     @staticmethod
     def _embedding(folder: Path) -> np.ndarray:
-        meta = json.loads((folder / "voice.json").read_text())
-        file = folder / meta.get("embedding", "speaker_embedding.safetensors")
-        return np.array(mx.load(str(file))["embedding"], dtype=np.float32)
+        meta, _ = read_meta(folder)
+        with _package_errors():
+            file = package_file(folder, meta.embedding or EMBEDDING_FILE, "embedding")
+            return _read_embedding(file)
 
     # --- import ---------------------------------------------------------------------------
     async def import_package(
         self,
-        archive: bytes,
+        archive: Path | bytes,
         *,
         name: str | None,
         base_model: str | None,
         ref_clip: bytes | None = None,
     ) -> Voice:
-        """A voice package uploaded as a .tar.gz / .zip archive."""
+        """A voice package uploaded as a .tar.gz / .zip archive (a file, or its bytes)."""
         staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
         try:
-            await anyio.to_thread.run_sync(_extract, archive, staging)
+            await anyio.to_thread.run_sync(unpack, archive, staging, self.archive_limits)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -226,6 +235,8 @@ class VoiceService:
     ) -> Voice:
         try:
             meta = _read_meta(staging)
+            if not (name or meta.get("name")):
+                raise Unprocessable("voice.json has no name: send one as the field 'name'")
             voice_name = validate_name(name or meta["name"])
             family = get_family(meta["family"])  # checked by _read_meta
             served = self.served_models(family.engine)
@@ -263,24 +274,36 @@ class VoiceService:
         self, staging: Path, meta: dict[str, Any], name: str, model_name: str
     ) -> Voice:
         model = self.engine.models[model_name]
-        adapter_dir = staging / meta["adapter"] if meta.get("adapter") else None
+        with _package_errors():
+            adapter_dir = package_folder(staging, meta["adapter"]) if meta.get("adapter") else None
+            # A named embedding the package lacks: an adapter voice (as before confinement).
+            embedding_file = (
+                package_member(staging, meta["embedding"]) if meta.get("embedding") else None
+            )
+            if embedding_file is not None and not embedding_file.is_file():
+                embedding_file = None
         tensors = None
         if adapter_dir is not None:
-            tensors = await anyio.to_thread.run_sync(
-                AdapterTensors.read, adapter_dir, model.adapter_module, model.adapter_riders
-            )
+            with package_relative(meta["adapter"]):
+                tensors = await anyio.to_thread.run_sync(
+                    AdapterTensors.read, adapter_dir, model.adapter_module, model.adapter_riders
+                )
         with _package_errors():
             fields = model.package_fields(staging, meta)  # the family's own voice.json fields
+            named = [staging / "voice.json", staging / "ref.wav", adapter_dir, embedding_file]
+            named += [package_member(staging, f) for f in model.package_files(fields)]
+            refuse_strays(staging, [f for f in named if f is not None])
         embedding = None
         slot = None
-        if meta.get("embedding") and (staging / meta["embedding"]).is_file():
-            embedding = self._embedding(staging)
-            wanted = int(meta.get("slot", DEFAULT_SLOT))
+        if embedding_file is not None:
+            embedding = await anyio.to_thread.run_sync(self._embedding, staging)
+            wanted = DEFAULT_SLOT if meta.get("slot") is None else int(meta["slot"])
             slot = model.free_speaker_slot(wanted, set(self.registry.used_slots(model_name)))
             if slot is None:
                 raise Conflict(f"model {model_name!r} has no free speaker row left")
         target = self.voices_dir / name
         final_adapter = target / meta["adapter"] if adapter_dir is not None else None
+        loop = asyncio.get_running_loop()
 
         def load() -> None:
             if tensors is not None:
@@ -292,9 +315,11 @@ class VoiceService:
                 model.bake(name, slot, embedding)
             try:
                 model.check_package(staging, fields)
+                _try_voice(model, self._trial_job(staging, meta, name, model, slot, fields, loop))
             except BaseException:
                 if slot is not None:
                     model.unbake(name)
+                model.release_package(fields)
                 raise
 
         with _package_errors():
@@ -328,6 +353,43 @@ class VoiceService:
             await self.engine.run(undo)
             shutil.rmtree(target, ignore_errors=True)
             raise
+
+    def _trial_job(
+        self,
+        staging: Path,
+        meta: dict[str, Any],
+        name: str,
+        model: Any,
+        slot: int | None,
+        fields: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> SpeakJob:
+        """A one-frame request in the staged voice, as /speak would make it once registered
+        (after `check_package` installed what it installs)."""
+        rel = staging.relative_to(self.registry.data_dir)
+        kind = "baked" if slot is not None else ("adapter" if meta.get("adapter") else "clone")
+        ref = staging / "ref.wav"
+        voice = Voice(
+            name=name,
+            base_model=model.name,
+            kind=kind,
+            adapter=None,  # proven by installing it into the bank
+            slot=slot,
+            ref_clip=str(rel / "ref.wav") if ref.is_file() else None,
+            default_language=meta.get("language"),
+            meta={},
+        )
+        voice.meta.update(model.registry_meta(fields, rel))
+        return SpeakJob(
+            voicing=self.voicing(voice),
+            segments=[TRIAL_TEXT],
+            language=voice.default_language,
+            sampling=Sampling(max_tokens=1),
+            seed=0,
+            stream=False,
+            loop=loop,
+            out=asyncio.Queue(),
+        )
 
     # --- clone voices from an uploaded clip ---------------------------------------------------
     async def add_clone(
@@ -408,61 +470,31 @@ def _undo_restore(model: Any, voice: Voice) -> None:
     model.release_voice(voice.meta)
 
 
-def _extract(archive: bytes, into: Path) -> None:
-    """A .tar(.gz) or .zip voice package, refusing links and paths outside `into`."""
-    root = into.resolve()
-    if zipfile.is_zipfile(io.BytesIO(archive)):
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-            for info in zf.infolist():
-                _check_member(root, info.filename)
-            zf.extractall(into)
-        return
+def _read_embedding(file: Path) -> np.ndarray:
+    """A speaker embedding file's vector (its width is checked by the model that bakes it)."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tf:
-            for member in tf.getmembers():
-                if not (member.isfile() or member.isdir()):
-                    raise BadRequest(f"voice package holds a link or device: {member.name}")
-                _check_member(root, member.name)
-            tf.extractall(into, filter="data")
-    except tarfile.TarError as exc:
-        raise BadRequest(f"voice package is not a .tar.gz or .zip archive: {exc}") from exc
-    # Packages made with `tar -C parent folder` hold one top-level folder: unwrap it.
-    entries = list(into.iterdir())
-    if len(entries) == 1 and entries[0].is_dir() and not (into / "voice.json").exists():
-        inner = entries[0]
-        for item in inner.iterdir():
-            item.rename(into / item.name)
-        inner.rmdir()
+        vector = mx.load(str(file))["embedding"]
+    except Exception as exc:  # mlx raises plain RuntimeError / ValueError / KeyError
+        raise PackageError(f"the speaker embedding cannot be read ({type(exc).__name__})") from exc
+    return np.array(vector, dtype=np.float32)
 
 
-def _check_member(root: Path, name: str) -> None:
-    with _package_errors():
-        package_member(root, name)
-
-
-@contextlib.contextmanager
-def _package_errors() -> Iterator[None]:
-    """A model's PackageError as the service's 400 / 409 / 422 with the same message."""
+def _try_voice(model: Any, job: SpeakJob) -> None:
+    """On the engine thread: make the staged voice's first row as a request would (decode its
+    clips, build its prompt); a voice that cannot is the package's fault."""
     try:
-        yield
-    except PackageError as exc:
-        error = {400: BadRequest, 409: Conflict}.get(exc.status, Unprocessable)
-        raise error(str(exc)) from exc
+        model.make_row(job, slot=0)
+    except PackageError:
+        raise
+    except Exception as exc:
+        raise PackageError(f"the voice cannot speak: {_restore_failure(exc)}") from exc
+    finally:
+        model.forget(job.voicing)
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((folder / "voice.json").read_text())
-    except FileNotFoundError as exc:
-        raise Unprocessable("voice package has no voice.json") from exc
-    except ValueError as exc:
-        raise Unprocessable(f"voice.json is not valid JSON: {exc}") from exc
-    if meta.get("format") != PACKAGE_FORMAT:
-        raise Unprocessable(f"voice.json format must be {PACKAGE_FORMAT!r}")
-    family = meta.get("family")
-    if not isinstance(family, str) or family not in FAMILIES:
-        raise Unprocessable(f"voice package family {meta.get('family')!r} is not served")
-    return meta
+    """voice.json of a staged package, checked (server/package_meta.py)."""
+    return read_meta(folder)[1]
 
 
 def pack_directory(folder: Path) -> bytes:

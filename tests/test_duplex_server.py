@@ -261,3 +261,13 @@ def test_api_keys_guard_duplex_sessions(tmp_path, tiny_personaplex):
             )
         )
         assert len(by_query.audio) >= 4
+        # Request lines are logged (HTTP access log, WebSocket "accepted"): never the key.
+        assert httpx.get(f"{url}/voices", params={"api_key": secret}).status_code == 401
+        refused = asyncio.run(rejected(ws_url(url, speaker="NATF0.pt", api_key=secret)))
+        assert refused.close_code == 4404
+    log = "".join(p.read_text() for p in (tmp_path / "data").glob("settings-*.log"))
+    assert secret not in log
+    assert 'GET /voices?api_key=*** HTTP/1.1" 401' in log
+    assert '"WebSocket /duplex?speaker=pp-tiny&api_key=***" [accepted]' in log
+    # A refused session is logged with its code and reason (and counted in /metrics).
+    assert "duplex session refused (4404)" in log and "NATF0.pt" in log

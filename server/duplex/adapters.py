@@ -13,7 +13,13 @@ from finetune.lora import AdapterError
 
 import numpy as np
 
-from server.engine.bank import AdapterBank, AdapterTensors, read_adapter_files
+from server.engine.bank import (
+    AdapterBank,
+    AdapterTensors,
+    adapter_config,
+    lora_problems,
+    read_adapter_files,
+)
 
 MODULE = "lm"
 
@@ -28,19 +34,15 @@ class DuplexAdapterTensors(AdapterTensors):
     ) -> DuplexAdapterTensors:
         """`family`: the family of the model it goes on (the loaded model's `family`)."""
         path = Path(path)
-        config, weights = read_adapter_files(path)
+        raw, weights = read_adapter_files(path)
+        config = adapter_config(path, raw)
         problems = []
-        if config.get("family") != family:
-            problems.append(f"adapter is for family {config.get('family')!r}, not {family}")
-        if config.get("module", module) != module:
-            problems.append(f"adapter is for module {config.get('module')!r}, not {module!r}")
-        lora = config.get("lora") or {}
-        try:
-            rank, alpha = int(lora["rank"]), float(lora["alpha"])
-        except (KeyError, TypeError, ValueError):
-            problems.append("adapter_config.json lacks lora.rank / lora.alpha")
-            rank, alpha = 1, 1.0
-        trained = set(config.get("trained_tensors") or [])
+        if config.family != family:
+            problems.append(f"adapter is for family {config.family!r}, not {family}")
+        if (config.module or module) != module:
+            problems.append(f"adapter is for module {config.module!r}, not {module!r}")
+        rank, alpha = config.lora.rank, config.lora.alpha
+        trained = set(config.trained_tensors)
         full = {k: np.asarray(v, np.float32) for k, v in weights.items() if k in trained}
         lora_tensors = {
             k: np.asarray(v, np.float32)
@@ -50,6 +52,7 @@ class DuplexAdapterTensors(AdapterTensors):
         stray = sorted(set(weights) - set(full) - set(lora_tensors))
         if stray:
             problems.append(f"tensors neither LoRA nor listed in trained_tensors: {stray[:3]}")
+        problems += lora_problems(lora_tensors, rank)
         if problems:
             raise AdapterError(path, problems)
         nbytes = sum(a.nbytes for a in (*lora_tensors.values(), *full.values()))

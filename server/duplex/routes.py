@@ -24,7 +24,7 @@ from server.duplex import protocol as proto
 from server.duplex.codec import make_codec
 from server.duplex.engine import Closed, DuplexEngine, LiveSession, SessionLimit
 from server.duplex.voices import duplex_voicing
-from server.errors import NotFound, ServiceError
+from server.errors import NotFound, ServiceError, public_text
 
 log = logging.getLogger("voicefoundry.duplex")
 
@@ -77,7 +77,8 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
     except SessionLimit as exc:
         raise _Rejected(proto.CloseCode.TRY_AGAIN, f"{exc}; try again shortly") from exc
     except Exception as exc:  # a corrupt adapter or voice prompt: the client learns why
-        raise _Rejected(proto.CloseCode.UNPROCESSABLE, f"cannot start the session: {exc}") from exc
+        reason = f"cannot start the session: {public_text(str(exc))}"
+        raise _Rejected(proto.CloseCode.UNPROCESSABLE, reason) from exc
 
 
 def _internal(exc: Exception) -> _Rejected:
@@ -98,6 +99,8 @@ async def duplex_socket(socket: WebSocket) -> None:
         session = await _open(socket, params)
     except Exception as exc:
         rejected = exc if isinstance(exc, _Rejected) else _internal(exc)
+        if isinstance(exc, _Rejected):
+            log.info("duplex session refused (%d): %s", rejected.code, rejected.reason)
         metrics.duplex_rejected(rejected.code)
         with contextlib.suppress(Exception):
             await socket.send_bytes(proto.error_message(rejected.reason))

@@ -10,10 +10,19 @@ from typing import Any
 from finetune.audio import load_audio
 
 import anyio
+import msgspec
+import numpy as np
 
 from server.duplex.adapters import DuplexAdapterTensors
 from server.duplex.engine import DuplexEngine, DuplexVoicing
+from server.engine.family import check_package_path, decode_package_fields, package_file
 from server.errors import NotFound, Unprocessable
+from server.package_meta import (
+    package_errors,
+    package_folder,
+    package_relative,
+    refuse_strays,
+)
 from server.registry import InvalidVoiceName, Registry, Voice
 
 
@@ -65,24 +74,28 @@ async def install_duplex_package(
     adapter actually loaded into the running model's bank."""
     engine: DuplexEngine = service.duplex
     model = engine.models[model_name]
-    adapter_dir = staging / meta["adapter"] if meta.get("adapter") else None
-    prompt_name = meta.get("voice_prompt") or (
-        "ref.wav" if (staging / "ref.wav").is_file() else None
-    )
-    if prompt_name is not None and not (staging / prompt_name).is_file():
-        raise Unprocessable(f"voice package names voice_prompt {prompt_name!r} but lacks it")
-    if adapter_dir is not None:
-        tensors = await anyio.to_thread.run_sync(
-            lambda: DuplexAdapterTensors.read(adapter_dir, family=model.family)
+    fields = _duplex_fields(meta)
+    with package_errors():
+        adapter_dir = package_folder(staging, meta["adapter"]) if meta.get("adapter") else None
+        prompt_name = fields.voice_prompt or (
+            "ref.wav" if (staging / "ref.wav").is_file() else None
         )
+        prompt = None if prompt_name is None else package_file(staging, prompt_name, "voice_prompt")
+        named = [staging / "voice.json", staging / "ref.wav", adapter_dir, prompt]
+        refuse_strays(staging, [p for p in named if p is not None])
+    if adapter_dir is not None:
+        with package_relative(meta["adapter"]):
+            tensors = await anyio.to_thread.run_sync(
+                lambda: DuplexAdapterTensors.read(adapter_dir, family=model.family)
+            )
 
         def check() -> None:
             model.bank.ensure(tensors)  # proves it fits; the final copy loads per session
             model.bank.unload(str(tensors.path))
 
         await engine.run(check)
-    if prompt_name is not None:
-        await anyio.to_thread.run_sync(load_audio, staging / prompt_name, 24_000)
+    if prompt is not None:
+        await anyio.to_thread.run_sync(_check_prompt, prompt, prompt_name)
     target = service.voices_dir / name
     staging.rename(target)
     try:
@@ -98,13 +111,41 @@ async def install_duplex_package(
             meta={
                 "strategy": "duplex",
                 "source": meta.get("source", "package"),
-                "text_prompt": meta.get("text_prompt"),
+                "text_prompt": fields.text_prompt,
             },
         )
         return await anyio.to_thread.run_sync(service.registry.add, voice)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
+
+
+class DuplexPackageFields(msgspec.Struct, kw_only=True):
+    """voice.json fields of a PersonaPlex package (beyond the shared ones)."""
+
+    voice_prompt: str | None = None  # an audio file of the package
+    text_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.voice_prompt is not None:
+            check_package_path("voice_prompt", self.voice_prompt)
+
+
+def _duplex_fields(meta: dict[str, Any]) -> DuplexPackageFields:
+    with package_errors():
+        return decode_package_fields(meta, DuplexPackageFields)
+
+
+def _check_prompt(path: Path, name: str) -> None:
+    """The voice prompt decodes to finite audio, as a session will read it."""
+    try:
+        audio = load_audio(path, 24_000)
+    except Exception as exc:  # any decoder failure is the package's fault
+        raise Unprocessable(
+            f"voice_prompt {name!r} cannot be decoded ({type(exc).__name__})"
+        ) from exc
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise Unprocessable(f"voice_prompt {name!r} holds no usable audio")
 
 
 async def unload_duplex_voice(service: Any, voice: Voice) -> None:

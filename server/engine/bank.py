@@ -10,16 +10,19 @@ free slot: the base model is never reloaded.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, linear_dims
 
 import mlx.core as mx
 import mlx.nn as nn
+import msgspec
 import numpy as np
 from mlx.utils import tree_unflatten
 from safetensors.numpy import load_file
@@ -62,16 +65,71 @@ class BankedLoRALinear(nn.Module):
         return y + (scale * delta.reshape(*y.shape)).astype(y.dtype)
 
 
-def read_adapter_files(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """adapter_config.json and adapters.safetensors, or an AdapterError saying what is wrong."""
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class LoraParams(msgspec.Struct, kw_only=True):
+    """adapter_config.json's "lora" object, as far as serving reads it."""
+
+    rank: Annotated[int, msgspec.Meta(ge=1)]
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be a finite number > 0, not {self.alpha!r}")
+
+
+class AdapterConfig(msgspec.Struct, kw_only=True):
+    """adapter_config.json, as far as serving reads it (other keys are the trainer's)."""
+
+    lora: LoraParams
+    module: str | None = None
+    family: str | None = None
+    trained_tensors: list[str] = []
+
+
+def adapter_config(path: Path, config: Any) -> AdapterConfig:
+    """`config` (adapter_config.json's object) decoded, or an AdapterError saying what is wrong."""
     try:
+        return msgspec.convert(config, AdapterConfig)
+    except msgspec.ValidationError as exc:
+        raise AdapterError(path, [f"{ADAPTER_CONFIG}: {exc}"]) from exc
+
+
+def read_adapter_files(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """adapter_config.json (checked against AdapterConfig) and adapters.safetensors, or an
+    AdapterError saying what is wrong."""
+    try:
+        if (path / ADAPTER_CONFIG).stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(path, [f"{ADAPTER_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes"])
         config = json.loads((path / ADAPTER_CONFIG).read_text())
+        adapter_config(path, config)
         weights = load_file(str(path / ADAPTER_WEIGHTS))
+    except AdapterError:
+        raise
     except FileNotFoundError as exc:
         raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
     return config, weights
+
+
+def lora_problems(tensors: dict[str, np.ndarray], rank: int) -> list[str]:
+    """What is wrong with an adapter's LoRA tensors on their own: unpaired A / B, shapes that
+    disagree with `rank`, values that are not finite (checked against the model by the bank)."""
+    problems = []
+    for name, array in sorted(tensors.items()):
+        layer, _, leaf = name.rpartition(".")
+        other = f"{layer}.{'lora_b' if leaf == 'lora_a' else 'lora_a'}"
+        if other not in tensors:
+            problems.append(f"{name}: its {other.rpartition('.')[2]} is missing")
+        if array.ndim != 2:
+            problems.append(f"{name}: shape {array.shape} is not 2-D")
+        elif (array.shape[1] if leaf == "lora_a" else array.shape[0]) != rank:
+            problems.append(f"{name}: shape {array.shape} does not match lora.rank {rank}")
+        if not np.isfinite(array).all():
+            problems.append(f"{name}: holds values that are not finite")
+    return problems
 
 
 @dataclass
@@ -89,22 +147,22 @@ class AdapterTensors:
         cls, path: Path, module: str = "talker", installed_elsewhere: tuple[str, ...] = ()
     ) -> AdapterTensors:
         path = Path(path)
-        config, weights = read_adapter_files(path)
-        if config.get("module", module) != module:
-            raise AdapterError(path, [f"adapter is for module {config.get('module')!r}"])
-        lora = config.get("lora") or {}
-        try:
-            rank, alpha = int(lora["rank"]), float(lora["alpha"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterError(path, ["adapter_config.json lacks lora.rank / lora.alpha"]) from exc
+        raw, weights = read_adapter_files(path)
+        config = adapter_config(path, raw)
+        if (config.module or module) != module:
+            raise AdapterError(path, [f"adapter is for module {config.module!r}"])
+        rank, alpha = config.lora.rank, config.lora.alpha
         # Fully trained tensors the family installs itself (e.g. Qwen3-TTS language rows) are
         # not banked: leave them to the caller.
-        riders = set(config.get("trained_tensors") or []) & set(installed_elsewhere)
+        riders = set(config.trained_tensors) & set(installed_elsewhere)
         weights = {k: v for k, v in weights.items() if k not in riders}
         extra = sorted(k for k in weights if not k.endswith((".lora_a", ".lora_b")))
         if extra:
             raise AdapterError(path, [f"fully trained tensors cannot be banked: {extra[:3]}"])
         arrays = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+        problems = lora_problems(arrays, rank)
+        if problems:
+            raise AdapterError(path, problems)
         return cls(path, alpha / rank, rank, arrays, sum(a.nbytes for a in arrays.values()))
 
 

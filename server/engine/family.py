@@ -15,17 +15,19 @@ import importlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, TypeVar
 
 from finetune.families import FAMILIES, get_family
 
+import msgspec
 import numpy as np
 
 from server.engine.bank import AdapterBank
 from server.engine.requests import SpeakJob, Voicing
 
 SPEECH_ENGINE = "speech"
+T = TypeVar("T")
 
 
 def speech_families() -> dict[str, str]:
@@ -58,6 +60,32 @@ def package_member(folder: Path, name: str) -> Path:
     if root != target and root not in target.parents:
         raise PackageMalformed(f"voice package path escapes the package: {name}")
     return target
+
+
+def check_package_path(field: str, name: str) -> str:
+    """A path voice.json names: a plain relative name inside the package (ValueError if not,
+    before anything looks at the file system, so the answer never depends on what exists)."""
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ".." in parts or "\x00" in name or "\\" in name:
+        raise ValueError(f"{field} must be a relative file name inside the package, not {name!r}")
+    return name
+
+
+def package_file(folder: Path, name: str, field: str) -> Path:
+    """The file voice.json names as `field`: confined to the package, and there."""
+    path = package_member(folder, name)
+    if not path.is_file():
+        raise PackageError(f"voice.json {field} {name!r} is not a file of the package")
+    return path
+
+
+def decode_package_fields(meta: dict[str, Any], kind: type[T]) -> T:
+    """The voice.json fields `kind` (a msgspec Struct) declares, or a PackageError naming what
+    is wrong (types, bounds, paths)."""
+    try:
+        return msgspec.convert(meta, kind)
+    except msgspec.ValidationError as exc:
+        raise PackageError(f"voice.json: {exc}") from exc
 
 
 class SpeechRow(Protocol):
@@ -121,6 +149,11 @@ class SpeechModel(Protocol):
     def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         """The family-specific fields of a staged package's voice.json, checked against the
         package (paths relative to `folder`). Raises PackageError / PackageConflict."""
+        ...
+
+    def package_files(self, fields: dict[str, Any]) -> list[str]:
+        """The files of the package `fields` name beyond the shared voice.json fields (adapter,
+        embedding, ref.wav): anything else the package holds is refused."""
         ...
 
     def check_package(self, folder: Path, fields: dict[str, Any]) -> None:

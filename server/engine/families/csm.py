@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from finetune.audio import load_audio
 from finetune.families.csm.checkpoint import LoadedCsm, load_csm
@@ -39,15 +39,39 @@ from finetune.families.csm.training import (
 )
 
 import mlx.core as mx
+import msgspec
 import numpy as np
 
 from server.engine.bank import AdapterBank
-from server.engine.family import PackageError, package_member
+from server.engine.family import (
+    PackageError,
+    check_package_path,
+    decode_package_fields,
+    package_file,
+    package_member,
+)
 from server.engine.requests import Sampling, SpeakJob, Voicing
 
 FAMILY = CSM_FAMILY.name
 BUILTIN_SPEAKER_IDS = (0, 1)
 FRAME_RATE = 12.5  # Mimi frames per second
+
+
+class CsmContextClip(msgspec.Struct, kw_only=True):
+    audio: str  # an audio file of the package
+    text: str  # its transcript
+
+    def __post_init__(self) -> None:
+        check_package_path("context audio", self.audio)
+        if not self.text.strip():
+            raise ValueError(f"context clip {self.audio!r} needs its transcript as 'text'")
+
+
+class CsmPackageFields(msgspec.Struct, kw_only=True):
+    """voice.json fields of a CSM package (beyond the shared ones)."""
+
+    speaker_id: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+    context: list[CsmContextClip] | None = None
 
 
 @dataclass
@@ -194,36 +218,26 @@ class CsmModel:
 
     # --- voice packages ----------------------------------------------------------------------
     def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        """A CSM package's speaker id and context clips (paths inside the package), checked."""
-        speaker = meta.get("speaker_id")
-        if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
-            raise PackageError(
-                f"CSM voice.json speaker_id must be an integer >= 0, not {speaker!r}"
-            )
-        clips = meta.get("context") or []
-        if not isinstance(clips, list):
-            raise PackageError("CSM voice.json context must be a list of {audio, text}")
+        """A CSM package's speaker id and context clips (files of the package), checked."""
+        package = decode_package_fields(meta, CsmPackageFields)
         context = []
-        for i, clip in enumerate(clips):
-            if not (isinstance(clip, dict) and isinstance(clip.get("audio"), str)):
-                raise PackageError(f"CSM context clip {i} needs an 'audio' file name")
-            if not isinstance(clip.get("text"), str) or not clip["text"].strip():
-                raise PackageError(f"CSM context clip {i} needs its transcript as 'text'")
-            package_member(folder, clip["audio"])
-            if not (folder / clip["audio"]).is_file():
-                raise PackageError(f"CSM context clip {clip['audio']!r} is not in the package")
-            context.append({"audio": clip["audio"], "text": clip["text"]})
-        return {"speaker_id": speaker, "context": context}
+        for clip in package.context or []:
+            package_file(folder, clip.audio, "context audio")
+            context.append({"audio": clip.audio, "text": clip.text})
+        return {"speaker_id": package.speaker_id, "context": context}
+
+    def package_files(self, fields: dict[str, Any]) -> list[str]:
+        return [clip["audio"] for clip in fields["context"]]
 
     def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
         """Encode each context clip once (on the engine thread) to prove it loads."""
         for clip in fields["context"]:
-            path = folder / clip["audio"]
+            path = package_member(folder, clip["audio"])
             try:
                 self.context_codes_of(path)
             except Exception as exc:  # undecodable audio: the package's fault
-                raise PackageError(
-                    f"CSM context clip {clip['audio']!r} cannot be used: {exc}"
+                raise PackageError(  # the type only: the message names the staging path
+                    f"CSM context clip {clip['audio']!r} cannot be used ({type(exc).__name__})"
                 ) from exc
             finally:
                 self.context_codes.pop(str(path), None)

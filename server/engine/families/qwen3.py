@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, QWEN3_TALKER_TARGETS
@@ -23,15 +23,38 @@ from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompt
 from finetune.identity import same_base, weights_identity
 
 import mlx.core as mx
+import msgspec
 import numpy as np
 
 from server.engine.bank import AdapterBank, read_adapter_files
-from server.engine.family import PackageConflict, PackageError, package_member
+from server.engine.family import (
+    PackageConflict,
+    PackageError,
+    decode_package_fields,
+    package_member,
+)
 from server.engine.requests import SpeakJob, Voicing
 
 # Frames of left context a streamed chunk is decoded with, for continuity at its seams.
 DECODE_CONTEXT_FRAMES = 25
 DEFAULT_SLOT = 3000  # the official recipe's speaker row
+
+
+class LanguageRowEntry(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    row: int = -1
+
+
+class BaseRecord(msgspec.Struct, kw_only=True):
+    identity: dict[str, Any] | None = None  # finetune.identity.weights_identity
+
+
+class Qwen3PackageFields(msgspec.Struct, kw_only=True):
+    """voice.json fields of a Qwen3-TTS package (beyond the shared ones)."""
+
+    conditioning: dict[str, Any] | None = None  # VoiceConditioning.from_dict checks it
+    language_rows: list[LanguageRowEntry] | None = None
+    base_model: BaseRecord | None = None
 
 
 @dataclass
@@ -137,7 +160,8 @@ class Qwen3Model:
     def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         """The voice's conditioning and new-language rows; refuses a package trained on
         another base (other weights, or the same weights quantised otherwise)."""
-        recorded = (meta.get("base_model") or {}).get("identity")
+        package = decode_package_fields(meta, Qwen3PackageFields)
+        recorded = package.base_model.identity if package.base_model is not None else None
         if recorded is not None:  # packages from before identities were recorded: unverified
             problems = same_base(recorded, self.identity)
             if problems:
@@ -153,7 +177,7 @@ class Qwen3Model:
             conditioning = VoiceConditioning.from_dict(meta.get("conditioning") or legacy)
         except ValueError as exc:
             raise PackageError(f"voice.json {exc}") from exc
-        if conditioning.speaker == "ref_clip" and not (folder / "ref.wav").is_file():
+        if conditioning.speaker == "ref_clip" and not package_member(folder, "ref.wav").is_file():
             raise PackageError(
                 "the voice was trained on a reference clip's speaker vector: the package needs "
                 "it as ref.wav (or send one as 'ref')"
@@ -167,7 +191,8 @@ class Qwen3Model:
     def _package_language_rows(
         self, folder: Path, meta: dict[str, Any]
     ) -> list[tuple[str, int, np.ndarray]]:
-        entries = meta.get("language_rows") or []
+        package = decode_package_fields(meta, Qwen3PackageFields)
+        entries = package.language_rows or []
         if not entries:
             return []
         if not meta.get("adapter"):
@@ -180,12 +205,9 @@ class Qwen3Model:
                 f"the adapter's {WEIGHT_KEY} must be [{len(entries)}, {width}] for the "
                 f"{len(entries)} language row(s) voice.json names"
             )
-        rows = []
-        for i, entry in enumerate(entries):
-            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
-                raise PackageError(f"voice.json language_rows[{i}] needs a 'name'")
-            rows.append((entry["name"].lower(), int(entry.get("row", -1)), np.asarray(vectors[i])))
-        return rows
+        if not np.isfinite(vectors).all():
+            raise PackageError(f"the adapter's {WEIGHT_KEY} holds values that are not finite")
+        return [(e.name.lower(), e.row, np.asarray(vectors[i])) for i, e in enumerate(entries)]
 
     def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
         """Install the voice's language rows (rolled back by `release_package`)."""
@@ -193,6 +215,9 @@ class Qwen3Model:
 
     def release_package(self, fields: dict[str, Any]) -> None:
         self.release_language_rows(fields.get("installed_rows", []))
+
+    def package_files(self, fields: dict[str, Any]) -> list[str]:
+        return []  # its adapter, embedding and ref.wav are the shared voice.json fields
 
     def registry_meta(self, fields: dict[str, Any], stored_at: Path) -> dict[str, Any]:
         return {
@@ -269,6 +294,12 @@ class Qwen3Model:
         return self.clone_cache[key]
 
     def bake(self, name: str, slot: int, embedding: np.ndarray) -> None:
+        width = self.model.talker.model.codec_embedding.weight.shape[1]
+        if embedding.shape != (width,) or not np.isfinite(embedding).all():
+            raise PackageError(
+                f"the speaker embedding must be {width} finite numbers (has shape "
+                f"{tuple(embedding.shape)})"
+            )
         check_slot(self.model, name, slot, force=False)
         weight = self.model.talker.model.codec_embedding.weight
         self.original_rows.setdefault(slot, np.array(weight[slot]))
