@@ -23,6 +23,7 @@ from finetune.families.qwen3_tts.export import (
     install_language_rows,
     read_language_rows,
 )
+from finetune.families.qwen3_tts.languages import FIRST_SPEAKER_ROW, row_of, special_rows
 from finetune.families.qwen3_tts.training import FAMILY, mean_speaker_embedding, speaker_ref
 from finetune.fsutil import atomic_directory
 from finetune.identity import weights_identity
@@ -32,7 +33,6 @@ import mlx.core as mx
 import numpy as np
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-FIRST_FREE_ROW = 2048  # rows below are audio codes; 2048-3071 are never sampled as audio
 PACKAGE_FORMAT = "voicefoundry.voice/1"
 EMBEDDING_FILE = "speaker_embedding.safetensors"
 
@@ -48,26 +48,10 @@ def normalise_name(name: str) -> str:
     return lowered
 
 
-def occupied_rows(model: Any) -> dict[int, str]:
+def speaker_rows(model: Any) -> dict[int, str]:
+    """Row -> name of each speaker in `spk_id`."""
     spk_id = model.config.talker_config.spk_id or {}
-    return {_row(v): k for k, v in spk_id.items()}
-
-
-def _row(value: Any) -> int:
-    return int(value[0] if isinstance(value, list | tuple) else value)
-
-
-def special_rows(talker: Any) -> set[int]:
-    """codec_embedding rows of the special codec tokens."""
-    return {
-        talker.codec_pad_id,
-        talker.codec_bos_id,
-        talker.codec_eos_token_id,
-        talker.codec_think_id,
-        talker.codec_nothink_id,
-        talker.codec_think_bos_id,
-        talker.codec_think_eos_id,
-    }
+    return {row_of(v): k for k, v in spk_id.items()}
 
 
 def reserved_rows(talker: Any) -> set[int]:
@@ -77,17 +61,17 @@ def reserved_rows(talker: Any) -> set[int]:
 
 def check_slot(model: Any, name: str, slot: int, *, force: bool) -> None:
     vocab = model.config.talker_config.vocab_size
-    if not FIRST_FREE_ROW <= slot < vocab:
-        raise BakeError(f"slot {slot} is not a speaker row ({FIRST_FREE_ROW}-{vocab - 1})")
+    if not FIRST_SPEAKER_ROW <= slot < vocab:
+        raise BakeError(f"slot {slot} is not a speaker row ({FIRST_SPEAKER_ROW}-{vocab - 1})")
     talker = model.config.talker_config
     reserved = reserved_rows(talker)
     if slot in reserved:
         raise BakeError(f"slot {slot} holds a special codec token")
-    owner = occupied_rows(model).get(slot)
+    owner = speaker_rows(model).get(slot)
     if owner is not None and owner != name and not force:
         raise BakeError(f"slot {slot} already holds speaker {owner!r} (use --force to overwrite)")
-    if name in (talker.spk_id or {}) and _row(talker.spk_id[name]) != slot and not force:
-        raise BakeError(f"speaker {name!r} already exists at row {_row(talker.spk_id[name])}")
+    if name in (talker.spk_id or {}) and row_of(talker.spk_id[name]) != slot and not force:
+        raise BakeError(f"speaker {name!r} already exists at row {row_of(talker.spk_id[name])}")
 
 
 def bake_into_model(model: Any, name: str, slot: int, embedding: np.ndarray) -> None:
@@ -108,7 +92,7 @@ def bake_into_model(model: Any, name: str, slot: int, embedding: np.ndarray) -> 
 
 def unbake_from_model(model: Any, name: str, original_row: np.ndarray) -> None:
     talker = model.config.talker_config
-    slot = _row((talker.spk_id or {})[name])
+    slot = row_of((talker.spk_id or {})[name])
     table = model.talker.model.codec_embedding
     weight = table.weight
     weight[slot] = mx.array(original_row).astype(weight.dtype)
@@ -163,14 +147,16 @@ def check_language_rows(model: Any, rows: list[LanguageRow], slot: int | None) -
     talker = model.config.talker_config
     known = {k.lower(): int(v) for k, v in (talker.codec_language_id or {}).items()}
     owners = {v: k for k, v in known.items()}
-    speakers = occupied_rows(model)
+    speakers = speaker_rows(model)
     specials = special_rows(talker)
     problems: list[str] = []
     seen: dict[int, str] = {}
     for lang in rows:
         where = f"language {lang.name!r} at row {lang.row}"
-        if not FIRST_FREE_ROW <= lang.row < talker.vocab_size:
-            problems.append(f"{where}: not a free row ({FIRST_FREE_ROW}-{talker.vocab_size - 1})")
+        if not FIRST_SPEAKER_ROW <= lang.row < talker.vocab_size:
+            problems.append(
+                f"{where}: not a free row ({FIRST_SPEAKER_ROW}-{talker.vocab_size - 1})"
+            )
         elif lang.row == slot:
             problems.append(f"{where}: the speaker is baked into the same row")
         elif lang.row in specials:

@@ -50,10 +50,15 @@ class LanguageRows(nn.Module):
         return codec
 
 
-def occupied_rows(talker_config: Any) -> set[int]:
-    """Rows that already mean something: special tokens, languages, speakers."""
+def row_of(value: Any) -> int:
+    """The codec row an `spk_id` entry names (an int, or a list holding it)."""
+    return int(value[0] if isinstance(value, list | tuple) else value)
+
+
+def special_rows(talker_config: Any) -> set[int]:
+    """codec_embedding rows of the special codec tokens."""
     c = talker_config
-    taken = {
+    return {
         c.codec_pad_id,
         c.codec_bos_id,
         c.codec_eos_token_id,
@@ -62,10 +67,13 @@ def occupied_rows(talker_config: Any) -> set[int]:
         c.codec_think_bos_id,
         c.codec_think_eos_id,
     }
-    taken |= {int(v) for v in (c.codec_language_id or {}).values()}
-    for value in (c.spk_id or {}).values():
-        taken.add(int(value[0] if isinstance(value, list | tuple) else value))
-    return taken
+
+
+def occupied_rows(talker_config: Any) -> set[int]:
+    """Rows that already mean something: special tokens, languages, speakers."""
+    c = talker_config
+    taken = special_rows(c) | {int(v) for v in (c.codec_language_id or {}).values()}
+    return taken | {row_of(v) for v in (c.spk_id or {}).values()}
 
 
 def free_rows(talker_config: Any, count: int, *, also_taken: set[int] = frozenset()) -> list[int]:
