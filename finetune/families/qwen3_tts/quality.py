@@ -5,11 +5,8 @@ the prefix the server would build (`serving.Qwen3Prompter`) for the voice's cond
 model being trained (LoRA layers live), switched to eval mode for the preview and back. Its
 speaker similarity uses the base model's speaker encoder.
 
-Conditioning (`VoiceConditioning(speaker="ref_clip", language=...)`, in the one language all
-training lines share, else none): a speaker voice puts the mean speaker embedding of its
-reference clips in the speaker slot, one term per training line (the vector its package bakes),
-a language voice the embedding of its first training line's reference clip (its own audio when
-it has none).
+The conditioning and the speaker-slot vector are the trained voice's own, handed over by the
+trainer (training.py `prepare_run`): the same records its package gets, never recomputed here.
 Sampling is fixed (mlx-audio's defaults, a seed from the config), so previews of different
 steps differ only by the weights.
 """
@@ -26,7 +23,6 @@ from finetune.config import TrainConfig
 from finetune.families.qwen3_tts.conditioning import (
     Conditioning,
     VoiceConditioning,
-    normalise_language,
 )
 from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
 from finetune.progress import ProgressWriter
@@ -92,17 +88,6 @@ def speaker_embedding(model: Any, audio: np.ndarray) -> np.ndarray:
     return np.asarray(vector, dtype=np.float32)
 
 
-def voice_speaker_vector(
-    model: Any, clips: list[data_lib.Clip], strategy: str, audio: dict[Path, np.ndarray]
-) -> np.ndarray:
-    """The speaker-slot vector of the voice being trained (see the module docstring)."""
-    refs = [Path(c.ref_audio) if c.ref_audio else Path(c.audio) for c in clips]
-    if strategy != "speaker":
-        refs = refs[:1]
-    vectors = {p: speaker_embedding(model, _audio(audio, p)) for p in set(refs)}
-    return mean_embedding([vectors[p] for p in refs])
-
-
 def _audio(cache: dict[Path, np.ndarray], path: Path) -> np.ndarray:
     if path not in cache:
         cache[path] = load_audio(path, SAMPLE_RATE)
@@ -110,9 +95,16 @@ def _audio(cache: dict[Path, np.ndarray], path: Path) -> np.ndarray:
 
 
 def quality_hook(
-    config: TrainConfig, loaded: Any, clips: list[data_lib.Clip], progress: ProgressWriter
+    config: TrainConfig,
+    loaded: Any,
+    clips: list[data_lib.Clip],
+    progress: ProgressWriter,
+    *,
+    voice: VoiceConditioning,
+    speaker: np.ndarray,
 ) -> CheckpointHook | None:
-    """The trainer's `on_checkpoint` hook for a Qwen3-TTS run (None when the report is off)."""
+    """The trainer's `on_checkpoint` hook for a Qwen3-TTS run (None when the report is off):
+    previews in the trained voice's conditioning with its speaker-slot vector `speaker`."""
     if not config.quality.enabled:
         return None
     model = loaded.model
@@ -125,10 +117,6 @@ def quality_hook(
     reference = mean_embedding([speaker_embedding(model, _audio(audio, p)) for p in uploaded])
     hop = int(getattr(model.speech_tokenizer, "encode_downsample_rate", 1920))
     longest = max(math.ceil(_audio(audio, p).shape[0] / hop) for p in uploaded)
-    languages = {normalise_language(c.language) for c in clips}
-    language = languages.pop() if len(languages) == 1 else None
-    voice = VoiceConditioning(speaker="ref_clip", language=language)
-    speaker = voice_speaker_vector(model, clips, config.model.strategy, audio)
     previewer = Qwen3Previewer(
         model,
         config.quality.preview_text or clips[0].text,

@@ -307,7 +307,11 @@ def prepare_run(
         val_plan = data_lib.BatchPlan(val, tcfg.batch_size, seed=0, shuffle=False)
         val_batches = [collate([val[i] for i in idx]) for idx in val_plan.epoch_batches(0)]
 
-    metadata = adapter_metadata(loaded, config, voice_conditioning(strategy, train_clips), rows)
+    conditioning = voice_conditioning(strategy, train_clips)
+    metadata = adapter_metadata(loaded, config, conditioning, rows)
+    # The voice's speaker-slot vector: what bake writes (speaker) or its one reference clip's.
+    voice_lines = train_clips if strategy == "speaker" else train_clips[:1]
+    voice_vector = np.mean(np.stack([speakers[speaker_ref(c)] for c in voice_lines]), axis=0)
 
     def save_weights(module: nn.Module, out_dir: Path) -> None:
         save_adapters(out_dir, module, lcfg, metadata)
@@ -323,7 +327,9 @@ def prepare_run(
         samples_in=lambda batch: batch.size,
         val_batches=val_batches,
         progress=progress,
-        on_checkpoint=quality_hook(config, loaded, train_clips, progress),
+        on_checkpoint=quality_hook(
+            config, loaded, train_clips, progress, voice=conditioning, speaker=voice_vector
+        ),
     )
     if resume is not None:
         trainer.resume(resume)
