@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint bench run serve
+.PHONY: install test lint parity bench run serve
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,20 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+PARITY_VENV ?= .venv-parity
+
+$(PARITY_VENV)/.installed: deploy/parity-requirements.txt deploy/install-parity.sh
+	VF_PARITY_VENV=$(PARITY_VENV) bash deploy/install-parity.sh
+	touch $@
+
+# Our checkpoints loaded by the reference implementations (qwen-tts, moshi) on PyTorch CPU.
+parity: install $(PARITY_VENV)/.installed
+	$(PARITY_VENV)/bin/python -m pytest -q --confcutdir=tests/parity tests/parity
+
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) tests/bench/bench_foundation.py

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
+
+from finetune.fsutil import atomic_write
 
 import numpy as np
 import soundfile as sf
@@ -261,16 +262,8 @@ def duration_s(audio: np.ndarray, sr: int = TARGET_SAMPLE_RATE) -> float:
 def write_wav(
     path: str | os.PathLike[str], audio: np.ndarray, sr: int = TARGET_SAMPLE_RATE
 ) -> None:
-    """Write 16-bit PCM WAV atomically (temp file in the same dir, then ``os.replace``)."""
+    """Write 16-bit PCM WAV atomically (`finetune.fsutil.atomic_write`)."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, data, sr, subtype="PCM_16", format="WAV")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda tmp: sf.write(tmp, data, sr, subtype="PCM_16", format="WAV"))

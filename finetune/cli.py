@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--variant", default="base", help=per_family("variants"))
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--preset", default="tiny", help=per_family("presets"))
+    tiny.add_argument(
+        "--layout",
+        help="the distribution's on-disk layout (default: the first named); "
+        + "; ".join(f"{f.name}: {' | '.join(f.layouts)}" for f in FAMILIES.values() if f.layouts),
+    )
     tiny.set_defaults(handler=_make_tiny)
 
     doctor = subparsers.add_parser("doctor", help="platform, MLX device, BLAS, fast paths")
@@ -51,8 +56,18 @@ def _make_tiny(args: argparse.Namespace) -> int:
     if args.variant not in family.variants:
         print(f"error: --variant must be one of {', '.join(family.variants)}", file=sys.stderr)
         return 2
+    options = {"seed": args.seed, "preset": args.preset, "variant": args.variant}
+    if family.layouts:
+        layout = args.layout or family.layouts[0]
+        if layout not in family.layouts:
+            print(f"error: --layout must be one of {', '.join(family.layouts)}", file=sys.stderr)
+            return 2
+        options["layout"] = layout
+    elif args.layout is not None:
+        print(f"error: {family.name} has one layout; --layout does not apply", file=sys.stderr)
+        return 2
     entry = family.entry_module()
-    print(entry.make_tiny(args.out_dir, seed=args.seed, preset=args.preset, variant=args.variant))
+    print(entry.make_tiny(args.out_dir, **options))
     return 0
 
 

@@ -83,6 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(what the server runs in a separate process)",
     )
     job.add_argument("--spec", required=True, type=Path)
+    job.add_argument(
+        "--min-free-bytes",
+        type=int,
+        help="fail instead of writing a checkpoint that leaves less free disk space than this",
+    )
     job.set_defaults(handler=_guard(_run_job))
 
 
@@ -94,6 +99,7 @@ def _guard(handler):
         from finetune.config import ConfigError
         from finetune.data import DataError
         from finetune.families.qwen3_tts.bake import BakeError
+        from finetune.fsutil import DiskSpaceError
         from finetune.loading import CheckpointError
         from finetune.lora import AdapterError, LoRAError
 
@@ -106,6 +112,7 @@ def _guard(handler):
             LoRAError,
             BakeError,
             AudioError,
+            DiskSpaceError,
             FileNotFoundError,
         )
         try:
@@ -226,10 +233,13 @@ def _bake(args: argparse.Namespace) -> int:
 
 def _run_job(args: argparse.Namespace) -> int:
     from finetune.job import run_job
-    from finetune.progress import ProgressWriter
+    from finetune.progress import Failed, ProgressWriter
 
     progress = ProgressWriter(stream=sys.stdout)
     try:
-        return run_job(args.spec, progress)
+        return run_job(args.spec, progress, args.min_free_bytes)
+    except Exception as exc:  # reported to the server as one line, then handled as before
+        progress.emit(Failed(reason=f"{type(exc).__name__}: {exc}"))
+        raise
     finally:
         progress.close()

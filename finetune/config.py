@@ -75,6 +75,8 @@ class TrainerSection(Strict):
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 3
+    # A checkpoint that would leave less than this free on its disk fails the run (0: off).
+    min_free_bytes: int = 0
     seed: int = 0
     prefetch: int = 2
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from finetune.audio import TARGET_SAMPLE_RATE, AudioError, duration_s, load_audio, write_wav
 from finetune.fsutil import atomic_write_bytes
@@ -452,7 +452,25 @@ class Example:
         return int(self.codes.shape[0])
 
 
-class BatchPlan:
+class _Transcribed(Protocol):
+    @property
+    def text(self) -> str: ...
+
+
+class Batchable(Protocol):
+    """What batching reads of an example: its length in frames and its clip's text."""
+
+    @property
+    def frames(self) -> int: ...
+
+    @property
+    def clip(self) -> _Transcribed: ...
+
+
+ExampleT = TypeVar("ExampleT", bound=Batchable)
+
+
+class BatchPlan(Generic[ExampleT]):
     """Deterministic, resumable batches: the same seed gives the same batches in every run.
 
     With ``sort_by_length`` examples are sorted by ``frames + len(text)`` and chunked into
@@ -464,7 +482,7 @@ class BatchPlan:
 
     def __init__(
         self,
-        examples: Sequence[Example],
+        examples: Sequence[ExampleT],
         batch_size: int,
         *,
         seed: int,
@@ -522,7 +540,7 @@ class BatchPlan:
 
     def iterate(
         self, start_epoch: int = 0, start_batch: int = 0
-    ) -> Iterator[tuple[int, int, list[Example]]]:
+    ) -> Iterator[tuple[int, int, list[ExampleT]]]:
         """Yield ``(epoch, batch_index, examples)`` forever, starting exactly at the position.
 
         ``start_batch`` past the end of an epoch carries over into the following epochs.
@@ -532,7 +550,7 @@ class BatchPlan:
         epoch, batch_index = divmod(start_epoch * self.num_batches + start_batch, self.num_batches)
         return self._iterate(epoch, batch_index)
 
-    def _iterate(self, epoch: int, first: int) -> Iterator[tuple[int, int, list[Example]]]:
+    def _iterate(self, epoch: int, first: int) -> Iterator[tuple[int, int, list[ExampleT]]]:
         while True:
             batches = self.epoch_batches(epoch)
             for index in range(first, len(batches)):

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -27,17 +27,52 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(dest: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write a file through a synced temp file and a rename: readers see old or new, never half."""
+def atomic_write(dest: Path, write: Callable[[Path], object], *, mode: int = 0o644) -> None:
+    """The one way files are written here: `write(tmp)` fills a temp file beside `dest`, which
+    is synced and renamed over `dest`; readers see the old file or the new, never half of one,
+    and a failed write leaves nothing behind."""
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(dest: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write a file through a synced temp file and a rename: readers see old or new, never half."""
+    atomic_write(dest, lambda tmp: tmp.write_bytes(data), mode=mode)
+
+
+class DiskSpaceError(OSError):
+    """Writing would leave less free space on a file system than its configured floor."""
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path` (statvfs)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # a folder about to be made: ask its nearest existing parent
+    stats = os.statvfs(probe)
+    return stats.f_bavail * stats.f_frsize
+
+
+def ensure_free_space(path: Path, min_free_bytes: int, what: str, incoming: int = 0) -> None:
+    """Raise `DiskSpaceError` unless writing `incoming` more bytes under `path` still leaves
+    `min_free_bytes` free (0 turns the check off)."""
+    if min_free_bytes <= 0:
+        return
+    free = free_bytes(path)
+    if free - incoming < min_free_bytes:
+        raise DiskSpaceError(
+            f"not enough free disk space for {what}: {free} bytes free"
+            + (f", {incoming} more needed" if incoming else "")
+            + f", and at least {min_free_bytes} must stay free (min_free_bytes)"
+        )

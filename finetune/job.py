@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from finetune.config import TrainConfig
 from finetune.progress import ProgressWriter
@@ -19,7 +18,7 @@ import msgspec
 
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
-    config: dict[str, Any]  # a TrainConfig as a mapping
+    config: TrainConfig
     package_dir: str
     ref_clip: str | None = None  # language voices: the clip that gives them a voice
     language: str | None = None
@@ -53,9 +52,12 @@ def train_to_final(config: TrainConfig, progress: ProgressWriter) -> Path | None
     return final
 
 
-def run_job(spec_path: Path, progress: ProgressWriter) -> int:
+def run_job(spec_path: Path, progress: ProgressWriter, min_free_bytes: int | None = None) -> int:
+    """`min_free_bytes`: the server's floor of free disk space when the job runs (not when it
+    was made); a checkpoint that would go below it fails the job."""
     from finetune.families import family_entry
 
     spec = msgspec.json.decode(Path(spec_path).read_bytes(), type=JobSpec)
-    config = msgspec.convert(spec.config, TrainConfig)
-    return family_entry(config.model.family).run_job(spec, config, progress)
+    if min_free_bytes is not None:
+        spec.config.trainer.min_free_bytes = min_free_bytes
+    return family_entry(spec.config.model.family).run_job(spec, spec.config, progress)

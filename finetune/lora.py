@@ -20,34 +20,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from finetune.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, weight_problems
+from finetune.arrays import load_arrays
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _LORA_NAMES = ("lora_a", "lora_b")
 
 
 class LoRAError(ValueError):
     """LoRA cannot be applied as configured."""
-
-
-class AdapterError(ValueError):
-    """An adapter directory that cannot be loaded, with every problem found in it."""
-
-    def __init__(self, path: Path | str, problems: list[str]) -> None:
-        self.path = str(path)
-        self.problems = problems
-        listing = "\n".join(f"  - {p}" for p in problems)
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"cannot load adapter at {path} ({count}):\n{listing}")
-
-    def renamed(self, name: str) -> AdapterError:
-        """The same problems, naming the adapter `name` (e.g. as its package names it) instead
-        of by the path it was read from."""
-        problems = [p.replace(self.path, name) for p in self.problems]
-        return AdapterError(name, problems)
 
 
 class _LoRABranch(nn.Module):
@@ -64,12 +49,6 @@ class _LoRABranch(nn.Module):
         bound = 1.0 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, rank))
         self.lora_b = mx.zeros((rank, output_dims))
-
-    @classmethod
-    def from_base(
-        cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
-    ) -> _LoRABranch:
-        return cls(linear, rank=rank, alpha=alpha, dropout=dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
         # `linear` is the frozen base layer every subclass sets.
@@ -135,7 +114,7 @@ class QLoRALinear(_LoRABranch):
         q = self.linear
         out = nn.QuantizedLinear.from_linear(fused, q.group_size, q.bits, q.mode)
         out.scales = out.scales.astype(q.scales.dtype)
-        if "biases" in q and "biases" in out:
+        if q.biases is not None and out.biases is not None:
             out.biases = out.biases.astype(q.biases.dtype)
         if "bias" in q:
             out.bias = q.bias
@@ -263,13 +242,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         if not config.matches(path[len(prefix) :]):
             continue
         if isinstance(module, nn.QuantizedLinear):
-            layer: nn.Module = QLoRALinear.from_base(
+            layer: nn.Module = QLoRALinear(
                 module, rank=config.rank, alpha=config.alpha, dropout=config.dropout
             )
         elif isinstance(module, nn.Linear):
-            layer = LoRALinear.from_base(
-                module, rank=config.rank, alpha=config.alpha, dropout=config.dropout
-            )
+            layer = LoRALinear(module, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
         else:
             not_linear.append(f"{path} ({type(module).__name__})")
             continue
@@ -389,7 +366,7 @@ def _read_weights(adapter_dir: Path) -> dict[str, mx.array]:
     if not path.is_file():
         raise AdapterError(adapter_dir, [f"{ADAPTER_WEIGHTS}: file is missing"])
     try:
-        weights = mx.load(str(path), format="safetensors")
+        weights = load_arrays(path)
         mx.eval(weights)
     except Exception as exc:  # mlx raises RuntimeError / ValueError for damaged files
         raise AdapterError(adapter_dir, [f"{ADAPTER_WEIGHTS}: cannot be read ({exc})"]) from exc
@@ -480,6 +457,8 @@ def load_adapters(
 
     problems, to_load = _weight_problems(model, weights, config.get("trained_tensors", []), ignore)
     problems.extend(_scale_problems(model, lora))
+    as_numpy = {k: np.asarray(v.astype(mx.float32)) for k, v in to_load.items()}
+    problems.extend(weight_problems(as_numpy, lora=False))  # finite values (shapes: above)
     if problems:
         if applied:
             remove_lora(model)

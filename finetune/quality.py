@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from finetune.audio import write_wav
 from finetune.config import TrainConfig
-from finetune.progress import ProgressWriter
+from finetune.progress import ProgressWriter, Quality
 from finetune.trainer import CheckpointHook
 
 import numpy as np
@@ -77,7 +77,7 @@ class QualityReporter:
     def __call__(self, step: int, checkpoint: Path | None) -> dict[str, Any]:
         del checkpoint  # the report is on the live weights, the ones that checkpoint holds
         report = self.measure(step)
-        self.progress.emit("quality", **report)
+        self.progress.emit(Quality(**report))
         return report
 
     def measure(self, step: int) -> dict[str, Any]:

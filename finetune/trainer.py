@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.progress import ProgressWriter
+from finetune.arrays import flat_items, load_arrays, scalar
+from finetune.fsutil import ensure_free_space
+from finetune.progress import Checkpoint, Done, Eval, ProgressWriter, Resume, Start, Step, Stopped
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 SCHEDULES = ("cosine", "linear", "constant")
 STATE_FILE = "trainer_state.json"
@@ -140,6 +142,7 @@ class TrainerConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 3
+    min_free_bytes: int = 0  # a checkpoint is refused (DiskSpaceError) below this
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -156,6 +159,8 @@ class TrainerConfig:
             problems.append("max_steps must be >= 1")
         if self.warmup_steps < 0:
             problems.append("warmup_steps must be >= 0")
+        if self.min_free_bytes < 0:
+            problems.append("min_free_bytes must be >= 0")
         if problems:
             raise ValueError("invalid trainer config: " + "; ".join(problems))
 
@@ -259,8 +264,8 @@ class Trainer:
         self.optimizer.update(self.module, grads)
         means = {k: v * scale for k, v in parts_sum.items()}
         mx.eval(self.module.trainable_parameters(), self.optimizer.state, means, grad_norm)
-        report = {k: float(v.item()) for k, v in means.items()}
-        report["grad_norm"] = float(grad_norm.item())
+        report = {k: scalar(v) for k, v in means.items()}
+        report["grad_norm"] = scalar(grad_norm)
         return report, samples
 
     def evaluate(self) -> float | None:
@@ -271,7 +276,7 @@ class Trainer:
         with eval_mode(self.module):
             for batch in self.val_batches:
                 loss, _ = self.loss_fn(self.module, batch)
-                total += float(loss.item())
+                total += scalar(loss)
         return total / len(self.val_batches)
 
     def report_quality(self, path: Path | None) -> dict[str, Any] | None:
@@ -289,12 +294,13 @@ class Trainer:
         except ValueError:  # not the main thread: no signal handling there
             previous = None
         self.progress.emit(
-            "start",
-            step=self.step,
-            total_steps=self.total_steps,
-            trainable_parameters=sum(
-                v.size for _, v in tree_flatten(self.module.trainable_parameters())
-            ),
+            Start(
+                step=self.step,
+                total_steps=self.total_steps,
+                trainable_parameters=sum(
+                    v.size for _, v in flat_items(self.module.trainable_parameters())
+                ),
+            )
         )
         if self.step == 0:
             self.report_quality(None)  # the baseline: the untrained voice
@@ -314,14 +320,15 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 rate = (self.step - start_step) / max(elapsed, 1e-9)
                 self.progress.emit(
-                    "step",
-                    step=self.step,
-                    total_steps=self.total_steps,
-                    epoch=self.position[0],
-                    lr=float(self.optimizer.learning_rate.item()),
-                    samples_per_s=round(samples / max(time.perf_counter() - t0, 1e-9), 3),
-                    eta_s=round((self.total_steps - self.step) / max(rate, 1e-9), 1),
-                    **{k: round(v, 6) for k, v in report.items()},
+                    Step(
+                        step=self.step,
+                        total_steps=self.total_steps,
+                        epoch=self.position[0],
+                        lr=float(self.optimizer.learning_rate.item()),
+                        samples_per_s=round(samples / max(time.perf_counter() - t0, 1e-9), 3),
+                        eta_s=round((self.total_steps - self.step) / max(rate, 1e-9), 1),
+                        **{k: round(v, 6) for k, v in report.items()},
+                    )
                 )
                 evaluate = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
                 periodic = None
@@ -334,7 +341,7 @@ class Trainer:
                     self._rotate()
                 if self._stop_requested:
                     path = self.save_checkpoint(self.output_dir / "checkpoint-last")
-                    self.progress.emit("stopped", step=self.step, checkpoint=str(path))
+                    self.progress.emit(Stopped(step=self.step, checkpoint=str(path)))
                     return TrainResult(
                         "stopped", self.step, self.total_steps, None, best_dir, last_loss
                     )
@@ -343,11 +350,7 @@ class Trainer:
                 best_dir = self._score(final_path) or best_dir
             final = self.save_checkpoint(final_path)
             self.progress.emit(
-                "done",
-                step=self.step,
-                checkpoint=str(final),
-                loss=last_loss,
-                best_val=self.best_val,
+                Done(step=self.step, checkpoint=str(final), loss=last_loss, best_val=self.best_val)
             )
             return TrainResult("finished", self.step, self.total_steps, final, best_dir, last_loss)
         finally:
@@ -382,7 +385,7 @@ class Trainer:
             return None  # nothing to choose by (e.g. a family without a speaker encoder)
         improved = self.choice.offer(Score(step=self.step, val=val, similarity=similarity))
         if val is not None:
-            self.progress.emit("eval", step=self.step, val_loss=round(val, 6), improved=improved)
+            self.progress.emit(Eval(step=self.step, val_loss=round(val, 6), improved=improved))
         if improved:
             self.best_val = val
             return self.save_checkpoint(self.output_dir / "checkpoint-best")
@@ -397,12 +400,13 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, path: Path) -> Path:
         """Adapters + optimizer + trainer state, written beside `path` and renamed into place."""
+        ensure_free_space(path.parent, self.config.min_free_bytes, f"checkpoint {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.parent / f".{path.name}.tmp"
         if staging.exists():
             shutil.rmtree(staging)
         self.save_weights(self.module, staging)
-        optimizer_state = dict(tree_flatten(self.optimizer.state))
+        optimizer_state = dict(flat_items(self.optimizer.state))
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_state)
         state = {
             "step": self.step,
@@ -420,7 +424,7 @@ class Trainer:
             path.rename(old)
         staging.rename(path)
         shutil.rmtree(old, ignore_errors=True)
-        self.progress.emit("checkpoint", step=self.step, path=str(path))
+        self.progress.emit(Checkpoint(step=self.step, path=str(path)))
         return path
 
     def resume(self, checkpoint: Path) -> None:
@@ -432,17 +436,17 @@ class Trainer:
                 f"{checkpoint} is not a trainer checkpoint ({STATE_FILE} missing)"
             )
         state = json.loads(state_file.read_text())
-        weights = mx.load(str(checkpoint / "adapters.safetensors"))
-        trainable = dict(tree_flatten(self.module.trainable_parameters()))
+        weights = load_arrays(checkpoint / "adapters.safetensors")
+        trainable = dict(flat_items(self.module.trainable_parameters()))
         missing = sorted(set(trainable) - set(weights))
         if missing:
             raise ValueError(f"checkpoint lacks trainable tensors: {', '.join(missing[:5])}")
         self.module.load_weights([(k, weights[k]) for k in trainable], strict=False)
-        saved = mx.load(str(checkpoint / OPTIMIZER_FILE))
+        saved = load_arrays(checkpoint / OPTIMIZER_FILE)
         self.optimizer.state = tree_unflatten(list(saved.items()))
         self.step = int(state["step"])
         self.position = (int(state["epoch"]), int(state["batch_index"]))
         self.best_val = state.get("best_val")
         self.choice.load(state.get("best_choice"), self.best_val)
         mx.eval(self.module.trainable_parameters(), self.optimizer.state)
-        self.progress.emit("resume", step=self.step, checkpoint=str(checkpoint))
+        self.progress.emit(Resume(step=self.step, checkpoint=str(checkpoint)))

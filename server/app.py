@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -24,23 +25,27 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
 
-from server import audio_formats
-from server.auth import KeyStore, Scope, secret_from_headers
+from server import admission, audio_formats
+from server.connections import UPLOAD_SLOT, UploadSlot, body_limits
 from server.duplex.routes import duplex_socket
 from server.engine.bank import AdapterTensors
 from server.engine.requests import Sampling
-from server.engine.worker import Done, Engine, QueueFull, SpeakJob
+from server.engine.worker import BudgetExceeded, Done, Engine, QueueFull, SpeakJob
 from server.errors import (
     BadRequest,
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    ServiceError,
     Unprocessable,
     exception_handler,
+    html_errors_as_problems,
 )
 from server.jobs import TERMINAL, JobService
+from server.limits import Limiter
 from server.logs import redact_request_logs
 from server.metrics import Metrics
+from server.openapi_bodies import VoiceImportForm, VoiceJobForm, json_body, multipart_body
 from server.registry import Voice
 from server.schemas import (
     Health,
@@ -57,18 +62,13 @@ from server.voices import VoiceService
 
 SAMPLE_RATE = 24_000
 
+log = logging.getLogger("voicefoundry.speak")
+
 
 # --- auth -----------------------------------------------------------------------------------
-def _guard(scope: Scope):
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        keys: KeyStore = connection.app.state.api_keys
-        keys.authenticate(secret_from_headers(connection.headers), scope)
-
-    return guard
-
-
-speak_guard = _guard("speak")
-admin_guard = _guard("admin")
+# Authentication, the key's request rate and its usage: server/admission.py.
+speak_guard = admission.guard("speak")
+admin_guard = admission.guard("admin")
 
 
 def _setting_guard(field: str):
@@ -77,8 +77,7 @@ def _setting_guard(field: str):
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         needed = getattr(connection.app.state.settings, field)
         if needed != "none":
-            keys: KeyStore = connection.app.state.api_keys
-            keys.authenticate(secret_from_headers(connection.headers), needed)
+            admission.authenticate(connection, needed)
 
     return guard
 
@@ -188,11 +187,23 @@ class Synthesis:
                     self.metrics.synthesis(item.frames / 12.5, item.seconds)
                     self.metrics.latency(time.perf_counter() - self.started)
                     return
+                if isinstance(item, BudgetExceeded):
+                    raise _over_budget(self.job, item)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             self.job.cancel.set()  # no-op when finished; stops the work if the client left
+
+
+def _over_budget(job: SpeakJob, exc: BudgetExceeded) -> ServiceError:
+    """A request the engine stopped over a budget: 413 (audio) or 503 (time) before the answer
+    started; a stream already under way ends without its last chunk (the client sees it
+    incomplete). Either way the log says why and /metrics counts it."""
+    log.warning("speak request %s stopped over its %s budget: %s", job.id, exc.budget, exc)
+    if exc.budget == "audio":
+        return PayloadTooLarge(str(exc))
+    return Overloaded(str(exc))
 
 
 def _sampling(settings: Settings, req: SpeakRequest | None) -> Sampling:
@@ -206,7 +217,7 @@ def _sampling(settings: Settings, req: SpeakRequest | None) -> Sampling:
         "repetition_penalty": req.repetition_penalty,
         "max_tokens": req.max_tokens,
     }
-    fields = {k: v for k, v in values.items() if v is not None}
+    fields: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
     if "max_tokens" in fields:
         fields["max_tokens"] = min(fields["max_tokens"], settings.max_tokens_per_sentence)
     return dataclasses.replace(base, **fields)  # bounds: the SpeakRequest field types
@@ -236,8 +247,16 @@ def _check_format(fmt: str, stream: bool) -> str:
 
 
 async def _respond(
-    request: Request, synthesis: Synthesis, fmt: str, stream: bool, speed: float = 1.0
+    request: Request,
+    synthesis: Synthesis,
+    fmt: str,
+    stream: bool,
+    speed: float = 1.0,
+    *,
+    metered: admission.Metered,
 ) -> Response | Stream:
+    """`metered` (the key's stream slot and audio seconds) ends with the response: when the
+    body is done, fails, or the client disconnects."""
     headers = audio_formats.response_headers(fmt, SAMPLE_RATE)
     await synthesis.prepare()
     if stream:
@@ -248,21 +267,29 @@ async def _respond(
             try:
                 yield encoder.header()
                 async for chunk in synthesis.chunks():
+                    metered.add("audio_seconds", len(chunk) / SAMPLE_RATE)
                     data = encoder.encode_chunk(chunk)
                     if data:
                         yield data
                 yield encoder.finish()
             finally:
                 encoder.close()
+                metered.end()
 
-        return Stream(body(), media_type=headers.pop("Content-Type"), headers=headers)
+        iterator = body()
+        metered.watch(iterator)  # a body never iterated still frees the slot
+        return Stream(iterator, media_type=headers.pop("Content-Type"), headers=headers)
 
     synthesis.submit()
     watcher = asyncio.create_task(_watch_disconnect(request, synthesis.job))
+    parts = []
     try:
-        parts = [chunk async for chunk in synthesis.chunks()]
+        async for chunk in synthesis.chunks():
+            metered.add("audio_seconds", len(chunk) / SAMPLE_RATE)
+            parts.append(chunk)
     finally:
         watcher.cancel()
+        metered.end()
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if speed != 1.0:
         audio = await anyio.to_thread.run_sync(
@@ -274,7 +301,13 @@ async def _respond(
 
 
 # --- routes -----------------------------------------------------------------------------------
-@post("/speak", guards=[speak_guard], status_code=200, summary="Speech for a speaker name")
+@post(
+    "/speak",
+    guards=[speak_guard],
+    status_code=200,
+    summary="Speech for a speaker name",
+    operation_class=json_body(SpeakRequest),
+)
 async def speak(request: Request, state: State) -> Response | Stream:
     settings: Settings = state.settings
     req: SpeakRequest = _decode(await _json_body(request, settings), SpeakRequest)
@@ -284,19 +317,28 @@ async def speak(request: Request, state: State) -> Response | Stream:
     if req.instruct:
         raise Unprocessable("instruct is not supported by the served Qwen3-TTS models yet")
     voice = await anyio.to_thread.run_sync(state.voices.get, req.speaker)
-    synthesis = Synthesis(state, voice, text, req.language, sampling, req.seed, req.stream)
-    return await _respond(request, synthesis, fmt, req.stream)
+    metered = admission.start_synthesis(state, admission.key_of(request), len(text))
+    try:
+        synthesis = Synthesis(state, voice, text, req.language, sampling, req.seed, req.stream)
+        return await _respond(request, synthesis, fmt, req.stream, metered=metered)
+    except BaseException:
+        metered.end()
+        raise
 
 
-@post("/v1/audio/speech", guards=[speak_guard], status_code=200, summary="OpenAI-compatible speech")
+@post(
+    "/v1/audio/speech",
+    guards=[speak_guard],
+    status_code=200,
+    summary="OpenAI-compatible speech",
+    operation_class=json_body(OpenAISpeechRequest),
+)
 async def openai_speech(request: Request, state: State) -> Response | Stream:
     settings: Settings = state.settings
     req: OpenAISpeechRequest = _decode(await _json_body(request, settings), OpenAISpeechRequest)
     text = _check_text(settings, req.input)
     stream = req.stream_format == "audio"
     fmt = _check_format(req.response_format, stream)
-    if not 0.25 <= req.speed <= 4.0:
-        raise Unprocessable("speed must be between 0.25 and 4.0")
     if stream and req.speed != 1.0:
         raise Unprocessable("speed other than 1.0 is not available while streaming")
     voice = await anyio.to_thread.run_sync(state.voices.get, req.voice)
@@ -306,8 +348,13 @@ async def openai_speech(request: Request, state: State) -> Response | Stream:
         )
     if voice.base_model != req.model:
         raise Unprocessable(f"voice {voice.name!r} belongs to model {voice.base_model!r}")
-    synthesis = Synthesis(state, voice, text, None, _sampling(settings, None), None, stream)
-    return await _respond(request, synthesis, fmt, stream, req.speed)
+    metered = admission.start_synthesis(state, admission.key_of(request), len(text))
+    try:
+        synthesis = Synthesis(state, voice, text, None, _sampling(settings, None), None, stream)
+        return await _respond(request, synthesis, fmt, stream, req.speed, metered=metered)
+    except BaseException:
+        metered.end()
+        raise
 
 
 @get("/voices", guards=[speak_guard])
@@ -332,23 +379,29 @@ async def delete_voice(state: State, name: Annotated[str, Parameter()]) -> Voice
     guards=[admin_guard],
     status_code=201,
     summary="Register a voice package (.tar.gz / .zip made by `voicefoundry bake`)",
+    operation_class=multipart_body(VoiceImportForm),
+    dependencies=UPLOAD_SLOT,
 )
-async def import_voice(request: Request, state: State) -> VoiceOut:
+async def import_voice(request: Request, state: State, upload_slot: UploadSlot) -> VoiceOut:
     settings: Settings = state.settings
     voices: VoiceService = state.voices
     # Streamed to disk under the data dir (bounded by max_upload_bytes), never held whole.
     incoming = voices.voices_dir / f".upload-{uuid.uuid4().hex}"
     try:
-        upload = await receive_multipart(request, incoming, max_bytes=settings.max_upload_bytes)
+        upload = await receive_multipart(
+            request,
+            incoming,
+            max_bytes=settings.max_upload_bytes,
+            min_free_bytes=settings.min_free_bytes,
+        )
         packages, refs = upload.files_of("package"), upload.files_of("ref_clip")
         if len(packages) != 1 or len(refs) > 1:
             raise Unprocessable("send one voice package as the multipart file field 'package'")
-        ref_bytes = await anyio.to_thread.run_sync(refs[0].path.read_bytes) if refs else None
         voice = await voices.import_package(
             packages[0].path,
             name=upload.fields.get("name") or None,
             base_model=upload.fields.get("base_model") or None,
-            ref_clip=ref_bytes,
+            ref_clip=refs[0].path if refs else None,  # copied on disk, never read whole
         )
     finally:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
@@ -375,21 +428,33 @@ JOB_PUBLIC_FIELDS = tuple(f for f in JobOut.__struct_fields__ if f not in ("id",
     guards=[admin_guard],
     status_code=202,
     summary="Fine-tune a new voice or language from uploaded clips",
+    operation_class=multipart_body(VoiceJobForm),
+    dependencies=UPLOAD_SLOT,
 )
-async def create_voice_job(request: Request, state: State) -> Response[JobOut]:
+async def create_voice_job(
+    request: Request, state: State, upload_slot: UploadSlot
+) -> Response[JobOut]:
     settings: Settings = state.settings
     jobs: JobService = state.jobs
+    key = admission.key_of(request)
+    intake = admission.start_job_intake(state, key)  # the training_jobs limit, before the upload
     incoming = jobs.root / f".incoming-{uuid.uuid4().hex}"
     try:
         upload = await receive_multipart(
-            request, incoming / "upload", max_bytes=settings.max_upload_bytes
+            request,
+            incoming / "upload",
+            max_bytes=settings.max_upload_bytes,
+            min_free_bytes=settings.min_free_bytes,
         )
         job_request = await anyio.to_thread.run_sync(jobs.validate, upload, incoming)
         shutil.rmtree(incoming / "upload")
         job = await anyio.to_thread.run_sync(jobs.create, job_request, incoming)
+        await anyio.to_thread.run_sync(state.usage.job_created, job.id, key.id)
     except BaseException:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
         raise
+    finally:
+        intake.release()
     return Response(_job_out(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
@@ -471,6 +536,7 @@ async def metrics(state: State) -> str:
     )
     if getattr(state, "duplex", None) is not None:
         text += state.metrics.render_duplex(state.duplex)
+    text += state.metrics.render_keys(state.usage.totals(), state.limiter)
     return text
 
 
@@ -508,6 +574,7 @@ def create_app(settings: Settings) -> Litestar:
             cancel_job,
             job_preview,
             job_events,
+            admission.usage_report,
             duplex_socket,
             healthz,
             readyz,
@@ -519,12 +586,16 @@ def create_app(settings: Settings) -> Litestar:
             title="voicefoundry",
             version="0.1.0",
             openapi_router=Router(
-                "/schema", route_handlers=[], guards=[_setting_guard("schema_auth")]
+                "/schema",
+                route_handlers=[],
+                guards=[_setting_guard("schema_auth")],
+                after_request=html_errors_as_problems,
             ),
         ),
         cors_config=cors,
-        state=State({"settings": settings, "metrics": Metrics()}),
+        state=State({"settings": settings, "metrics": Metrics(), "limiter": Limiter()}),
         request_max_body_size=settings.max_upload_bytes,
+        middleware=[body_limits],  # body read timeouts (slowloris); server/connections.py
         before_send=[_count_response],
     )
     return app

@@ -287,8 +287,8 @@ def _set_ogg_page_latency(handle: sf.SoundFile, milliseconds: float) -> None:
     change the stream stays correct, it just arrives in bigger (about one second) pages.
     """
     try:
-        ffi, lib = sf._ffi, sf._snd  # type: ignore[attr-defined]
-        raw_handle = handle._file  # type: ignore[attr-defined]
+        ffi, lib = sf._ffi, sf._snd
+        raw_handle = handle._file
         value = ffi.new("double[1]", [milliseconds])
         lib.sf_command(raw_handle, _SFC_SET_OGG_PAGE_LATENCY_MS, value, ffi.sizeof(value))
     except (AttributeError, TypeError):

@@ -25,6 +25,10 @@ from typing import Any, Literal, get_args
 
 from finetune.fsutil import atomic_write_bytes
 
+import msgspec
+
+from server.limits import NO_LIMITS, KeyLimits
+
 Scope = Literal["speak", "admin"]
 SCOPES: frozenset[str] = frozenset(get_args(Scope))
 
@@ -60,6 +64,7 @@ class ApiKey:
     scope: Scope
     hash: str
     label: str = ""
+    limits: KeyLimits = NO_LIMITS  # server/limits.py; none set: unlimited
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or _ID_RE.fullmatch(self.id) is None:
@@ -68,12 +73,22 @@ class ApiKey:
             raise ValueError(f"API key {self.id!r}: scope {self.scope!r} not in {sorted(SCOPES)}")
         if not isinstance(self.label, str):
             raise ValueError(f"API key {self.id!r}: label must be a string")
+        if not isinstance(self.hash, str):
+            raise ValueError(f"API key {self.id!r}: hash must be a string")
 
     def allows(self, needed: Scope) -> bool:
         return scope_allows(self.scope, needed)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data: dict[str, Any] = {
+            "id": self.id,
+            "scope": self.scope,
+            "hash": self.hash,
+            "label": self.label,
+        }
+        if not self.limits.is_empty():
+            data["limits"] = msgspec.to_builtins(self.limits)
+        return data
 
 
 # What `KeyStore.authenticate` returns when no key is configured (auth switched off).
@@ -232,6 +247,27 @@ class KeyStore:
             except KeyError:
                 raise KeyError(f"no API key with id {key_id!r}") from None
 
+    def rotate(self, key_id: str) -> tuple[str, ApiKey]:
+        """A new secret for `key_id` (same id, scope, label and limits: its usage goes on);
+        the old secret stops working once the store is saved and reloaded."""
+        with self._lock:
+            secret = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+            key = dataclasses.replace(self._require(key_id), hash=hash_key(secret))
+            self._keys[key_id] = key
+        return secret, key
+
+    def set_limits(self, key_id: str, limits: KeyLimits) -> ApiKey:
+        with self._lock:
+            key = dataclasses.replace(self._require(key_id), limits=limits)
+            self._keys[key_id] = key
+        return key
+
+    def _require(self, key_id: str) -> ApiKey:
+        key = self._keys.get(key_id)
+        if key is None:
+            raise KeyError(f"no API key with id {key_id!r}")
+        return key
+
     def authenticate(self, secret: str | None, needed: Scope) -> ApiKey:
         """The key that `secret` belongs to, if it grants `needed`.
 
@@ -301,15 +337,20 @@ class KeyStore:
             try:
                 if not isinstance(entry, dict):
                     raise ValueError("not an object")
-                unknown = sorted(set(entry) - {"id", "scope", "hash", "label"})
+                unknown = sorted(set(entry) - {"id", "scope", "hash", "label", "limits"})
                 if unknown:
                     raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+                try:
+                    limits = msgspec.convert(entry.get("limits") or {}, KeyLimits)
+                except msgspec.ValidationError as exc:
+                    raise ValueError(f"limits: {exc}") from None
                 keys.append(
                     ApiKey(
-                        id=entry.get("id"),
-                        scope=entry.get("scope"),
-                        hash=entry.get("hash"),
+                        id=entry.get("id", ""),
+                        scope=entry.get("scope", ""),
+                        hash=entry.get("hash", ""),
                         label=entry.get("label", ""),
+                        limits=limits,
                     )
                 )
             except ValueError as exc:

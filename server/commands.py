@@ -32,11 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
         command.set_defaults(handler=_backup_or_restore, action=name)
 
-    keys = subparsers.add_parser("keys", help="create API keys (stored hashed)")
-    keys.add_argument("--file", type=Path, required=True)
-    keys.add_argument("--scope", choices=("speak", "admin"), default="speak")
-    keys.add_argument("--label", default="")
-    keys.set_defaults(handler=_keys_add)
+    from server import keys_cli
+
+    keys_cli.register(subparsers)  # keys [create] | list | revoke | rotate | limit
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -71,10 +69,14 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from server.http_protocol import header_timeout_protocol
+
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=header_timeout_protocol(settings.header_read_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         log_config=serve_log_config(),
         log_level="info",
@@ -94,14 +96,4 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"voices": len(manifest["voices"]), "jobs": manifest["jobs"]}))
-    return 0
-
-
-def _keys_add(args: argparse.Namespace) -> int:
-    from server.auth import KeyStore
-
-    store = KeyStore.load(args.file, missing_ok=True)
-    secret, key = store.add(args.scope, args.label)
-    store.save(args.file)
-    print(json.dumps({"id": key.id, "scope": key.scope, "secret": secret}))
     return 0

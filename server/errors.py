@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Permissio
 from litestar.exceptions import ValidationException as LitestarValidation
 
 from server.auth import Forbidden, Unauthorized
+from server.limits import LimitExceeded
 from server.registry import InvalidVoiceName, SlotInUse, VoiceExists, VoiceNotFound
 
 PROBLEM_JSON = "application/problem+json"
@@ -68,12 +70,33 @@ class NotReady(ServiceError):
     status, title = 503, "Not ready"
 
 
+class TooManyRequests(ServiceError):
+    """An API key over one of its limits (server/limits.py): 429 with Retry-After."""
+
+    status, title = 429, "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
     headers = {}
     if "retry_after" in extra:
         headers["Retry-After"] = str(extra.pop("retry_after"))
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def html_errors_as_problems(response: Response) -> Response:
+    """An `after_request` hook for routers whose handlers Litestar writes (the OpenAPI router
+    answers an unknown `/schema/...` page with an HTML 404): their errors become problem+json."""
+    media_type = str(getattr(response.media_type, "value", response.media_type) or "")
+    code = response.status_code or 200
+    if code >= 400 and media_type.startswith("text/html"):
+        status = HTTPStatus(code)
+        return problem(int(status), status.phrase, "no such documentation page under /schema")
+    return response
 
 
 def public_text(text: str) -> str:
@@ -107,6 +130,8 @@ def _domain(exc: Exception, voices_dir: Path | None = None) -> ServiceError | No
         return Unprocessable(str(public), problems=public.problems)
     if isinstance(exc, GenerationError):  # e.g. prompt + max_tokens beyond the model's window
         return Unprocessable(str(exc))
+    if isinstance(exc, LimitExceeded):
+        return TooManyRequests(exc.detail, exc.retry_after, limit=exc.limit)
     return None
 
 
@@ -114,7 +139,7 @@ def exception_handler(request: Request, exc: Exception) -> Response[dict[str, An
     domain = _domain(exc, _voices_dir(request))
     if domain is not None:
         extra = dict(domain.extra)
-        if isinstance(domain, Overloaded):
+        if isinstance(domain, Overloaded | TooManyRequests):
             extra["retry_after"] = domain.retry_after
         return problem(domain.status, domain.title, domain.detail, **extra)
     if isinstance(exc, Unauthorized | NotAuthorizedException):

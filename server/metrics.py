@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
+
+from server.limits import Limiter
+from server.usage import Usage
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -20,6 +24,8 @@ class Metrics:
         self.duplex_rejections: dict[int, int] = defaultdict(int)
         self.duplex_dropped_in = 0
         self.duplex_dropped_out = 0
+        self.duplex_closes: dict[int, int] = defaultdict(int)  # sessions the server ended
+        self.duplex_outbox_peak = 0
 
     def request(self, route: str, status: int) -> None:
         with self._lock:
@@ -43,11 +49,16 @@ class Metrics:
         with self._lock:
             self.duplex_rejections[int(close_code)] += 1
 
+    def duplex_closed(self, close_code: int) -> None:
+        with self._lock:
+            self.duplex_closes[int(close_code)] += 1
+
     def duplex_session(self, session) -> None:
-        """A duplex session ended: keep its drop counts."""
+        """A duplex session ended: keep its drop counts and how far its outbox filled."""
         with self._lock:
             self.duplex_dropped_in += session.dropped_in
             self.duplex_dropped_out += session.dropped_out
+            self.duplex_outbox_peak = max(self.duplex_outbox_peak, session.out_peak)
 
     def render_duplex(self, duplex) -> str:
         stats = duplex.stats
@@ -59,6 +70,8 @@ class Metrics:
             dropped_in = self.duplex_dropped_in + sum(s.dropped_in for s in live)
             dropped_out = self.duplex_dropped_out + sum(s.dropped_out for s in live)
             rejections = sorted(self.duplex_rejections.items())
+            closes = sorted(self.duplex_closes.items())
+            outbox_peak = max([self.duplex_outbox_peak, *(s.out_peak for s in live)])
         lines = [
             "# HELP voicefoundry_duplex_sessions Live duplex sessions.",
             "# TYPE voicefoundry_duplex_sessions gauge",
@@ -69,6 +82,14 @@ class Metrics:
             f"voicefoundry_duplex_sessions_closed_total {stats.sessions_closed}",
             "# TYPE voicefoundry_duplex_rejected_total counter",
             *(f'voicefoundry_duplex_rejected_total{{code="{c}"}} {n}' for c, n in rejections),
+            "# HELP voicefoundry_duplex_closed_total Sessions the server closed, by close code "
+            "(4413: the client left too many messages unread).",
+            "# TYPE voicefoundry_duplex_closed_total counter",
+            *(f'voicefoundry_duplex_closed_total{{code="{c}"}} {n}' for c, n in closes),
+            "# HELP voicefoundry_duplex_outbox_peak The most messages a session's outbound "
+            "queue held (bounded by duplex_max_outbox_frames + duplex_max_unread_replies).",
+            "# TYPE voicefoundry_duplex_outbox_peak gauge",
+            f"voicefoundry_duplex_outbox_peak {outbox_peak}",
             "# HELP voicefoundry_duplex_frames_total 80 ms frames stepped.",
             "# TYPE voicefoundry_duplex_frames_total counter",
             f"voicefoundry_duplex_frames_total {stats.frames}",
@@ -86,6 +107,38 @@ class Metrics:
             *(
                 f'voicefoundry_duplex_batch_size_total{{size="{size}"}} {n}'
                 for size, n in sorted(stats.batch_sizes.items())
+            ),
+        ]
+        return "\n".join(lines) + "\n"
+
+    def render_keys(self, totals: Mapping[str, Usage], limiter: Limiter) -> str:
+        """Usage, refusals and running work per API key id (the id: never a secret)."""
+        lines = []
+        for name, counter, help_text in (
+            ("requests", "requests", "Requests admitted"),
+            ("characters", "characters", "Characters of text synthesised"),
+            ("audio_seconds", "audio_seconds", "Seconds of speech audio produced"),
+            ("duplex_seconds", "duplex_seconds", "Seconds of duplex sessions"),
+            ("training_seconds", "training_seconds", "Seconds of training processes"),
+        ):
+            metric = f"voicefoundry_key_{name}_total"
+            lines += [f"# HELP {metric} {help_text}, by API key id.", f"# TYPE {metric} counter"]
+            for key_id, usage in sorted(totals.items()):
+                value = getattr(usage, counter)
+                shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+                lines.append(f'{metric}{{key="{key_id}"}} {shown}')
+        lines += [
+            "# HELP voicefoundry_key_limited_total Requests refused (429) by a key's limit.",
+            "# TYPE voicefoundry_key_limited_total counter",
+            *(
+                f'voicefoundry_key_limited_total{{key="{key_id}",limit="{limit}"}} {n}'
+                for (key_id, limit), n in sorted(limiter.refusals().items())
+            ),
+            "# HELP voicefoundry_key_active Work running per key: streams, duplex, job intakes.",
+            "# TYPE voicefoundry_key_active gauge",
+            *(
+                f'voicefoundry_key_active{{key="{key_id}",kind="{kind}"}} {n}'
+                for (key_id, kind), n in sorted(limiter.active().items())
             ),
         ]
         return "\n".join(lines) + "\n"
@@ -130,6 +183,18 @@ class Metrics:
         ]
         for size, n in sorted(engine.stats.batch_sizes.items()):
             lines.append(f'voicefoundry_batch_size_total{{size="{size}"}} {n}')
+        lines += [
+            "# HELP voicefoundry_engine_rounds_total Engine rounds (one segment of each job "
+            "in a batch).",
+            "# TYPE voicefoundry_engine_rounds_total counter",
+            f"voicefoundry_engine_rounds_total {engine.stats.rounds}",
+            "# HELP voicefoundry_speak_budget_exceeded_total Requests stopped over a budget "
+            "(audio: max_request_audio_seconds, time: max_request_wall_seconds).",
+            "# TYPE voicefoundry_speak_budget_exceeded_total counter",
+        ]
+        for budget in ("audio", "time"):
+            n = engine.stats.budget_exceeded.get(budget, 0)
+            lines.append(f'voicefoundry_speak_budget_exceeded_total{{budget="{budget}"}} {n}')
         lines += ["# TYPE voicefoundry_adapter_cache_total counter"]
         for name, model in sorted(engine.models.items()):
             st = model.bank.stats

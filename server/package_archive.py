@@ -18,8 +18,9 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
+from server.disk import DiskBudget
 from server.engine.family import PackageError, package_member
 from server.errors import BadRequest, PayloadTooLarge
 
@@ -42,15 +43,17 @@ class ArchiveLimits:
     max_bytes: int = 2 * 1024**3  # all members together, unpacked
     max_member_bytes: int = 1024**3
     max_members: int = 256
+    min_free_bytes: int = 0  # the disk's free-space floor while members are written (507 below)
 
 
 class _Budget:
     """Members and bytes unpacked so far, refused the moment one more would pass a limit."""
 
-    def __init__(self, limits: ArchiveLimits) -> None:
+    def __init__(self, limits: ArchiveLimits, into: Path) -> None:
         self.limits = limits
         self.members = 0
         self.total = 0
+        self.disk = DiskBudget(into, limits.min_free_bytes, "the unpacked voice package")
 
     def member(self, name: str, declared: int) -> None:
         self.members += 1
@@ -77,19 +80,22 @@ class _Budget:
             while chunk := source.read(CHUNK):
                 written += len(chunk)
                 self.check(name, written, len(chunk))
+                self.disk.before_write(len(chunk))
                 self.total += len(chunk)
                 out.write(chunk)
 
 
 def unpack(archive: Path | bytes, into: Path, limits: ArchiveLimits) -> None:
     """Unpack `archive` (a file, or its bytes) into the existing, empty folder `into`."""
+    budget = _Budget(limits, into)
+    budget.disk.start()
     with _open(archive) as fileobj:
         if zipfile.is_zipfile(fileobj):
             fileobj.seek(0)
-            _unzip(fileobj, into, _Budget(limits))
+            _unzip(fileobj, into, budget)
         else:
             fileobj.seek(0)
-            _untar(fileobj, into, _Budget(limits))
+            _untar(fileobj, into, budget)
     # Packages made with `tar -C parent folder` hold one top-level folder: unwrap it.
     entries = list(into.iterdir())
     if len(entries) == 1 and entries[0].is_dir() and not (into / "voice.json").exists():
@@ -187,7 +193,7 @@ def _decompressed(fileobj: IO[bytes]) -> IO[bytes]:
     head = fileobj.read(6)
     fileobj.seek(0)
     if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=fileobj, mode="rb")
+        return cast(IO[bytes], gzip.GzipFile(fileobj=fileobj, mode="rb"))
     if head.startswith(b"BZh"):
         return bz2.BZ2File(fileobj)
     if head.startswith(b"\xfd7zXZ\x00"):

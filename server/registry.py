@@ -16,6 +16,7 @@ import or delete (load the adapter, then register; unregister, then unload) atom
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import json
 import re
@@ -358,7 +359,8 @@ class Registry:
 
     def list(self, base_model: str | None = None) -> list[Voice]:
         """All voices (of one base model when given), sorted by name."""
-        query, params = "SELECT * FROM voices", ()
+        query = "SELECT * FROM voices"
+        params: tuple[str, ...] = ()
         if base_model is not None:
             query, params = query + " WHERE base_model = ?", (base_model,)
         with self._lock:
@@ -469,9 +471,10 @@ class Registry:
             raise JobNotFound(job_id)
         return _job_from_row(row)
 
-    def list_jobs(self, state: str | None = None) -> list[Job]:
+    def list_jobs(self, state: str | None = None) -> builtins.list[Job]:
         """All jobs (in one state when given), oldest first."""
-        query, params = "SELECT * FROM jobs", ()
+        query = "SELECT * FROM jobs"
+        params: tuple[str, ...] = ()
         if state is not None:
             query, params = query + " WHERE state = ?", (state,)
         with self._lock:

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from server.audio_formats import FORMATS
+
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -20,14 +22,21 @@ TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=1_000_000)]
 RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+Speed = Annotated[float, Meta(ge=0.25, le=4.0)]
+# What the handlers check themselves, with their own messages, shown in the OpenAPI document:
+# the formats ("MP3 " is read as "mp3"; an unknown one is a 422 naming the allowed ones), a voice
+# name (registry.validate_name) and text that is not blank.
+FormatName = Annotated[str, Meta(extra_json_schema={"enum": list(FORMATS)})]
+VoiceName = Annotated[str, Meta(extra_json_schema={"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"})]
+Text = Annotated[str, Meta(extra_json_schema={"minLength": 1, "pattern": "\\S"})]
 
 
 class SpeakRequest(Strict):
-    speaker: str
-    text: str
+    speaker: VoiceName
+    text: Text
     language: str | None = None
     instruct: str | None = None
-    format: str = "wav"
+    format: FormatName = "wav"
     stream: bool = False
     seed: Seed | None = None
     temperature: Temperature | None = None
@@ -39,10 +48,10 @@ class SpeakRequest(Strict):
 
 class OpenAISpeechRequest(Strict):
     model: str
-    input: str
-    voice: str
-    response_format: str = "mp3"
-    speed: float = 1.0
+    input: Text
+    voice: VoiceName
+    response_format: FormatName = "mp3"
+    speed: Speed = 1.0
     instructions: str | None = None
     stream_format: str | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from finetune.families import FAMILIES, unknown_family_message
 
@@ -46,6 +46,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_text_chars: int = 5000
     max_tokens_per_sentence: int = 1024
     stream_chunk_frames: int = 6
+    # Per-request budgets (None: none): the most audio one /speak request may make, and how long
+    # after it is queued it may run. Over either, it is stopped: 413 / 503 problem+json, or a
+    # streamed response that ends without its last chunk (logged, counted in /metrics).
+    max_request_audio_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = 900.0
+    max_request_wall_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = 900.0
     adapter_slots: int = 8
     adapter_max_rank: int = 32
     adapter_max_bytes: int = 512 * 1024 * 1024
@@ -56,15 +61,30 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     package_max_bytes: int = 2 * 1024 * 1024 * 1024
     package_max_member_bytes: int = 1024 * 1024 * 1024
     package_max_members: int = 256
+    # Disk, upload and connection limits. Uploads, unpacked packages and job checkpoints are
+    # refused (507) rather than leave less than this free on the data dir's disk (0: off).
+    min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 * 1024 * 1024
+    max_concurrent_uploads: Annotated[int, msgspec.Meta(ge=1)] = 4  # more: 503 + Retry-After
+    body_read_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # wait for a body's next bytes
+    body_total_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0  # a whole request body
+    header_read_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # a request's headers
+    keep_alive_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # an idle kept-alive socket
     shutdown_grace_s: float = 10.0
     job_concurrency: int = 1
     # Folders of failed / cancelled jobs are removed this long after they ended (None: kept).
     failed_job_retention_hours: float | None = 168.0
     # Least audio a fine-tune job takes; None: per strategy (speaker 4 s, language 8 s, duplex 4 s).
     job_min_total_seconds: float | None = None
+    # Per-key usage (GET /usage) is written to the registry this often and at the stop.
+    usage_flush_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     duplex_max_sessions: int = 8
     duplex_max_inbox_frames: int = 25  # 2 s of input queued before the oldest is dropped
     duplex_max_outbox_frames: int = 250  # 20 s of output a slow reader may fall behind
+    # Error and pong replies a duplex client may leave unread (beyond the audio above). With
+    # that many waiting, the server stops reading the client for up to duplex_unread_grace_s,
+    # then closes the session with 4413 "too many unread messages".
+    duplex_max_unread_replies: Annotated[int, msgspec.Meta(ge=1)] = 64
+    duplex_unread_grace_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     # Debugging / test aid: append every generated segment's codec codes (and every duplex
     # session step's text token) to this JSON-lines file.
     codes_log: str | None = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +19,11 @@ from server.duplex.engine import DuplexEngine
 from server.engine.family import BankLimits, load_served_model
 from server.engine.worker import Engine
 from server.jobs import JobService
+from server.keyfile import KeyFile
 from server.package_archive import ArchiveLimits
 from server.registry import Registry
 from server.settings import DEMO_MODEL, ModelSpec, Settings
+from server.usage import UsageMeter
 from server.voices import VoiceService
 
 log = logging.getLogger("voicefoundry")
@@ -28,11 +32,8 @@ log = logging.getLogger("voicefoundry")
 @contextlib.asynccontextmanager
 async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[None]:
     # No key file configured: no auth, explicitly. A configured one must load and hold keys.
-    keys = (
-        KeyStore.load_configured(settings.api_keys_file)
-        if settings.api_keys_file is not None
-        else KeyStore()
-    )
+    # A key file is re-read when it changes (server/keyfile.py): keys CLI edits need no restart.
+    keys = KeyFile(settings.api_keys_file) if settings.api_keys_file is not None else KeyStore()
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
     models = dict(settings.models)
@@ -52,24 +53,35 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         max_batch=settings.max_batch,
         batch_window_s=settings.batch_window_ms / 1000,
         codes_log=Path(settings.codes_log) if settings.codes_log else None,
+        max_audio_s=settings.max_request_audio_seconds,
+        max_wall_s=settings.max_request_wall_seconds,
     )
     engine.start()
     duplex = DuplexEngine(
         max_sessions=settings.duplex_max_sessions,
         max_inbox_frames=settings.duplex_max_inbox_frames,
         max_outbox_frames=settings.duplex_max_outbox_frames,
+        max_unread_replies=settings.duplex_max_unread_replies,
+        unread_grace_s=settings.duplex_unread_grace_s,
         codes_log=Path(settings.codes_log) if settings.codes_log else None,
     )
     duplex.start()
     archive_limits = ArchiveLimits(
-        settings.package_max_bytes, settings.package_max_member_bytes, settings.package_max_members
+        settings.package_max_bytes,
+        settings.package_max_member_bytes,
+        settings.package_max_members,
+        min_free_bytes=settings.min_free_bytes,
     )
     voices = VoiceService(registry, engine, data, duplex=duplex, archive_limits=archive_limits)
     jobs = JobService(registry, voices, settings)
+    usage = UsageMeter(registry)
+    flusher: asyncio.Task[None] | None = None
+    jobs.on_trained = usage.training_ended
     app.state.update(
         {
             "registry": registry,
             "api_keys": keys,
+            "usage": usage,
             "engine": engine,
             "voices": voices,
             "jobs": jobs,
@@ -84,7 +96,7 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         for name, spec in models.items():
             serving = engines[get_family(spec.family).engine]
             model = await serving.run(
-                lambda n=name, s=spec: load_served_model(n, s.family, s.path, limits)
+                functools.partial(load_served_model, name, spec.family, spec.path, limits)
             )
             serving.models[name] = model
             log.info("loaded %s model %s from %s", spec.family, name, spec.path)
@@ -101,9 +113,24 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
 
             await ensure_demo_duplex_voice(voices)
         await jobs.start()
+        flusher = asyncio.create_task(_flush_usage(usage, settings.usage_flush_s))
         yield
     finally:
+        if flusher is not None:
+            flusher.cancel()
         await jobs.stop()
+        with contextlib.suppress(Exception):  # the registry may be what failed
+            usage.flush()
         engine.stop(settings.shutdown_grace_s)
         duplex.stop(settings.shutdown_grace_s)
         registry.close()
+
+
+async def _flush_usage(usage: UsageMeter, every_s: float) -> None:
+    """Write per-key usage to the registry every `every_s` (and once more at the stop)."""
+    while True:
+        await anyio.sleep(every_s)
+        try:
+            await anyio.to_thread.run_sync(usage.flush)
+        except Exception:
+            log.exception("could not write per-key usage; it is kept and retried")

@@ -7,6 +7,8 @@ make import and delete atomic.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import functools
 import io
 import logging
 import re
@@ -16,14 +18,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import load_arrays
 from finetune.families import get_family
 from finetune.families.qwen3_tts.bake import EMBEDDING_FILE
 from finetune.sampling import Sampling
 
 import anyio
-import mlx.core as mx
 import numpy as np
 
+from server.disk import require_free
 from server.engine.bank import AdapterTensors
 from server.engine.family import PackageError, package_file, package_member
 from server.engine.worker import ContextClip, Engine, SpeakJob, Voicing
@@ -31,7 +34,7 @@ from server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from server.package_archive import ArchiveLimits, unpack
 from server.package_meta import package_errors as _package_errors
 from server.package_meta import package_folder, package_relative, read_meta, refuse_strays
-from server.registry import Registry, Voice, validate_name
+from server.registry import Registry, Voice, VoiceKind, validate_name
 
 log = logging.getLogger("voicefoundry")
 
@@ -148,7 +151,7 @@ class VoiceService:
         return None if stored is None else (self.registry.data_dir / stored)
 
     # --- restore --------------------------------------------------------------------------
-    def reconcile(self) -> list[str]:
+    def reconcile(self) -> builtins.list[str]:
         """At start, before restore: what a crash left between a voice's folder and its row.
 
         An import writes the folder (renamed from staging) before the row, and a delete removes
@@ -166,7 +169,7 @@ class VoiceService:
                 removed.append(folder.name)
         return removed
 
-    async def restore(self) -> list[str]:
+    async def restore(self) -> builtins.list[str]:
         """Write every voice's rows (baked speaker, new languages) back into its freshly loaded
         model."""
         restored = []
@@ -179,7 +182,7 @@ class VoiceService:
             except Exception as exc:  # one broken voice never stops the service
                 self.unavailable[voice.name] = _restore_failure(exc)
                 log.warning("voice %s is unavailable: %s", voice.name, self.unavailable[voice.name])
-                await self.engine.run(lambda m=model, v=voice: _undo_restore(m, v))
+                await self.engine.run(functools.partial(_undo_restore, model, voice))
                 continue
             restored.append(voice.name)
         return restored
@@ -205,9 +208,10 @@ class VoiceService:
         *,
         name: str | None,
         base_model: str | None,
-        ref_clip: bytes | None = None,
+        ref_clip: bytes | Path | None = None,
     ) -> Voice:
-        """A voice package uploaded as a .tar.gz / .zip archive (a file, or its bytes)."""
+        """A voice package uploaded as a .tar.gz / .zip archive (a file, or its bytes);
+        `ref_clip`: its bytes, or an uploaded file (copied, never read whole)."""
         staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
         try:
             await anyio.to_thread.run_sync(unpack, archive, staging, self.archive_limits)
@@ -220,6 +224,9 @@ class VoiceService:
         self, folder: Path, *, name: str, base_model: str, ref_clip: bytes | None = None
     ) -> Voice:
         """A voice package directory on this machine (what a finished fine-tune job wrote)."""
+        size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+        floor = self.archive_limits.min_free_bytes
+        require_free(self.voices_dir, floor, "the trained voice's package", size)
         staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.voices_dir))
         try:
             await anyio.to_thread.run_sync(
@@ -231,7 +238,11 @@ class VoiceService:
         return await self._register_staged(staging, name, base_model, ref_clip)
 
     async def _register_staged(
-        self, staging: Path, name: str | None, base_model: str | None, ref_clip: bytes | None
+        self,
+        staging: Path,
+        name: str | None,
+        base_model: str | None,
+        ref_clip: bytes | Path | None,
     ) -> Voice:
         try:
             meta = _read_meta(staging)
@@ -254,7 +265,9 @@ class VoiceService:
             async with self.registry.alock(voice_name):
                 if self.registry.exists(voice_name) or voice_name in self.builtin():
                     raise Conflict(f"voice {voice_name!r} already exists")
-                if ref_clip is not None:
+                if isinstance(ref_clip, Path):
+                    await anyio.to_thread.run_sync(shutil.copyfile, ref_clip, staging / "ref.wav")
+                elif ref_clip is not None:
                     (staging / "ref.wav").write_bytes(ref_clip)
                 if family.engine == "duplex":
                     from server.duplex.voices import install_duplex_package
@@ -327,7 +340,9 @@ class VoiceService:
         try:
             staging.rename(target)
             ref = target / "ref.wav"
-            kind = "baked" if slot is not None else ("adapter" if final_adapter else "clone")
+            kind: VoiceKind = (
+                "baked" if slot is not None else ("adapter" if final_adapter else "clone")
+            )
             voice = Voice(
                 name=name,
                 base_model=model_name,
@@ -367,7 +382,9 @@ class VoiceService:
         """A one-frame request in the staged voice, as /speak would make it once registered
         (after `check_package` installed what it installs)."""
         rel = staging.relative_to(self.registry.data_dir)
-        kind = "baked" if slot is not None else ("adapter" if meta.get("adapter") else "clone")
+        kind: VoiceKind = (
+            "baked" if slot is not None else ("adapter" if meta.get("adapter") else "clone")
+        )
         ref = staging / "ref.wav"
         voice = Voice(
             name=name,
@@ -409,7 +426,7 @@ class VoiceService:
             try:
                 write_wav(folder / "ref.wav", wav)
                 model = self.engine.models[model_name]
-                await self.engine.run(lambda: model.clone_vector(folder / "ref.wav"))
+                await self.engine.run(lambda: model.prepare_clone(folder / "ref.wav"))
                 voice = Voice(
                     name=name,
                     base_model=model_name,
@@ -473,7 +490,7 @@ def _undo_restore(model: Any, voice: Voice) -> None:
 def _read_embedding(file: Path) -> np.ndarray:
     """A speaker embedding file's vector (its width is checked by the model that bakes it)."""
     try:
-        vector = mx.load(str(file))["embedding"]
+        vector = load_arrays(file)["embedding"]
     except Exception as exc:  # mlx raises plain RuntimeError / ValueError / KeyError
         raise PackageError(f"the speaker embedding cannot be read ({type(exc).__name__})") from exc
     return np.array(vector, dtype=np.float32)

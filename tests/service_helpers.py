@@ -18,6 +18,7 @@ import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER_PIDS: dict[str, int] = {}  # base URL of a running `server_process` -> its process id
 
 
 def free_port() -> int:
@@ -49,6 +50,7 @@ def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -64,6 +66,7 @@ def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(30)

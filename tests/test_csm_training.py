@@ -283,7 +283,7 @@ def test_run_job_writes_a_voice_package(tiny_csm: Path, two_clips: Path, tmp_pat
     )
     spec = JobSpec(
         name="narrator",
-        config=msgspec.to_builtins(config),
+        config=config,
         package_dir=str(tmp_path / "package"),
     )
     stream = io.StringIO()

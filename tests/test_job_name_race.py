@@ -32,6 +32,7 @@ def test_six_parallel_uploads_of_one_name_make_one_job(tmp_path: Path, tiny_qwen
         "data_dir": str(tmp_path / "data"),
         "models": {"m": {"path": str(tiny_qwen3_base)}},
         "shutdown_grace_s": 5,
+        "max_concurrent_uploads": 6,  # all six reach the name check (the cap is tested apart)
     }
     with server_process(settings) as url:
 

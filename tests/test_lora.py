@@ -293,7 +293,7 @@ def test_qlora_fuse_matches_unfused_output() -> None:
 def test_single_layer_fuse_formula() -> None:
     mx.random.seed(1)
     base = nn.Linear(HIDDEN, 32, bias=True)
-    layer = LoRALinear.from_base(base, rank=4, alpha=8.0)
+    layer = LoRALinear(base, rank=4, alpha=8.0)
     layer.lora_b = mx.random.normal((4, 32))
     fused = layer.fuse()
     expected = base.weight + 2.0 * (layer.lora_a @ layer.lora_b).T
@@ -306,7 +306,7 @@ def test_single_layer_fuse_formula() -> None:
 def test_lora_branch_follows_input_dtype() -> None:
     base = nn.Linear(HIDDEN, 32)
     base.set_dtype(mx.bfloat16)
-    layer = LoRALinear.from_base(base, rank=4)
+    layer = LoRALinear(base, rank=4)
     layer.lora_b = mx.ones((4, 32))
     assert layer(mx.ones((2, HIDDEN), dtype=mx.bfloat16)).dtype == mx.bfloat16
 

@@ -13,9 +13,13 @@ from finetune.families.personaplex.checkpoint import (
     read_personaplex_config,
     safetensors_header,
 )
+from finetune.families.personaplex.forward import depformer_logits
+from finetune.families.personaplex.kyutai_mimi import kyutai_mimi_config, mimi_section_from_kyutai
 from finetune.families.personaplex.layout import (
+    MIMI_CONFIG_NAME,
     MIMI_NAME,
     MOSHI_NAME,
+    PERSONAPLEX_7B_LM,
     PERSONAPLEX_DELAYS,
     TEXT_TOKENIZER_NAME,
 )
@@ -160,3 +164,82 @@ def test_family_entry_builds_only_known_presets(tmp_path: Path) -> None:
     assert entry.PRESETS == ("tiny", "width", "real-7b")
     with pytest.raises(ValueError, match="preset must be one of"):
         entry.make_tiny(tmp_path / "x", seed=0, preset="huge")
+
+
+# Keys Kyutai's `CheckpointInfo.from_hf_repo` pops from config.json; every other key goes to
+# `LMModel(**kwargs)`, whose transformer refuses names it does not know (moshi 0.2.13).
+KYUTAI_LOADER_KEYS = {
+    "moshi_name",
+    "mimi_name",
+    "mimi_config_name",
+    "tokenizer_name",
+    "lora_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "stt_config",
+    "model_id",
+}
+
+
+def test_config_holds_only_keys_kyutais_loader_takes(tiny_personaplex: Path) -> None:
+    """Our own `mimi` / `preset` keys made Kyutai's LMModel raise TypeError (the parity test
+    loads the directory in `moshi` itself); the Mimi sizes live in Kyutai's `mimi_config.json`."""
+    config = json.loads((tiny_personaplex / "config.json").read_text())
+    lm_keys = set(PERSONAPLEX_7B_LM)
+    assert set(config) - lm_keys - KYUTAI_LOADER_KEYS == set()
+    assert config["mimi_config_name"] == MIMI_CONFIG_NAME
+    assert config["model_id"] == {"preset": "tiny"}
+    kyutai = json.loads((tiny_personaplex / MIMI_CONFIG_NAME).read_text())
+    assert kyutai["seanet"]["n_filters"] == 16 and kyutai["quantizer"]["n_q"] == 32
+    assert mimi_section_from_kyutai(kyutai) == mimi_section_from_kyutai(
+        kyutai_mimi_config(mimi_section_from_kyutai(kyutai))
+    )
+
+
+def test_directory_with_our_older_mimi_section_still_loads(
+    tiny_personaplex: Path, tmp_path: Path
+) -> None:
+    older = tmp_path / "older"
+    shutil.copytree(tiny_personaplex, older)
+    config = json.loads((older / "config.json").read_text())
+    config["mimi"] = mimi_section_from_kyutai(json.loads((older / MIMI_CONFIG_NAME).read_text()))
+    del config["mimi_config_name"]
+    (older / "config.json").write_text(json.dumps(config))
+    (older / MIMI_CONFIG_NAME).unlink()
+    loaded = load_personaplex(older)
+    assert loaded.mimi.cfg.seanet.nfilters == 16 and loaded.mimi.quantizer._nq == 8
+
+
+def test_mimi_config_the_codec_cannot_follow_is_reported(
+    tiny_personaplex: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "kyutai"
+    shutil.copytree(tiny_personaplex, broken)
+    kyutai = json.loads((broken / MIMI_CONFIG_NAME).read_text())
+    kyutai["transformer"]["gating"] = "silu"
+    del kyutai["seanet"]["ratios"]
+    (broken / MIMI_CONFIG_NAME).write_text(json.dumps(kyutai))
+    with pytest.raises(CheckpointError) as err:
+        load_personaplex(broken)
+    text = str(err.value)
+    assert "transformer.gating is 'silu'" in text and "seanet.ratios is missing" in text
+    (broken / MIMI_CONFIG_NAME).unlink()
+    with pytest.raises(CheckpointError, match=f"{MIMI_CONFIG_NAME} is missing"):
+        load_personaplex(broken)
+
+
+def test_last_depformer_slice_sees_the_first_slices(loaded_personaplex) -> None:
+    """Kyutai's LMModel ignores `depformer_context` (8): slice 15 attends to slices 0..15.
+    mlx-audio's attention would keep only the last 8 keys, so with one depformer layer slice 15
+    could not see slice 1's token at all."""
+    lm = loaded_personaplex.lm
+    assert lm.cfg.depformer.transformer.context == 16
+    rng = np.random.default_rng(0)
+    temporal = mx.array(rng.normal(0, 1, (1, 1, lm.cfg.transformer.d_model)).astype(np.float32))
+    targets = rng.integers(0, 2048, (1, 17, 1)).astype(np.int32)
+    changed = targets.copy()
+    changed[0, 1, 0] = (targets[0, 1, 0] + 1) % 2048
+    base = depformer_logits(lm, temporal, mx.array(targets), 16)[0, 15]
+    other = depformer_logits(lm, temporal, mx.array(changed), 16)[0, 15]
+    assert float(mx.abs(base - other).max()) > 1e-3

@@ -18,6 +18,7 @@ import yaml
 
 Engine = Literal["speech", "duplex"]
 ENGINES: tuple[Engine, ...] = ("speech", "duplex")
+DEFAULT_MIN_JOB_SECONDS = 4.0
 
 
 def configs_dir() -> Path:
@@ -38,8 +39,16 @@ class Family:
     default_targets: tuple[str, ...]  # LoRA target patterns when a config names none
     presets: tuple[str, ...]  # `make-tiny --preset` names
     variants: tuple[str, ...] = ("base",)  # `make-tiny --variant` names
+    # `make-tiny --layout` names (the distributions users download), the first the default;
+    # empty: the family writes one layout and its make_tiny takes no `layout`.
+    layouts: tuple[str, ...] = ()
     # strategy -> recipe file name under configs/
     recipes: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # strategy -> the least audio (seconds, all clips together) a fine-tune job needs; others 4 s
+    min_job_seconds: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # Models that place the transcript's text tokens on audio frames (at most one per frame)
+    # need each clip's transcript to fit: the frames a second; None when text is not framed.
+    text_frame_rate: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,9 +61,19 @@ class Family:
             problems.append(f"recipes for strategies it does not train: {', '.join(stray)}")
         if ":" not in self.served_by:
             problems.append(f"served_by must be 'module:Class', not {self.served_by!r}")
+        stray = sorted(set(self.min_job_seconds) - set(self.strategies))
+        if stray:
+            problems.append(f"min_job_seconds for strategies it does not train: {', '.join(stray)}")
+        if self.text_frame_rate is not None and not self.text_frame_rate > 0:
+            problems.append(f"text_frame_rate must be > 0, not {self.text_frame_rate!r}")
         if problems:
             raise ValueError(f"family {self.name!r}: " + "; ".join(problems))
         object.__setattr__(self, "recipes", MappingProxyType(dict(self.recipes)))
+        object.__setattr__(self, "min_job_seconds", MappingProxyType(dict(self.min_job_seconds)))
+
+    def job_seconds(self, strategy: str) -> float:
+        """The least audio a fine-tune job of `strategy` needs, in seconds."""
+        return self.min_job_seconds.get(strategy, DEFAULT_MIN_JOB_SECONDS)
 
     def entry_module(self) -> ModuleType:
         return importlib.import_module(self.entry)

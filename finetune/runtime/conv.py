@@ -33,6 +33,7 @@ def conv1d_taps(
         start = tap * dilation
         term = x[:, start : start + last : stride, :] @ w_t[tap]
         out = term if out is None else out + term
+    assert out is not None  # k >= 1 taps
     return out
 
 

@@ -8,18 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.adapter_files import AdapterError, read_adapter, weight_problems
 from finetune.families.personaplex.family import FAMILY
-from finetune.lora import AdapterError
 
 import numpy as np
 
-from server.engine.bank import (
-    AdapterBank,
-    AdapterTensors,
-    adapter_config,
-    lora_problems,
-    read_adapter_files,
-)
+from server.engine.bank import AdapterBank, AdapterTensors
 
 MODULE = "lm"
 
@@ -34,8 +28,8 @@ class DuplexAdapterTensors(AdapterTensors):
     ) -> DuplexAdapterTensors:
         """`family`: the family of the model it goes on (the loaded model's `family`)."""
         path = Path(path)
-        raw, weights = read_adapter_files(path)
-        config = adapter_config(path, raw)
+        files = read_adapter(path)  # the config and the LoRA tensors checked on their own
+        config, weights = files.config, files.tensors
         problems = []
         if config.family != family:
             problems.append(f"adapter is for family {config.family!r}, not {family}")
@@ -52,7 +46,7 @@ class DuplexAdapterTensors(AdapterTensors):
         stray = sorted(set(weights) - set(full) - set(lora_tensors))
         if stray:
             problems.append(f"tensors neither LoRA nor listed in trained_tensors: {stray[:3]}")
-        problems += lora_problems(lora_tensors, rank)
+        problems += weight_problems(full)  # finite values
         if problems:
             raise AdapterError(path, problems)
         nbytes = sum(a.nbytes for a in (*lora_tensors.values(), *full.values()))

@@ -64,7 +64,11 @@ class LiveSession:
     loop: asyncio.AbstractEventLoop
     max_inbox: int
     max_outbox: int
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Error and pong replies (event loop side) the client may leave unread beyond max_outbox:
+    # `out` holds at most max_outbox + max_replies items.
+    max_replies: int = 64
+    out: asyncio.Queue = field(init=False)
+    out_peak: int = 0  # the most items `out` held
     inbox: deque = field(default_factory=deque)
     state: Any = None  # the runtime's per-session state, touched only on the engine thread
     slot: int = 0
@@ -74,6 +78,9 @@ class LiveSession:
     dropped_in: int = 0
     dropped_out: int = 0
     opened: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.out = asyncio.Queue(maxsize=self.max_outbox + self.max_replies)
 
     def feed(self, frames: list[np.ndarray]) -> int:
         """Queue input frames (event loop side); returns how many older frames were dropped."""
@@ -91,7 +98,34 @@ class LiveSession:
         if self.out.qsize() >= self.max_outbox and not isinstance(item, BaseException | Closed):
             self.dropped_out += 1
             return
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        self.loop.call_soon_threadsafe(self._put_made, item)
+
+    def _put_made(self, item: Any) -> None:
+        # Checked again on the loop: replies may have filled `out` since the engine looked.
+        if self.out.qsize() >= self.max_outbox and not isinstance(item, BaseException | Closed):
+            self.dropped_out += 1
+            return
+        if self.out.full():  # an end of the session (Closed, an error) outranks what waits
+            self.out.get_nowait()
+            self.dropped_out += 1
+        self._put(item)
+
+    async def reply(self, message: bytes, wait_s: float) -> bool:
+        """Queue a reply to the client (event loop side). With `out` full, wait up to `wait_s`
+        for the client to read; False, queueing nothing, if it did not."""
+        try:
+            self.out.put_nowait(message)
+        except asyncio.QueueFull:
+            try:
+                await asyncio.wait_for(self.out.put(message), wait_s)
+            except TimeoutError:
+                return False
+        self.out_peak = max(self.out_peak, self.out.qsize())
+        return True
+
+    def _put(self, item: Any) -> None:
+        self.out.put_nowait(item)
+        self.out_peak = max(self.out_peak, self.out.qsize())
 
 
 class DuplexModel:
@@ -152,6 +186,8 @@ class DuplexEngine:
         max_sessions: int = 8,
         max_inbox_frames: int = 25,
         max_outbox_frames: int = 250,
+        max_unread_replies: int = 64,
+        unread_grace_s: float = 5.0,
         idle_wait_s: float = 0.02,
         codes_log: Path | None = None,
     ) -> None:
@@ -160,6 +196,8 @@ class DuplexEngine:
         self.codes_log = codes_log
         self.max_inbox_frames = max_inbox_frames
         self.max_outbox_frames = max_outbox_frames
+        self.max_unread_replies = max_unread_replies
+        self.unread_grace_s = unread_grace_s  # how long a full outbox waits for the client
         self.idle_wait_s = idle_wait_s
         self.models: dict[str, DuplexModel] = {}
         self.sessions: dict[str, LiveSession] = {}
@@ -212,7 +250,7 @@ class DuplexEngine:
         if voicing.adapter is not None:
             family = self.models[voicing.model].family
             adapter = await asyncio.to_thread(
-                lambda: DuplexAdapterTensors.read(voicing.adapter, family=family)
+                DuplexAdapterTensors.read, voicing.adapter, family=family
             )
         session = LiveSession(
             id=uuid.uuid4().hex[:16],
@@ -222,6 +260,7 @@ class DuplexEngine:
             loop=asyncio.get_running_loop(),
             max_inbox=self.max_inbox_frames,
             max_outbox=self.max_outbox_frames,
+            max_replies=self.max_unread_replies,
         )
         self.sessions[session.id] = session  # counts against the limit while conditioning
         try:

@@ -46,7 +46,9 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
     NOT_FOUND = 4404
+    UNREAD = 4413  # the client left too many messages unread (its outbound queue is full)
     UNPROCESSABLE = 4422
+    TOO_MANY = 4429  # an API key over one of its limits (the reason says which, and when again)
 
 
 HANDSHAKE = bytes([Kind.HANDSHAKE]) + struct.pack("<II", PROTOCOL_VERSION, MODEL_VERSION)

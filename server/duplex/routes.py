@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -19,12 +20,14 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from server.auth import AuthError, KeyStore, Unauthorized, secret_from_headers
+from server.admission import Metered, count_request, start_duplex
+from server.auth import AuthError, Unauthorized, secret_from_headers
 from server.duplex import protocol as proto
 from server.duplex.codec import make_codec
 from server.duplex.engine import Closed, DuplexEngine, LiveSession, SessionLimit
 from server.duplex.voices import duplex_voicing
 from server.errors import NotFound, ServiceError, public_text
+from server.limits import LimitExceeded
 
 log = logging.getLogger("voicefoundry.duplex")
 
@@ -46,15 +49,21 @@ def _params(socket: WebSocket) -> proto.DuplexParams:
     return params
 
 
-def _authenticate(socket: WebSocket, params: proto.DuplexParams) -> None:
-    keys: KeyStore = socket.app.state.api_keys
+def _authenticate(socket: WebSocket, params: proto.DuplexParams) -> Metered:
+    """The key's session: counted as a request, holding one of its duplex_sessions."""
+    state = socket.app.state
     secret = secret_from_headers(socket.headers) or params.api_key
     try:
-        keys.authenticate(secret, "speak")
+        key = state.api_keys.authenticate(secret, "speak")
+        count_request(state, key)
+        return start_duplex(state, key)
     except Unauthorized as exc:
         raise _Rejected(proto.CloseCode.UNAUTHORIZED, str(exc)) from exc
     except AuthError as exc:
         raise _Rejected(proto.CloseCode.FORBIDDEN, str(exc)) from exc
+    except LimitExceeded as exc:
+        reason = f"{exc.detail}; retry after {exc.retry_after} s"
+        raise _Rejected(proto.CloseCode.TOO_MANY, reason) from exc
 
 
 async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
@@ -93,11 +102,14 @@ def _internal(exc: Exception) -> _Rejected:
 async def duplex_socket(socket: WebSocket) -> None:
     await socket.accept()
     metrics = socket.app.state.metrics
+    metered: Metered | None = None
     try:
         params = _params(socket)
-        _authenticate(socket, params)
+        metered = _authenticate(socket, params)
         session = await _open(socket, params)
     except Exception as exc:
+        if metered is not None:
+            metered.end()
         rejected = exc if isinstance(exc, _Rejected) else _internal(exc)
         if isinstance(exc, _Rejected):
             log.info("duplex session refused (%d): %s", rejected.code, rejected.reason)
@@ -106,10 +118,14 @@ async def duplex_socket(socket: WebSocket) -> None:
             await socket.send_bytes(proto.error_message(rejected.reason))
             await socket.close(code=rejected.code, reason=rejected.reason[:120])
         return
+    assert metered is not None  # set before any session opens
     engine: DuplexEngine = socket.app.state.duplex
+    started = time.monotonic()
     try:
         await _converse(socket, engine, session, params)
     finally:
+        metered.add("duplex_seconds", time.monotonic() - started)
+        metered.end()
         await engine.close(session)
         metrics.duplex_session(session)
 
@@ -126,25 +142,32 @@ async def _converse(
         encoding=params.encoding,
     )
     await socket.send_bytes(proto.metadata_message(info))
+    unread: str | None = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(_send_loop, socket, session, encoder, tasks.cancel_scope)
-        await _receive_loop(socket, engine, session, decoder)
+        unread = await _receive_loop(socket, engine, session, decoder)
         tasks.cancel_scope.cancel()
+    if unread is not None:
+        await _close_unread(socket, session, unread)
 
 
 async def _receive_loop(
     socket: WebSocket, engine: DuplexEngine, session: LiveSession, decoder: Any
-) -> None:
+) -> str | None:
+    """Read the client's messages until it leaves (None), or until it left so many replies
+    unread that the session's outbound queue stayed full (the reason to close it with). While
+    the queue is full, the client's next messages wait: a client sending faster than it reads
+    is slowed down to its reading pace first."""
     while True:
         try:
             event = await socket.receive()
         except WebSocketDisconnect:
-            return
+            return None
         if event["type"] == "websocket.disconnect":
-            return
-        data = event.get("bytes")
-        if data is None:
-            data = event.get("text") or ""
+            return None
+        raw = event.get("bytes")
+        data = raw if isinstance(raw, bytes) else str(event.get("text") or "")
+        reply: bytes | None = None
         try:
             kind, payload = proto.parse(data)
             if kind is proto.Kind.AUDIO:
@@ -152,22 +175,38 @@ async def _receive_loop(
                 if frames:
                     engine.feed(session, frames)
             elif kind is proto.Kind.PING:
-                session.out.put_nowait(proto.PONG)
+                reply = proto.PONG
             else:
-                await _control(engine, session, proto.Control(payload[0]))
+                reply = await _control(engine, session, proto.Control(payload[0]))
         except proto.MalformedMessage as exc:
-            session.out.put_nowait(proto.error_message(str(exc)))
+            reply = proto.error_message(str(exc))
+        if reply is not None and not await session.reply(reply, engine.unread_grace_s):
+            return f"too many unread messages ({session.out.qsize()} waiting for the client)"
 
 
-async def _control(engine: DuplexEngine, session: LiveSession, control: proto.Control) -> None:
+async def _control(
+    engine: DuplexEngine, session: LiveSession, control: proto.Control
+) -> bytes | None:
+    """Apply a control message; the reply it gets, if any."""
     if control is proto.Control.PAUSE:
         session.paused = True
     elif control is proto.Control.START:
         session.paused = False
     elif control is proto.Control.RESTART:
         await engine.restart(session)
-        session.out.put_nowait(proto.HANDSHAKE)
+        return proto.HANDSHAKE
     # END_TURN: a full-duplex model takes turns by itself; nothing to do.
+    return None
+
+
+async def _close_unread(socket: WebSocket, session: LiveSession, reason: str) -> None:
+    """Close a session whose client stopped reading while it kept sending: its replies would
+    otherwise pile up without bound. The send loop has stopped, so nothing else writes."""
+    code = proto.CloseCode.UNREAD
+    log.warning("duplex session %s closed (%d): %s", session.id, code, reason)
+    socket.app.state.metrics.duplex_closed(code)
+    with contextlib.suppress(Exception):
+        await socket.close(code=code, reason=reason)
 
 
 async def _send_loop(socket: WebSocket, session: LiveSession, encoder: Any, scope: Any) -> None:

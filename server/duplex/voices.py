@@ -94,7 +94,7 @@ async def install_duplex_package(
             model.bank.unload(str(tensors.path))
 
         await engine.run(check)
-    if prompt is not None:
+    if prompt is not None and prompt_name is not None:
         await anyio.to_thread.run_sync(_check_prompt, prompt, prompt_name)
     target = service.voices_dir / name
     staging.rename(target)

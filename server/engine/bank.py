@@ -9,23 +9,26 @@ free slot: the base model is never reloaded.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, linear_dims
+from finetune.adapter_files import (
+    AdapterConfig,
+    AdapterError,
+    decode_adapter_config,
+    read_adapter,
+    weight_problems,
+)
+from finetune.lora import linear_dims
 
 import mlx.core as mx
 import mlx.nn as nn
-import msgspec
 import numpy as np
 from mlx.utils import tree_unflatten
-from safetensors.numpy import load_file
 
 
 class BankContext:
@@ -38,7 +41,9 @@ class BankContext:
 
 
 class BankedLoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, slots: int, max_rank: int, ctx: BankContext) -> None:
+    def __init__(
+        self, base: nn.Linear | nn.QuantizedLinear, slots: int, max_rank: int, ctx: BankContext
+    ) -> None:
         super().__init__()
         self.base = base
         # A QuantizedLinear base is used as it is: the bank adds its rows to the quantised
@@ -65,71 +70,22 @@ class BankedLoRALinear(nn.Module):
         return y + (scale * delta.reshape(*y.shape)).astype(y.dtype)
 
 
-MAX_CONFIG_BYTES = 1 << 20
-
-
-class LoraParams(msgspec.Struct, kw_only=True):
-    """adapter_config.json's "lora" object, as far as serving reads it."""
-
-    rank: Annotated[int, msgspec.Meta(ge=1)]
-    alpha: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"lora.alpha must be a finite number > 0, not {self.alpha!r}")
-
-
-class AdapterConfig(msgspec.Struct, kw_only=True):
-    """adapter_config.json, as far as serving reads it (other keys are the trainer's)."""
-
-    lora: LoraParams
-    module: str | None = None
-    family: str | None = None
-    trained_tensors: list[str] = []
-
-
 def adapter_config(path: Path, config: Any) -> AdapterConfig:
     """`config` (adapter_config.json's object) decoded, or an AdapterError saying what is wrong."""
-    try:
-        return msgspec.convert(config, AdapterConfig)
-    except msgspec.ValidationError as exc:
-        raise AdapterError(path, [f"{ADAPTER_CONFIG}: {exc}"]) from exc
+    return decode_adapter_config(path, config)
 
 
-def read_adapter_files(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """adapter_config.json (checked against AdapterConfig) and adapters.safetensors, or an
-    AdapterError saying what is wrong."""
-    try:
-        if (path / ADAPTER_CONFIG).stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterError(path, [f"{ADAPTER_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes"])
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-        adapter_config(path, config)
-        weights = load_file(str(path / ADAPTER_WEIGHTS))
-    except AdapterError:
-        raise
-    except FileNotFoundError as exc:
-        raise AdapterError(path, [f"missing {Path(exc.filename).name}"]) from exc
-    except Exception as exc:  # safetensors raises its own error type for corrupt files
-        raise AdapterError(path, [f"unreadable adapter: {exc}"]) from exc
-    return config, weights
+def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """adapter_config.json (checked against AdapterConfig) and adapters.safetensors, or one
+    AdapterError with every problem of both."""
+    files = read_adapter(path)
+    return files.raw, files.tensors
 
 
 def lora_problems(tensors: dict[str, np.ndarray], rank: int) -> list[str]:
     """What is wrong with an adapter's LoRA tensors on their own: unpaired A / B, shapes that
     disagree with `rank`, values that are not finite (checked against the model by the bank)."""
-    problems = []
-    for name, array in sorted(tensors.items()):
-        layer, _, leaf = name.rpartition(".")
-        other = f"{layer}.{'lora_b' if leaf == 'lora_a' else 'lora_a'}"
-        if other not in tensors:
-            problems.append(f"{name}: its {other.rpartition('.')[2]} is missing")
-        if array.ndim != 2:
-            problems.append(f"{name}: shape {array.shape} is not 2-D")
-        elif (array.shape[1] if leaf == "lora_a" else array.shape[0]) != rank:
-            problems.append(f"{name}: shape {array.shape} does not match lora.rank {rank}")
-        if not np.isfinite(array).all():
-            problems.append(f"{name}: holds values that are not finite")
-    return problems
+    return weight_problems(tensors, rank=rank)
 
 
 @dataclass
@@ -147,8 +103,8 @@ class AdapterTensors:
         cls, path: Path, module: str = "talker", installed_elsewhere: tuple[str, ...] = ()
     ) -> AdapterTensors:
         path = Path(path)
-        raw, weights = read_adapter_files(path)
-        config = adapter_config(path, raw)
+        files = read_adapter(path)
+        config, weights = files.config, files.tensors
         if (config.module or module) != module:
             raise AdapterError(path, [f"adapter is for module {config.module!r}"])
         rank, alpha = config.lora.rank, config.lora.alpha

@@ -183,6 +183,21 @@ class SpeechModel(Protocol):
         """On delete, on the engine thread: free what `restore_voice` / `check_package` took."""
         ...
 
+    # --- speaker rows and clones (on the engine thread) -----------------------------------------
+    def bake(self, name: str, slot: int, embedding: np.ndarray) -> None:
+        """Write `embedding` as speaker `name` into row `slot`. Raises PackageError where the
+        model has no such rows (`free_speaker_slot` then never offers one)."""
+        ...
+
+    def unbake(self, name: str) -> None:
+        """Undo `bake` (nothing if `name` was never baked)."""
+        ...
+
+    def prepare_clone(self, ref_clip: Path) -> None:
+        """Prove `ref_clip` makes a voice of this model and cache what serving it needs.
+        Raises ValueError where the model cannot clone."""
+        ...
+
 
 @dataclass(frozen=True)
 class BankLimits:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ class SpeakJob:
     audio_seconds: float = 0.0
     sent: int = 0  # frames of the current segment already streamed
     started: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Set by the engine: its round count when the job was queued, when the job's wall-time
+    # budget runs out, and the budget it went over (it then ends with that error).
+    queued_round: int = 0
+    deadline: float | None = None
+    budget_error: BaseException | None = None
 
     def send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)

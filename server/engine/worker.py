@@ -1,6 +1,18 @@
 """ONE thread owns every MLX call. Requests are queued with a cancel event each, batched per
 base model, and their audio handed back to the event loop as it is made.
 
+Fairness, at segment granularity: the engine works in rounds, each running ONE segment of up to
+`max_batch` jobs of one base model. Runnable jobs wait in one queue ordered by when they last
+ran; a round takes the job at its head and the next jobs of the same model in queue order. A
+new request joins the queue at the next round boundary, ahead of the jobs that just ran, which
+go to the back. So no job waits more than about (jobs ahead of it / max_batch) + 1 rounds for its
+next segment, whatever their length or model: a long request never holds the engine for more
+than one segment at a time, and other models' jobs alternate with the running model's.
+
+Budgets: a request making more than `max_audio_s` of audio, or still unfinished `max_wall_s`
+after it was queued, is stopped (checked at every frame and every round) and ends with
+`BudgetExceeded`.
+
 The engine knows no model family: it drives any `SpeechModel` (server/engine/family.py)."""
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,14 +39,30 @@ class QueueFull(RuntimeError):
     pass
 
 
+Budget = Literal["audio", "time"]
+
+
+class BudgetExceeded(RuntimeError):
+    """A request went over its audio or wall-time budget and was stopped."""
+
+    def __init__(self, budget: Budget, detail: str) -> None:
+        super().__init__(detail)
+        self.budget = budget
+
+
 class EngineStats:
     def __init__(self) -> None:
         self.batch_sizes: dict[int, int] = {}
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
+        self.rounds = 0  # batches started; a job's wait is counted in these
+        self.budget_exceeded: dict[str, int] = {}
 
     def batch(self, size: int) -> None:
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+    def over_budget(self, budget: Budget) -> None:
+        self.budget_exceeded[budget] = self.budget_exceeded.get(budget, 0) + 1
 
 
 class Engine:
@@ -45,8 +73,12 @@ class Engine:
         max_batch: int,
         batch_window_s: float = 0.01,
         codes_log: Path | None = None,
+        max_audio_s: float | None = None,
+        max_wall_s: float | None = None,
     ) -> None:
         self.max_queue = max_queue
+        self.max_audio_s = max_audio_s
+        self.max_wall_s = max_wall_s
         # Debugging aid (settings.codes_log): every finished segment's codec codes, as JSON lines.
         self.codes_log = codes_log
         self.max_batch = max_batch
@@ -58,6 +90,8 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._current: list[SpeakJob] = []
+        # Runnable jobs in the order they get their next segment (touched on the MLX thread only).
+        self._ready: deque[SpeakJob] = deque()
         self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
 
     # --- lifecycle (called from the event loop) -------------------------------------------
@@ -101,43 +135,108 @@ class Engine:
             if self._pending >= self.max_queue:
                 raise QueueFull(f"{self._pending} requests queued")
             self._pending += 1
+        job.queued_round = self.stats.rounds
+        if self.max_wall_s is not None:
+            job.deadline = time.perf_counter() + self.max_wall_s
         self._inbox.put(job)
 
     def _run(self) -> None:
-        deferred: deque[SpeakJob] = deque()
         while not self._stop.is_set():
-            try:
-                item = deferred.popleft() if deferred else self._inbox.get(timeout=0.5)
-            except queue.Empty:
+            if not self._ready and not self._idle_wait():
                 continue
-            if isinstance(item, tuple):
-                self._control(*item)
+            self._drain()
+            self._expire()
+            batch = self._next_batch()
+            if not batch:
                 continue
-            batch = [item]
-            # Wait a moment for companions: requests arriving together run as one batch.
-            deadline = time.monotonic() + self.batch_window_s
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    more = (
-                        self._inbox.get(timeout=remaining)
-                        if remaining > 0
-                        else self._inbox.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if isinstance(more, tuple):
-                    self._control(*more)
-                elif more.voicing.model == item.voicing.model:
-                    batch.append(more)
-                else:
-                    deferred.append(more)
+            self.stats.rounds += 1
             self._current = batch
             again = self._speak(batch)
             self._current = []
-            deferred.extendleft(reversed(again))
-        for job in list(deferred):
-            self._finish(job, RuntimeError("server shutting down"))
+            self._drain()  # requests that came during the round go ahead of the ones that ran
+            self._ready.extend(again)
+        while self._ready:
+            self._finish(self._ready.popleft(), RuntimeError("server shutting down"))
+
+    def _idle_wait(self) -> bool:
+        """With nothing runnable: wait for the next request, then a moment for companions
+        (requests arriving together run as one batch). False when nothing came."""
+        try:
+            item = self._inbox.get(timeout=0.5)
+        except queue.Empty:
+            return False
+        self._take(item)
+        deadline = time.monotonic() + self.batch_window_s
+        while self._ready and len(self._ready) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._take(self._inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return True
+
+    def _take(self, item: SpeakJob | tuple[Callable[[], Any], Future]) -> None:
+        if isinstance(item, tuple):
+            self._control(*item)
+        else:
+            self._ready.append(item)
+
+    def _drain(self) -> None:
+        """Everything queued since the last look: control tasks run, requests join."""
+        while True:
+            try:
+                self._take(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _expire(self) -> None:
+        """End the waiting jobs that were cancelled or ran out of time."""
+        now = time.perf_counter()
+        waiting: deque[SpeakJob] = deque()
+        for job in self._ready:
+            if job.cancel.is_set():
+                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+            elif job.deadline is not None and now > job.deadline:
+                self._over_budget(job, "time")
+                self._finish(job, job.budget_error)
+            else:
+                waiting.append(job)
+        self._ready = waiting
+
+    def _next_batch(self) -> list[SpeakJob]:
+        """The job that waited longest and the next ones of its model, up to max_batch."""
+        if not self._ready:
+            return []
+        model = self._ready[0].voicing.model
+        batch: list[SpeakJob] = []
+        rest: deque[SpeakJob] = deque()
+        for job in self._ready:
+            if job.voicing.model == model and len(batch) < self.max_batch:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._ready = rest
+        return batch
+
+    def _over_budget(self, job: SpeakJob, budget: Budget) -> None:
+        """Stop `job` (its row ends at the next frame) with the budget it went over."""
+        if job.budget_error is not None:
+            return
+        if budget == "audio":
+            detail = (
+                f"the request made more than {self.max_audio_s:g} s of audio, the most one "
+                "request may make (max_request_audio_seconds); shorten the text or max_tokens"
+            )
+        else:
+            detail = (
+                f"the request did not finish within {self.max_wall_s:g} s "
+                "(max_request_wall_seconds); retry later or send shorter text"
+            )
+        job.budget_error = BudgetExceeded(budget, detail)
+        self.stats.over_budget(budget)
+        job.cancel.set()
 
     @staticmethod
     def _control(fn: Callable[[], Any], future: Future) -> None:
@@ -155,7 +254,7 @@ class Engine:
         model = self.models.get(jobs[0].voicing.model)
         for job in jobs:
             if job.cancel.is_set():
-                self._finish(job, RuntimeError("cancelled"))
+                self._finish(job, job.budget_error or RuntimeError("cancelled"))
                 continue
             if model is None:
                 self._finish(job, KeyError(f"model {job.voicing.model!r} is not loaded"))
@@ -164,7 +263,7 @@ class Engine:
                 live.append((job, self._row(model, job)))
             except Exception as exc:  # a bad voice fails its own request, never the worker
                 self._finish(job, exc)
-        if not live:
+        if not live or model is None:
             return []
         self.stats.batch(len(live))
         try:
@@ -178,7 +277,7 @@ class Engine:
         for job, row in live:
             model.bank.release(row.slot)
             if job.cancel.is_set():
-                self._finish(job, RuntimeError("cancelled"))
+                self._finish(job, job.budget_error or RuntimeError("cancelled"))
                 continue
             try:
                 self._deliver(model, job, row)
@@ -212,16 +311,21 @@ class Engine:
         except BaseException:
             model.bank.release(slot)
             raise
-        if job.stream:
-            job.sent = 0
-            row.on_frames = self._streamer(model, job, row)
+        job.sent = 0
+        row.on_frames = self._on_frames(model, job, row)
         return row
 
-    @staticmethod
-    def _streamer(model: SpeechModel, job: SpeakJob, row: SpeechRow) -> Callable:
+    def _on_frames(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> Callable:
+        """Called by the family after every frame: budgets, then (streaming) audio out."""
+        max_frames = None if self.max_audio_s is None else int(self.max_audio_s * model.frame_rate)
+
         def on_frames(_: np.ndarray) -> None:
             made = len(row.frames)
-            if made - job.sent >= job.chunk_frames:
+            if max_frames is not None and job.frames_made + made > max_frames:
+                self._over_budget(job, "audio")
+            elif job.deadline is not None and time.perf_counter() > job.deadline:
+                self._over_budget(job, "time")
+            if job.stream and not job.cancel.is_set() and made - job.sent >= job.chunk_frames:
                 job.send(model.decode_chunk(row, job.sent, made))
                 job.sent = made
 
@@ -243,6 +347,11 @@ class Engine:
     def _log_codes(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         record = {
             "model": model.name,
+            "request": job.id,
+            "segment": job.next_segment,
+            # The round that made this segment, and the round running when the job was queued.
+            "round": self.stats.rounds,
+            "queued_round": job.queued_round,
             "text": job.text,
             "cancelled": job.cancel.is_set(),
             "codes": [np.asarray(f).astype(int).tolist() for f in row.frames],
@@ -265,6 +374,7 @@ class Engine:
 
 __all__ = [
     "BankFull",
+    "BudgetExceeded",
     "ContextClip",
     "Done",
     "Engine",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -76,7 +76,8 @@ class AsyncClient:
                 error = exc
 
     async def _call(self, call: _core.Call[T]) -> T:
-        return await self._drive(_core.exchange(self._config, call))  # type: ignore[return-value]
+        flow = _core.exchange(self._config, call)
+        return cast(T, await self._drive(flow))
 
     @contextlib.asynccontextmanager
     async def _open(self, call: _core.Call[Any]) -> AsyncIterator[httpx.Response]:
@@ -283,7 +284,7 @@ class AsyncJobs:
 
     async def events(
         self, job_id: str, *, read_timeout: float | None = None
-    ) -> AsyncIterator[JobEvent]:
+    ) -> AsyncGenerator[JobEvent, None]:
         """The job's events as they happen, ending after the final state event."""
         decoder = _core.SSEDecoder()
         async with self._client._open(_core.job_events(job_id, read_timeout)) as response:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -75,7 +75,8 @@ class Client:
                 error = exc
 
     def _call(self, call: _core.Call[T]) -> T:
-        return self._drive(_core.exchange(self._config, call))  # type: ignore[return-value]
+        flow = _core.exchange(self._config, call)
+        return cast(T, self._drive(flow))
 
     @contextlib.contextmanager
     def _open(self, call: _core.Call[Any]) -> Iterator[httpx.Response]:
@@ -266,7 +267,9 @@ class Jobs:
     def cancel(self, job_id: str) -> Job:
         return self._client._call(_core.cancel_job(job_id))
 
-    def events(self, job_id: str, *, read_timeout: float | None = None) -> Iterator[JobEvent]:
+    def events(
+        self, job_id: str, *, read_timeout: float | None = None
+    ) -> Generator[JobEvent, None, None]:
         """The job's events as they happen, ending after the final state event."""
         decoder = _core.SSEDecoder()
         with self._client._open(_core.job_events(job_id, read_timeout)) as response:

@@ -184,7 +184,9 @@ class DuplexSession:
         except InvalidStatus as exc:
             response = exc.response
             raise error_from_problem(
-                response.status_code, response.body or b"", dict(response.headers.raw_items())
+                response.status_code,
+                bytes(response.body or b""),
+                dict(response.headers.raw_items()),
             ) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             kind = APITimeoutError if isinstance(exc, TimeoutError) else APIConnectionError
@@ -299,9 +301,9 @@ class DuplexSession:
             for message in self._early:
                 await self._deliver(message)
             while True:
-                message = await self._ws.recv()
-                if isinstance(message, bytes):
-                    await self._deliver(message)
+                received = await self._ws.recv()
+                if isinstance(received, bytes):
+                    await self._deliver(received)
         except ConnectionClosed as exc:
             close = exc.rcvd
             end = _End(close.code, close.reason) if close is not None else end

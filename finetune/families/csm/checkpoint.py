@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items, load_arrays
 from finetune.families.csm.mimi import SAMPLE_RATE, load_mimi
 from finetune.families.csm.text_tokenizer import BOS_TOKEN, EOS_TOKEN
 from finetune.loading import (
@@ -35,7 +36,6 @@ from finetune.runtime import PreparedModel, prepare_model
 from finetune.runtime.accelerate import to_float32
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 FAMILY = "csm"
 MODEL_TYPES = ("csm", "sesame")
@@ -125,6 +125,7 @@ def load_csm(name: str | Path) -> LoadedCsm:
         raise CheckpointError(path, problems)
 
     to_float32(model)
+    assert mimi is not None
     to_float32(mimi)
     runtime = prepare_model(model)
     mx.eval(model.parameters())
@@ -162,7 +163,7 @@ def _weight_problems(path: Path, config: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for file in files:
         try:
-            raw.update(mx.load(str(file)))
+            raw.update(load_arrays(file))
         except Exception as exc:  # mx.load raises RuntimeError / ValueError on corrupt files
             problems.append(f"{file.name} is unreadable: {exc}")
     if problems:
@@ -173,7 +174,7 @@ def _weight_problems(path: Path, config: dict[str, Any]) -> list[str]:
         tree = SesameModel(config)  # lazily allocated: comparing shapes costs no memory
     except Exception as exc:  # a config mlx-audio cannot build from
         return [f"config.json does not describe a CSM model ({type(exc).__name__}: {exc})"]
-    expected = {f"model.{k}": v.shape for k, v in tree_flatten(tree.parameters())}
+    expected = {f"model.{k}": v.shape for k, v in flat_items(tree.parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing:

@@ -92,7 +92,7 @@ def encode_audio(loaded: LoadedCsm, audio: np.ndarray) -> np.ndarray:
 def context_frames(loaded: LoadedCsm, clip: ContextClip) -> Frames:
     if (clip.audio is None) == (clip.codes is None):
         raise GenerationError("a context clip needs exactly one of audio or codes")
-    codes = encode_audio(loaded, clip.audio) if clip.codes is None else np.asarray(clip.codes)
+    codes = encode_audio(loaded, clip.audio) if clip.audio is not None else np.asarray(clip.codes)
     if codes.ndim != 2 or codes.shape[1] != loaded.num_codebooks or codes.shape[0] == 0:
         raise GenerationError(
             f"context codes have shape {codes.shape}, expected [T>=1, {loaded.num_codebooks}]"

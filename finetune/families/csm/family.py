@@ -5,6 +5,9 @@ from __future__ import annotations
 from finetune.families.base import Family
 
 # Relative to the SesameModel, the LoRA root ("model." of the loaded mlx-audio Model).
+# What CSM adapters say they wrap: mlx-audio's SesameModel (`loaded.backbone`).
+ADAPTER_MODULE = "model"
+
 CSM_BACKBONE_TARGETS = [
     r"backbone\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
     r"backbone\.layers\.\d+\.mlp\.(gate|up|down)_proj",
@@ -24,4 +27,5 @@ FAMILY = Family(
     default_targets=tuple(CSM_BACKBONE_TARGETS),
     presets=("tiny", "real-1b"),  # the keys of tiny.PRESETS
     recipes={"speaker": "csm_speaker.yaml"},
+    min_job_seconds={"language": 8.0},
 )

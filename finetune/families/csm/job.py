@@ -7,7 +7,7 @@ from typing import Any
 
 from finetune.config import TrainConfig
 from finetune.families.csm.package import ContextSource, write_package
-from finetune.progress import ProgressWriter
+from finetune.progress import Package, Phase, ProgressWriter
 
 
 def context_sources(adapter_cfg: dict[str, Any]) -> list[ContextSource]:
@@ -26,7 +26,7 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     final = train_to_final(config, progress)
     if final is None:
         return 0  # stopped on SIGTERM: the checkpoint is saved, the server decides
-    progress.emit("phase", phase="packaging")
+    progress.emit(Phase(phase="packaging"))
     adapter_cfg = read_adapter_config(final)
     package = write_package(
         Path(spec.package_dir),
@@ -36,5 +36,5 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
         adapter_cfg=adapter_cfg,
         context=context_sources(adapter_cfg),
     )
-    progress.emit("package", path=str(package))
+    progress.emit(Package(path=str(package)))
     return 0

@@ -136,7 +136,8 @@ def build_tokenizer(seed: int = 0):  # -> tokenizers.Tokenizer
         raise ValueError("BPE vocabulary collides with the special-token id range")
     while len(vocab) < BOS_ID:
         vocab[FILLER_TEMPLATE.format(len(vocab))] = len(vocab)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    pairs = (m.split(" ", 1) if isinstance(m, str) else m for m in learned["merges"])
+    merges = [(str(a), str(b)) for a, b in pairs]
 
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre

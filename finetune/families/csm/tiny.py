@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items
 from finetune.families.csm.mimi import (
     MIMI_DIR,
     MIMI_FILENAME,
@@ -46,7 +47,6 @@ from finetune.fsutil import atomic_directory
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 AUDIO_VOCAB_SIZE = 2051
 CODEBOOK_PAD_ID = 2050
@@ -198,7 +198,7 @@ def _random_parameters(module: nn.Module, rng: np.random.Generator) -> dict[str,
         if type(sub).__name__ in ("LayerNorm", "RMSNorm")
         for leaf in ("weight", "bias")
     }
-    shapes = {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+    shapes = {k: tuple(v.shape) for k, v in flat_items(module.parameters())}
     values: dict[str, np.ndarray] = {}
     for key in sorted(shapes):
         values[key] = _value_for(key, shapes[key], key in norms, rng)

@@ -40,13 +40,14 @@ from finetune.families.csm.conditioning import (
     training_sequence,
 )
 from finetune.families.csm.family import (
+    ADAPTER_MODULE,
     CSM_BACKBONE_TARGETS,  # noqa: F401 (re-exported)
     CSM_DECODER_TARGETS,
 )
 from finetune.families.csm.family import FAMILY as CSM_FAMILY
 from finetune.families.csm.mimi import MIMI_DIR, MIMI_FILENAME, MIMI_REPO
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
-from finetune.progress import ProgressWriter
+from finetune.progress import Phase, Preprocessed, ProgressWriter
 from finetune.quality import unavailable_hook
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
@@ -54,7 +55,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-ADAPTER_MODULE = "model"
 STRATEGIES = CSM_FAMILY.strategies
 
 
@@ -295,7 +295,7 @@ class PreparedRun:
 def prepare_run(
     config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None
 ) -> PreparedRun:
-    progress.emit("phase", phase="validate")
+    progress.emit(Phase(phase="validate"))
     if config.model.strategy not in STRATEGIES:
         raise ConfigError(
             f"csm trains the {' or '.join(STRATEGIES)} strategy, not {config.model.strategy!r}"
@@ -309,7 +309,7 @@ def prepare_run(
     speakers = clip_speakers(train_clips + val_clips, config.csm.speaker_id)
     loaded = load_csm(config.model.path)
 
-    progress.emit("phase", phase="preprocess")
+    progress.emit(Phase(phase="preprocess"))
     codec_id = codec_identity(loaded)
     n = loaded.num_codebooks
     report = data_lib.preprocess(
@@ -318,7 +318,7 @@ def prepare_run(
         codec_id,
         num_codebooks=n,
     )
-    progress.emit("preprocessed", encoded=report.encoded, skipped=report.skipped)
+    progress.emit(Preprocessed(encoded=report.encoded, skipped=report.skipped))
     train = data_lib.load_examples(train_clips, codec_id, num_codebooks=n)
     val = data_lib.load_examples(val_clips, codec_id, num_codebooks=n)
 
@@ -405,7 +405,7 @@ def train(
     config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None
 ) -> TrainResult:
     run = prepare_run(config, progress=progress, resume=resume)
-    progress.emit("phase", phase="training")
+    progress.emit(Phase(phase="training"))
     return run.trainer.train()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.families.personaplex.kyutai_mimi import mimi_section_from_kyutai
 from finetune.families.personaplex.layout import (
     CONFIG_NAME,
     MIMI_NAME,
@@ -75,10 +76,27 @@ def read_personaplex_config(path: Path) -> tuple[dict[str, Any], list[str]]:
         return real_lm_config_dict(), [f"{CONFIG_NAME} does not hold an object"]
     if "dim" not in config:  # e.g. a hub-style config without LM dims: the real model's
         merged = real_lm_config_dict()
-        kept = ("mimi", "moshi_name", "mimi_name", "tokenizer_name")
+        kept = ("mimi", "mimi_config_name", "moshi_name", "mimi_name", "tokenizer_name")
         merged.update({k: v for k, v in config.items() if k in kept})
         return merged, []
     return config, []
+
+
+def read_mimi_section(path: Path, config: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Our Mimi section (None: the real Mimi): from the Kyutai-form file `mimi_config_name`
+    names, else from the `mimi` section directories written before it carry."""
+    name = config.get("mimi_config_name")
+    if name is None:
+        return config.get("mimi"), []
+    file = path / str(name)
+    if not file.is_file():
+        return None, [f"{file.name} is missing ({CONFIG_NAME} names it as mimi_config_name)"]
+    try:
+        return mimi_section_from_kyutai(json.loads(file.read_text())), []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, [f"{file.name} is not valid JSON: {exc}"]
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, [f"{file.name}: not a Mimi config this codec follows ({exc})"]
 
 
 def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
@@ -89,9 +107,11 @@ def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
     config, problems = read_personaplex_config(path)
     lm_cfg, cfg_problems = _lm_config(config)
     problems += cfg_problems
+    mimi_section, mimi_problems = read_mimi_section(path, config)
+    problems += mimi_problems
     mimi_cfg = None
     try:
-        mimi_cfg = mimi_config(config.get("mimi"))
+        mimi_cfg = None if mimi_problems else mimi_config(mimi_section)
     except (KeyError, TypeError, ValueError) as exc:
         problems.append(f"{CONFIG_NAME}: bad mimi section ({type(exc).__name__}: {exc})")
 

@@ -36,7 +36,8 @@ import numpy as np
 
 VOICE_PROMPT_CHUNK_FRAMES = 25
 
-Frame = tuple[int, Sequence[int], Sequence[int]]  # (text, agent codes, user codes)
+Codes = Sequence[int] | np.ndarray
+Frame = tuple[int, Codes, Codes]  # (text, agent codes, user codes)
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def _check_line(
         reasons.append(f"clip is {duration:.2f} s, shorter than the minimum {min_s:g} s")
     elif duration > max_s:
         reasons.append(f"clip is {duration:.2f} s, longer than the maximum {max_s:g} s")
-    if reasons or not isinstance(text, str):
+    if reasons or agent is None or not isinstance(text, str):
         return None
     return DuplexClip(
         agent_audio=agent,

@@ -15,4 +15,5 @@ FAMILY = Family(
     default_targets=tuple(PERSONAPLEX_TARGETS),
     presets=("tiny", "width", "real-7b"),  # the keys of tiny.PRESETS
     recipes={"duplex": "personaplex_hindi.yaml"},
+    text_frame_rate=12.5,  # one text token at most per 80 ms Mimi frame
 )

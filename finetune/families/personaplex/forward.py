@@ -297,6 +297,14 @@ def personaplex_loss(
 # --------------------------------------------------------------------------- reference path
 
 
+def _forced_text(targets: mx.array) -> Callable[[int], mx.array]:
+    return lambda _: targets[:, 0:1]
+
+
+def _forced_audio(targets: mx.array) -> Callable[[int], mx.array]:
+    return lambda k: targets[:, 1 + k : 2 + k]
+
+
 class _ForcingSampler:
     """A Sampler stand-in for mlx-audio's step loop: records the logits, returns forced tokens."""
 
@@ -329,8 +337,8 @@ def stepwise_logits(lm: nn.Module, codes: np.ndarray) -> tuple[mx.array, mx.arra
         for s in range(steps):
             inputs = mx.array(seq.inputs[:, :, s])
             targets = mx.array(seq.targets[:, :, s])
-            text_sampler = _ForcingSampler(lambda _, t=targets: t[:, 0:1])
-            audio_sampler = _ForcingSampler(lambda k, t=targets: t[:, 1 + k : 2 + k])
+            text_sampler = _ForcingSampler(_forced_text(targets))
+            audio_sampler = _ForcingSampler(_forced_audio(targets))
             lm._sample(
                 inputs[:, 0:1],
                 [inputs[:, 1 + k][None] for k in range(layout.num_streams - 1)],

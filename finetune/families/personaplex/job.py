@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig
-from finetune.progress import ProgressWriter
+from finetune.progress import Package, Phase, ProgressWriter
 
 
 def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
@@ -19,7 +19,7 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     final = train_to_final(config, progress)
     if final is None:
         return 0
-    progress.emit("phase", phase="packaging")
+    progress.emit(Phase(phase="packaging"))
     package = write_duplex_package(
         Path(spec.package_dir),
         name=spec.name,
@@ -28,5 +28,5 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
         text_prompt=spec.text_prompt,
         base=load_personaplex(config.model.path),
     )
-    progress.emit("package", path=str(package))
+    progress.emit(Package(path=str(package)))
     return 0

@@ -3,8 +3,10 @@
 File names and the 7B model's dimensions follow NVIDIA's `moshi/models/loaders.py`
 (`nvidia/personaplex-7b-v1`). The language-model config uses the flat Kyutai keys that
 mlx-audio's `LmConfig.from_config_dict` reads; a directory without `config.json` (or whose
-`config.json` has no `dim`) gets the real 7B dims, as the MLX port does. The `mimi` section is
-ours: absent means the real Mimi (`mimi_202407`).
+`config.json` has no `dim`) gets the real 7B dims, as the MLX port does. A Mimi that is not the real
+one (`mimi_202407`) is described by the file `config.json`'s `mimi_config_name` names, in Kyutai's
+form, so Kyutai's `moshi` loads the directory as it is; directories written before that carry our
+own `mimi` section instead, still read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ MOSHI_NAME = "model.safetensors"
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TEXT_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 CONFIG_NAME = "config.json"
+# Kyutai's `mimi_config_name`: the codec's config in `moshi.models.loaders.get_mimi`'s form, written
+# only for a Mimi that is not the real one (`kyutai_mimi.py`).
+MIMI_CONFIG_NAME = "mimi_config.json"
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
@@ -108,17 +113,20 @@ def real_lm_config_dict() -> dict[str, Any]:
 
 
 def lm_config(data: dict[str, Any]) -> Any:
-    """mlx-audio's LmConfig from flat Kyutai keys (KeyError / TypeError on a bad dict)."""
+    """mlx-audio's LmConfig from flat Kyutai keys (KeyError / TypeError on a bad dict).
+
+    Kyutai's and NVIDIA's `LMModel` discard `depformer_context` (its depformer attends to every
+    earlier slice of the step); mlx-audio's attention honours it, keeping only the last 8 slices'
+    keys, which changes the logits of slices 9..15 (the user's codebooks). It is set to dep_q
+    here so the depformer sees what the reference's does (tests/parity/test_personaplex_parity).
+    """
     from mlx_audio.sts.models.moshi.lm import LmConfig
 
-    return LmConfig.from_config_dict(data)
+    return LmConfig.from_config_dict({**data, "depformer_context": data["dep_q"]})
 
 
-def mimi_config(section: dict[str, Any] | None) -> Any:
-    """mlx-audio's MimiConfig for the Mimi *file* (all its codebooks); None -> the real Mimi."""
-    from mlx_audio.codec.models.mimi.mimi import MimiConfig
-    from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig
-
+def merged_mimi(section: dict[str, Any] | None) -> dict[str, Any]:
+    """REAL_MIMI with a Mimi section's values over it (None: the real Mimi)."""
     data = copy.deepcopy(REAL_MIMI)
     if section is not None:
         data["seanet"].update(section.get("seanet", {}))
@@ -126,6 +134,15 @@ def mimi_config(section: dict[str, Any] | None) -> Any:
         for key in ("quantizer_nq", "quantizer_bins", "quantizer_dim"):
             if key in section:
                 data[key] = section[key]
+    return data
+
+
+def mimi_config(section: dict[str, Any] | None) -> Any:
+    """mlx-audio's MimiConfig for the Mimi *file* (all its codebooks); None -> the real Mimi."""
+    from mlx_audio.codec.models.mimi.mimi import MimiConfig
+    from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig
+
+    data = merged_mimi(section)
     seanet = SeanetConfig(**data["seanet"])
     t = data["transformer"]
     transformer = TransformerConfig(

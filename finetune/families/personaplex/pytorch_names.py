@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finetune.arrays import flat_items
+
 import numpy as np
-from mlx.utils import tree_flatten
 
 Shape = tuple[int, ...]
 
@@ -37,7 +38,7 @@ def lm_pytorch_shapes(lm: Any) -> dict[str, Shape]:
         raise ValueError("depformer weights_per_step_schedule is not used by PersonaPlex")
     slices = cfg.depformer.num_slices
     shapes: dict[str, Shape] = {}
-    for name, value in tree_flatten(lm.parameters()):
+    for name, value in flat_items(lm.parameters()):
         shape = tuple(value.shape)
         if name.startswith("depformer."):
             _depformer_key(name, shape, slices, shapes)
@@ -135,7 +136,7 @@ def _mimi_layout(name: str, shape: Shape) -> tuple[Shape, tuple[int, ...] | None
 def mimi_pytorch_shapes(mimi: Any) -> dict[str, Shape]:
     return {
         mimi_pytorch_name(k): _mimi_layout(k, tuple(v.shape))[0]
-        for k, v in tree_flatten(mimi.parameters())
+        for k, v in flat_items(mimi.parameters())
     }
 
 

@@ -178,10 +178,11 @@ class PersonaPlexRuntime:
         mx.eval(codes, [a for s in sessions for a in s.encoder.arrays()])
         user = list(np.array(codes)[:, :, 0])
         prepared = [s.streams.prepare(user=u) for s, u in zip(sessions, user, strict=True)]
-        rows = [i for i, p in enumerate(prepared) if p is not None]
+        ready = [(i, p) for i, p in enumerate(prepared) if p is not None]
+        rows = [i for i, _ in ready]
         sampled: dict[int, tuple[int, np.ndarray]] = {}
         if rows:
-            sampled = self._model_step([sessions[i] for i in rows], [prepared[i] for i in rows])
+            sampled = self._model_step([sessions[i] for i in rows], [p for _, p in ready])
             sampled = {rows[j]: value for j, value in sampled.items()}
         outputs: list[np.ndarray | None] = []
         for i, (session, prep) in enumerate(zip(sessions, prepared, strict=True)):

@@ -44,8 +44,8 @@ class DelayedStreams:
     def prepare(
         self,
         *,
-        user: Sequence[int] | None,
-        agent: Sequence[int] | None = None,
+        user: Sequence[int] | np.ndarray | None,
+        agent: Sequence[int] | np.ndarray | None = None,
         text: int | None = None,
     ) -> PreparedStep | None:
         """Write the tokens given for this step; None on the very first step (no model call)."""
@@ -79,16 +79,16 @@ class DelayedStreams:
             target_position=target_position,
         )
 
-    def _write(self, first: int, values: Sequence[int]) -> None:
-        values = np.asarray(values, dtype=np.int64).reshape(-1)
-        for q, value in enumerate(values):
+    def _write(self, first: int, values: Sequence[int] | np.ndarray) -> None:
+        flat = np.asarray(values, dtype=np.int64).reshape(-1)
+        for q, value in enumerate(flat):
             k = first + q
             position = (self.offset + int(self.delays[k])) % self.width
             self.tokens[k, position] = value
             self.provided[k, position] = True
 
     def commit(
-        self, step: PreparedStep, text: int, agent_audio: Sequence[int] | None
+        self, step: PreparedStep, text: int, agent_audio: Sequence[int] | np.ndarray | None
     ) -> np.ndarray | None:
         """Store the sampled tokens where nothing was forced; the aligned output frame
         [text, agent codebooks...] once the delayed streams are full, else None."""

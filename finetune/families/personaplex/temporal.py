@@ -156,7 +156,7 @@ def depformer_sample(
     from mlx_audio.sts.models.moshi.modules.transformer import LayerCache
 
     slices = lm.depformer.slices
-    cache = [LayerCache(_ConcatCache()) for _ in slices[0].transformer.layers]  # type: ignore[arg-type]
+    cache = [LayerCache(_ConcatCache()) for _ in slices[0].transformer.layers]
     previous = text
     tokens = []
     for j in range(codebooks):

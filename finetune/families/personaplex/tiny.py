@@ -3,8 +3,10 @@
 `model.safetensors` holds the PyTorch names NVIDIA's checkpoint uses (bf16), the Mimi weights
 sit in `tokenizer-e351c8d8-checkpoint125.safetensors` with Kyutai's PyTorch names and all 32
 codebooks (fp32), and `tokenizer_spm_32k_3.model` is a small SentencePiece model trained here.
-`config.json` carries the flat Kyutai LM keys plus, when the Mimi is not the real one, a `mimi`
-section. Vocab sizes, codebook counts, delays and the 1920-sample frame are always the real ones.
+`config.json` carries the flat Kyutai LM keys and only keys Kyutai's `moshi` loader knows (it
+hands the rest to `LMModel`): the preset goes under `model_id`, and a Mimi that is not the real
+one is described in `mimi_config.json` (Kyutai's `mimi_config_name`, `kyutai_mimi.py`). Vocab
+sizes, codebook counts, delays and the 1920-sample frame are always the real ones.
 
 Presets: "tiny" (tests), "width" (real widths, one layer each: benchmarks), "real-7b" (all real
 dims, ~16 GB: never built in tests).
@@ -17,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items
+from finetune.families.personaplex.kyutai_mimi import kyutai_mimi_config
 from finetune.families.personaplex.layout import (
     CONFIG_NAME,
+    MIMI_CONFIG_NAME,
     MIMI_FILE_CODEBOOKS,
     MIMI_NAME,
     MOSHI_NAME,
@@ -33,7 +38,6 @@ from finetune.fsutil import atomic_directory
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,11 @@ def config_dict(preset: str) -> dict[str, Any]:
             "mimi_name": MIMI_NAME,
             "tokenizer_name": TEXT_TOKENIZER_NAME,
             "model_type": "personaplex",
-            "preset": preset,
+            "model_id": {"preset": preset},
         }
     )
     if dims.mimi is not None:
-        config["mimi"] = dims.mimi
+        config["mimi_config_name"] = MIMI_CONFIG_NAME
     return config
 
 
@@ -103,12 +107,16 @@ def make_tiny_personaplex(out_dir: Path | str, *, seed: int = 0, preset: str = "
     lm_weights = {
         k: mx.array(_lm_value(k, lm_shapes[k], rng)).astype(mx.bfloat16) for k in sorted(lm_shapes)
     }
-    mimi = Mimi(mimi_config(config.get("mimi")))
-    mimi_shapes = {k: tuple(v.shape) for k, v in tree_flatten(mimi.parameters())}
+    dims = PRESETS[preset]
+    mimi = Mimi(mimi_config(dims.mimi))
+    mimi_shapes = {k: tuple(v.shape) for k, v in flat_items(mimi.parameters())}
     mimi_weights = _mimi_values(mimi_shapes, rng)
 
     with atomic_directory(out) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if dims.mimi is not None:
+            mimi_json = json.dumps(kyutai_mimi_config(dims.mimi), indent=2, sort_keys=True)
+            (staging / MIMI_CONFIG_NAME).write_text(mimi_json + "\n")
         mx.save_safetensors(str(staging / MOSHI_NAME), lm_weights, metadata={"format": "pt"})
         mimi_arrays = {k: mx.array(v) for k, v in sorted(mimi_to_pytorch(mimi_weights).items())}
         mx.save_safetensors(str(staging / MIMI_NAME), mimi_arrays, metadata={"format": "pt"})

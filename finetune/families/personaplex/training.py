@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items
 from finetune.audio import TARGET_SAMPLE_RATE, AudioError, load_audio
 from finetune.config import ConfigError, TrainConfig
 from finetune.data import BatchPlan, prefetch
@@ -28,7 +29,7 @@ from finetune.families.personaplex.conditioning import (
 )
 from finetune.families.personaplex.forward import LossWeights, StreamLayout, personaplex_loss
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
-from finetune.progress import ProgressWriter
+from finetune.progress import Phase, Preprocessed, ProgressWriter
 from finetune.quality import unavailable_hook
 from finetune.smoke import smoke_run
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
@@ -36,7 +37,6 @@ from finetune.trainer import Trainer, TrainerConfig, TrainResult
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 FAMILY = "personaplex"
 SMOKE_CLIPS = 4
@@ -45,7 +45,7 @@ SMOKE_CLIPS = 4
 def codec_identity(mimi: nn.Module) -> str:
     """Content hash of the Mimi weights: cached codes are valid only for the same codec."""
     digest = hashlib.sha256()
-    for name, value in sorted(tree_flatten(mimi.parameters()), key=lambda item: item[0]):
+    for name, value in sorted(flat_items(mimi.parameters()), key=lambda item: item[0]):
         digest.update(name.encode())
         digest.update(np.asarray(value.astype(mx.float32)).tobytes())
     return f"mimi:{digest.hexdigest()[:16]}"
@@ -250,7 +250,7 @@ def prepare_run(
 ) -> PreparedRun:
     from finetune.families.personaplex.checkpoint import load_personaplex
 
-    progress.emit("phase", phase="validate")
+    progress.emit(Phase(phase="validate"))
     if config.model.strategy != "duplex":
         raise ConfigError(
             f"model.strategy: personaplex trains 'duplex', not {config.model.strategy!r}"
@@ -268,11 +268,11 @@ def prepare_run(
     loaded = load_personaplex(config.model.path)
     lm = loaded.lm
 
-    progress.emit("phase", phase="preprocess")
+    progress.emit(Phase(phase="preprocess"))
     codec_id = codec_identity(loaded.mimi)
     encode = mimi_encoder(loaded.mimi)
     report = duplex_data.preprocess(train_clips + val_clips, encode, codec_id)
-    progress.emit("preprocessed", encoded=report.encoded, skipped=report.skipped)
+    progress.emit(Preprocessed(encoded=report.encoded, skipped=report.skipped))
     tokenizer = text_tokenizer(loaded)
     max_frames = lm.cfg.transformer.context - StreamLayout.from_lm(lm).max_delay
     prompts = prompt_prefixes(loaded)
@@ -282,7 +282,7 @@ def prepare_run(
     lcfg, trained = prepare_lm(lm, config)
     lm.train()
     tcfg = config.trainer
-    plan = BatchPlan(train, tcfg.batch_size, seed=tcfg.seed)  # type: ignore[arg-type]
+    plan = BatchPlan(train, tcfg.batch_size, seed=tcfg.seed)
 
     def batches(epoch: int, index: int) -> Iterator[tuple[int, int, duplex_data.DuplexBatch]]:
         source = ((e, i, duplex_data.pack(exs)) for e, i, exs in plan.iterate(epoch, index))
@@ -290,7 +290,7 @@ def prepare_run(
 
     val_batches = []
     if val:
-        val_plan = BatchPlan(val, tcfg.batch_size, seed=0, shuffle=False)  # type: ignore[arg-type]
+        val_plan = BatchPlan(val, tcfg.batch_size, seed=0, shuffle=False)
         val_batches = [duplex_data.pack([val[i] for i in b]) for b in val_plan.epoch_batches(0)]
 
     metadata = adapter_metadata(loaded.path, lm, config, trained)
@@ -324,7 +324,7 @@ def train(
     config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None
 ) -> TrainResult:
     run = prepare_run(config, progress=progress, resume=resume)
-    progress.emit("phase", phase="training")
+    progress.emit(Phase(phase="training"))
     return run.trainer.train()
 
 

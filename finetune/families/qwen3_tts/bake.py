@@ -326,6 +326,8 @@ def export_baked(
     `adapter_dir` is fused into the talker; new-language rows are written into
     `codec_embedding` and named in `codec_language_id` beside the languages already there.
     """
+    if slot is None or embedding is None:
+        raise BakeError("an exported custom voice needs a speaker slot and its embedding")
     model = loaded.model
     if adapter_dir is not None:
         # The language rows are no module of the talker: they are installed as rows below.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items, load_arrays
 from finetune.loading import (
     CheckpointError,
     captured_output,
@@ -23,7 +24,6 @@ from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _verified_speech_tokenizer(
     raw: dict[str, mx.array] = {}
     for file in files:
         try:
-            raw.update(mx.load(str(file)))
+            raw.update(load_arrays(file))
         except Exception as exc:  # mx.load raises RuntimeError / ValueError on corrupt files
             return None, [f"speech_tokenizer/{file.name} is unreadable: {exc}"]
     weights = Qwen3TTSSpeechTokenizer.sanitize(raw)
@@ -178,7 +178,7 @@ def _compare(what: str, module: nn.Module, weights: dict[str, mx.array]) -> list
     # Mimi's `initialized` flags are never stored; mlx-audio rebuilds codebooks after loading.
     expected = {
         k: v.shape
-        for k, v in tree_flatten(module.parameters())
+        for k, v in flat_items(module.parameters())
         if not k.endswith("codebook.initialized")
     }
     problems = []

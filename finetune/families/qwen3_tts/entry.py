@@ -8,7 +8,7 @@ from typing import Any
 from finetune.config import TrainConfig
 from finetune.families.qwen3_tts.family import FAMILY
 from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
-from finetune.progress import ProgressWriter
+from finetune.progress import Package, Phase, ProgressWriter
 
 DEFAULT_TARGETS = list(FAMILY.default_targets)
 PRESETS = FAMILY.presets
@@ -17,8 +17,15 @@ VARIANTS = FAMILY.variants
 __all__ = ["DEFAULT_TARGETS", "PRESETS", "make_tiny", "run_job", "smoke_config", "train"]
 
 
-def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: str = "base") -> Path:
-    return make_tiny_qwen3_tts(out_dir, variant=variant, seed=seed, preset=preset)
+def make_tiny(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    preset: str = "tiny",
+    variant: str = "base",
+    layout: str = "official",
+) -> Path:
+    return make_tiny_qwen3_tts(out_dir, variant=variant, seed=seed, preset=preset, layout=layout)
 
 
 def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
@@ -47,7 +54,7 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     final = train_to_final(config, progress)
     if final is None:
         return 0  # stopped on SIGTERM: the checkpoint is saved, the server decides
-    progress.emit("phase", phase="baking")
+    progress.emit(Phase(phase="baking"))
     package = Path(spec.package_dir)
     if config.model.strategy == "speaker":
         bake(config, final, package, name=spec.name, slot=config.speaker.slot, force=True)
@@ -70,5 +77,5 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
             language=spec.language,
             ref_clip=speaker_ref(first),  # what every line trained on (server/jobs.py)
         )
-    progress.emit("package", path=str(package))
+    progress.emit(Package(path=str(package)))
     return 0

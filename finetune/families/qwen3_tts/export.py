@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items, load_arrays
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS
 from finetune.families.qwen3_tts.hf_layout import main_model_to_hf
 from finetune.families.qwen3_tts.languages import WEIGHT_KEY as LANGUAGE_ROWS_TENSOR
@@ -23,7 +24,6 @@ from finetune.lora import ADAPTER_WEIGHTS, AdapterError
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -53,7 +53,7 @@ def read_language_rows(adapter_dir: Path, adapter_cfg: dict[str, Any]) -> list[L
         )
         if not ok:
             problems.append(f"language_rows[{i}] must be {{name: str, row: int}}, not {entry!r}")
-    weights = mx.load(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    weights = load_arrays(Path(adapter_dir) / ADAPTER_WEIGHTS)
     tensor = weights.get(LANGUAGE_ROWS_TENSOR)
     if tensor is None:
         problems.append(f"{ADAPTER_WEIGHTS} has no {LANGUAGE_ROWS_TENSOR} for its language_rows")
@@ -64,6 +64,7 @@ def read_language_rows(adapter_dir: Path, adapter_cfg: dict[str, Any]) -> list[L
         )
     if problems:
         raise AdapterError(adapter_dir, problems)
+    assert tensor is not None
     vectors = np.asarray(tensor.astype(mx.float32))
     return [
         LanguageRow(name=e["name"].strip().lower(), row=int(e["row"]), vector=vectors[i])
@@ -88,7 +89,7 @@ def install_language_rows(model: Any, config: dict[str, Any], rows: list[Languag
 def _stored_dtypes(path: Path) -> dict[str, mx.Dtype]:
     dtypes: dict[str, mx.Dtype] = {}
     for file in sorted(path.glob("model*.safetensors")):
-        dtypes.update({k: v.dtype for k, v in mx.load(str(file)).items()})
+        dtypes.update({k: v.dtype for k, v in load_arrays(file).items()})
     return dtypes
 
 
@@ -106,7 +107,7 @@ def export_checkpoint(
     # Packed quantised weights (uint32) must keep their dtype: only floats go through float32.
     params = {
         k: np.asarray(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
-        for k, v in tree_flatten(loaded.model.parameters())
+        for k, v in flat_items(loaded.model.parameters())
         if k.startswith(prefixes)
     }
     if any(".lora_" in k or ".linear." in k for k in params):

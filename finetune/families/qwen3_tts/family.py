@@ -15,5 +15,7 @@ FAMILY = Family(
     default_targets=tuple(QWEN3_TALKER_TARGETS),
     presets=("tiny", "small", "real-0.6b", "real-1.7b"),  # the keys of tiny.PRESETS
     variants=("base", "custom_voice"),
+    layouts=("official", "mlx-community"),  # the keys of tiny.LAYOUTS
     recipes={"speaker": "qwen3_tts_speaker.yaml", "language": "qwen3_tts_hindi.yaml"},
+    min_job_seconds={"language": 8.0},  # a new language needs more than a voice
 )

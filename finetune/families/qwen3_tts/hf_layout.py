@@ -111,8 +111,8 @@ def _encoder_to_hf(key: str, value: np.ndarray, out: dict[str, np.ndarray]) -> N
     elif key.startswith("encoder_transformer.transformer.layers."):
         match = re.fullmatch(r"encoder_transformer\.transformer\.layers\.(\d+)\.(.+)", key)
         assert match is not None
-        layer, rest = match.group(1), match.group(2)
-        prefix = f"encoder.encoder_transformer.layers.{layer}"
+        index, rest = match.group(1), match.group(2)
+        prefix = f"encoder.encoder_transformer.layers.{index}"
         if rest == "self_attn.in_proj.weight":
             q, k, v = np.split(value, 3, axis=0)
             out[f"{prefix}.self_attn.q_proj.weight"] = q
@@ -128,9 +128,14 @@ def _encoder_to_hf(key: str, value: np.ndarray, out: dict[str, np.ndarray]) -> N
         assert match is not None
         hf_rvq = f"encoder.quantizer.{_RVQ_NAMES[match.group(1)]}"
         rest = match.group(2)
+        # transformers' Mimi (which qwen_tts builds the encoder from) has no `vq.` level:
+        # `<side>_residual_vector_quantizer.layers.N.codebook.{embed_sum,cluster_usage,
+        # initialized}`, as the released checkpoints store them.
+        if rest.startswith("vq.layers."):
+            rest = rest[len("vq.") :]
         if rest.endswith(".codebook.initialized"):
-            return
-        if rest.endswith(".codebook.embedding_sum"):
+            out[f"{hf_rvq}.{rest}"] = np.ones((1,), np.float32)
+        elif rest.endswith(".codebook.embedding_sum"):
             out[f"{hf_rvq}.{rest[: -len('embedding_sum')]}embed_sum"] = value
         elif rest.endswith(".codebook.cluster_usage"):
             out[f"{hf_rvq}.{rest}"] = value

@@ -10,6 +10,7 @@ adapter) and the serving model writes them into its table when the voice is inst
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from finetune.families.qwen3_tts.conditioning import normalise_language
@@ -76,7 +77,9 @@ def occupied_rows(talker_config: Any) -> set[int]:
     return taken | {row_of(v) for v in (c.spk_id or {}).values()}
 
 
-def free_rows(talker_config: Any, count: int, *, also_taken: set[int] = frozenset()) -> list[int]:
+def free_rows(
+    talker_config: Any, count: int, *, also_taken: AbstractSet[int] = frozenset()
+) -> list[int]:
     """`count` free rows, from just above the highest language id (the languages' own region)."""
     taken = occupied_rows(talker_config) | set(also_taken)
     languages = [int(v) for v in (talker_config.codec_language_id or {}).values()]

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import load_arrays
 from finetune.fsutil import atomic_directory
 from finetune.loading import CheckpointError, tail
 
@@ -94,7 +95,7 @@ def converted_problems(
         return [*problems, "no model*.safetensors written"]
     weights: dict[str, mx.array] = {}
     for file in files:
-        weights.update(mx.load(str(file)))
+        weights.update(load_arrays(file))
     layers = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
     if not layers:
         problems.append("no quantised layer (no '.scales' tensor) in the weights")

@@ -50,6 +50,7 @@ class Row:
         self.key = mx.random.key(seed)
 
     def next_key(self) -> mx.array:
+        assert self.key is not None  # set in __post_init__
         self.key, sub = mx.random.split(self.key)
         return sub
 

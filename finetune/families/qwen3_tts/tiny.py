@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.arrays import flat_items
 from finetune.families.qwen3_tts.hf_layout import main_model_to_hf, speech_tokenizer_to_hf
 from finetune.families.qwen3_tts.text_tokenizer import write_tiny_qwen_tokenizer
 from finetune.fsutil import atomic_directory
@@ -22,9 +23,13 @@ from finetune.fsutil import atomic_directory
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 VARIANTS = ("base", "custom_voice")
+# The distributions users download: `official` is the QwenLM release (what `qwen_tts` loads: HF
+# names, PyTorch conv layout); `mlx-community` is what mlx-audio's converter writes from it
+# (`python -m mlx_audio.convert`: the talker and speaker encoder under their MLX names and
+# layouts, cast to the config's dtype, with an index file; speech_tokenizer/ copied as released).
+LAYOUTS = ("official", "mlx-community")
 
 # The built-in speakers of the real CustomVoice checkpoints (rows chosen here, 3000 kept free).
 BUILTIN_SPEAKERS = {
@@ -252,6 +257,7 @@ def model_config(dims: Dims, variant: str) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "num_code_groups": 16,
         "text_hidden_size": dims.text_hidden,
+        "position_id_per_seconds": 13,
         "text_vocab_size": 151936,
         "codec_eos_token_id": 2150,
         "codec_think_id": 2154,
@@ -374,6 +380,9 @@ def speech_tokenizer_config(dims: Dims) -> dict[str, Any]:
             "sampling_rate": 24000,
             "sliding_window": 250,
             "upsampling_ratios": [8, 6, 5, 4],
+            # transformers' MimiConfig defaults to 512 groups (the real hidden size); qwen_tts
+            # builds (and then drops) that upsampler, so a tiny width must name its own.
+            "upsample_groups": dims.enc_hidden,
             "use_causal_conv": True,
             "use_conv_shortcut": False,
             "vector_quantization_hidden_dimension": dims.enc_codebook_dim,
@@ -405,11 +414,20 @@ SPEECH_PREPROCESSOR_CONFIG = {
 
 
 def make_tiny_qwen3_tts(
-    out_dir: Path | str, *, variant: str = "base", seed: int = 0, preset: str = "tiny"
+    out_dir: Path | str,
+    *,
+    variant: str = "base",
+    seed: int = 0,
+    preset: str = "tiny",
+    layout: str = "official",
 ) -> Path:
-    """Write a random checkpoint to `out_dir` (replaced whole, never left half-written)."""
+    """Write a random checkpoint to `out_dir` (replaced whole, never left half-written).
+
+    The same seed gives the same weights in every layout."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     from mlx_audio.tts.models.qwen3_tts.config import ModelConfig, Qwen3TTSTokenizerConfig
@@ -433,10 +451,13 @@ def make_tiny_qwen3_tts(
         speech[usage_key] = rng.uniform(0.5, 2.0, speech[key].shape[:1]).astype(np.float32)
 
     with atomic_directory(out) as staging:
-        _write_json(staging / "config.json", config)
+        if layout == "official":
+            _write_json(staging / "config.json", config)
+            _save(staging / "model.safetensors", main_model_to_hf(main), mx.bfloat16)
+        else:
+            _write_mlx_community(staging, config, main)
         _write_json(staging / "generation_config.json", GENERATION_CONFIG)
         _write_json(staging / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-        _save(staging / "model.safetensors", main_model_to_hf(main), mx.bfloat16)
         write_tiny_qwen_tokenizer(staging, seed=seed)
         speech_dir = staging / "speech_tokenizer"
         speech_dir.mkdir()
@@ -444,6 +465,23 @@ def make_tiny_qwen3_tts(
         _write_json(speech_dir / "preprocessor_config.json", SPEECH_PREPROCESSOR_CONFIG)
         _save(speech_dir / "model.safetensors", speech_tokenizer_to_hf(speech), mx.float32)
     return out
+
+
+def _write_mlx_community(
+    staging: Path, config: dict[str, Any], main: dict[str, np.ndarray]
+) -> None:
+    """config.json, model.safetensors and its index as mlx-audio's converter saves them
+    (`mlx_audio.lm.convert.save_config` / `save_model`): MLX names and conv layout, every
+    tensor in the config's dtype, keys of config.json sorted, `format: mlx` metadata."""
+    dtype = getattr(mx, str(config["torch_dtype"]))
+    arrays = {k: mx.array(main[k]).astype(dtype) for k in sorted(main)}
+    mx.save_safetensors(str(staging / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    index = {
+        "metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
+        "weight_map": {k: "model.safetensors" for k in sorted(arrays)},
+    }
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
 
 
 def st_config_for_mlx(st_config: dict[str, Any]) -> dict[str, Any]:
@@ -457,7 +495,7 @@ def _random_parameters(module: nn.Module, rng: np.random.Generator) -> dict[str,
     """Seeded values for every parameter, by the role of the module that owns it."""
     roles = _parameter_roles(module)
     values: dict[str, np.ndarray] = {}
-    shapes = {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+    shapes = {k: tuple(v.shape) for k, v in flat_items(module.parameters())}
     for key in sorted(shapes):
         values[key] = _value_for(key, shapes[key], roles.get(key, "weight"), rng)
     for key in sorted(values):

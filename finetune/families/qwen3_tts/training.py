@@ -37,7 +37,7 @@ from finetune.families.qwen3_tts.layout import PackedBatch, build_sequence, chat
 from finetune.families.qwen3_tts.quality import quality_hook
 from finetune.identity import weights_identity
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
-from finetune.progress import ProgressWriter
+from finetune.progress import LanguageRow, NewLanguageRows, Phase, Preprocessed, ProgressWriter
 from finetune.trainer import Trainer, TrainerConfig, TrainResult
 
 import mlx.core as mx
@@ -249,7 +249,7 @@ def prepare_run(
     progress: ProgressWriter,
     resume: Path | None = None,
 ) -> PreparedRun:
-    progress.emit("phase", phase="validate")
+    progress.emit(Phase(phase="validate"))
     strategy = config.model.strategy
     if strategy not in ("language", "speaker"):
         raise ValueError(f"qwen3_tts trains 'language' or 'speaker', not {strategy!r}")
@@ -268,10 +268,10 @@ def prepare_run(
     loaded = load_qwen3_tts(config.model.path)
     model = loaded.model
 
-    progress.emit("phase", phase="preprocess")
+    progress.emit(Phase(phase="preprocess"))
     tokenizer_id = speech_tokenizer_identity(loaded.path)
     report = data_lib.preprocess(train_clips + val_clips, codec_encoder(model), tokenizer_id)
-    progress.emit("preprocessed", encoded=report.encoded, skipped=report.skipped)
+    progress.emit(Preprocessed(encoded=report.encoded, skipped=report.skipped))
     train = [data_lib.Example(c, data_lib.load_codes(c, tokenizer_id)) for c in train_clips]
     val = [data_lib.Example(c, data_lib.load_codes(c, tokenizer_id)) for c in val_clips]
 
@@ -291,7 +291,9 @@ def prepare_run(
     )
     rows = attach_language_rows(model, languages)  # trainable: attached after LoRA froze all
     if rows is not None:
-        progress.emit("language_rows", rows=rows.entries())
+        progress.emit(
+            NewLanguageRows(rows=[LanguageRow(e["name"], e["row"]) for e in rows.entries()])
+        )
     talker = model.talker
     talker.train()
     collate = Collator(model, speakers)
@@ -340,5 +342,5 @@ def train(
     config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None
 ) -> TrainResult:
     run = prepare_run(config, progress=progress, resume=resume)
-    progress.emit("phase", phase="training")
+    progress.emit(Phase(phase="training"))
     return run.trainer.train()

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from finetune.audio import load_audio
 from finetune.families.csm.checkpoint import LoadedCsm, load_csm
-from finetune.families.csm.family import CSM_BACKBONE_TARGETS, CSM_DECODER_TARGETS
+from finetune.families.csm.family import ADAPTER_MODULE, CSM_BACKBONE_TARGETS, CSM_DECODER_TARGETS
 from finetune.families.csm.family import FAMILY as CSM_FAMILY
 from finetune.families.csm.generate import (
     MAX_SEQUENCE,
@@ -33,9 +33,6 @@ from finetune.families.csm.generate import (
     encode_audio,
     iter_frames,
     prompt_frames,
-)
-from finetune.families.csm.training import (
-    ADAPTER_MODULE,  # what CSM adapters say they wrap: the SesameModel (`loaded.backbone`)
 )
 
 import mlx.core as mx
@@ -253,6 +250,17 @@ class CsmModel:
 
     def release_voice(self, meta: dict[str, Any]) -> None:
         return None
+
+    def bake(self, name: str, slot: int, embedding: np.ndarray) -> None:
+        raise PackageError("CSM has no speaker rows to bake an embedding into")
+
+    def unbake(self, name: str) -> None:
+        return None
+
+    def prepare_clone(self, ref_clip: Path) -> None:
+        raise ValueError(
+            f"model {self.name} clones no voice from a clip: CSM voices are fine-tuned speakers"
+        )
 
     def registry_meta(self, fields: dict[str, Any], stored_at: Path) -> dict[str, Any]:
         """The CSM fields as the registry keeps them: clip paths relative to the data dir."""

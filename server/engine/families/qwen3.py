@@ -293,6 +293,9 @@ class Qwen3Model:
             self.clone_cache[key] = self.model.extract_speaker_embedding(mx.array(wav))[0]
         return self.clone_cache[key]
 
+    def prepare_clone(self, ref_clip: Path) -> None:
+        self.clone_vector(ref_clip)
+
     def bake(self, name: str, slot: int, embedding: np.ndarray) -> None:
         width = self.model.talker.model.codec_embedding.weight.shape[1]
         if embedding.shape != (width,) or not np.isfinite(embedding).all():

@@ -1,0 +1,330 @@
+"""`JobService`: fine-tune jobs from upload to registered voice. It ties together the intake
+(upload -> request), the spec (request -> trainer files), the runner (the trainer process) and
+the events (what listeners see), and keeps each job's row in the registry.
+
+States: queued -> preparing -> training -> baking -> succeeded | failed | cancelled, and
+interrupted (the server stopped mid-job; it resumes from its checkpoint at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune.families import get_family
+from finetune.progress import Phase, ProgressEvent, Quality, Step
+from finetune.quality import preview_name
+
+import anyio
+
+from server.errors import Conflict, NotFound
+from server.jobs.events import JobEvents, PublicEvent, preview_url, public_progress, public_state
+from server.jobs.intake import Intake, JobRequest
+from server.jobs.runner import Outcome, TrainerRun, stop_orphan
+from server.jobs.spec import PREVIEWS, write_job_files
+from server.registry import Job, JobNotFound, Registry, VoiceNotFound
+from server.settings import Settings
+from server.uploads import Upload
+from server.voices import VoiceService
+
+ACTIVE = ("queued", "preparing", "training", "baking")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+# The job state each trainer phase means.
+PHASE_STATES: dict[str, str] = {
+    "validate": "preparing",
+    "preprocess": "preparing",
+    "training": "training",
+    "baking": "baking",
+}
+
+
+class JobService:
+    def __init__(self, registry: Registry, voices: VoiceService, settings: Settings) -> None:
+        self.registry = registry
+        self.voices = voices
+        self.settings = settings
+        self.root = settings.data_path / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.events = JobEvents()
+        self.intake = Intake(self._models_for, self._check_name_free, settings)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._runs: dict[str, TrainerRun] = {}
+        self._cancelled: set[str] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        # Held from the name check to the job's row: two uploads of one name cannot both pass.
+        self._names = threading.Lock()
+        # Told each trainer process's wall time when it exits (per-key usage: server/usage.py).
+        self.on_trained: Callable[[str, float], None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        for stale in self.root.glob(".incoming-*"):  # uploads cut off by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        for job in self.registry.list_jobs():
+            if job.state in ACTIVE or job.state == "interrupted":
+                await anyio.to_thread.run_sync(stop_orphan, job.payload.get("pid"))
+                self._set(job.id, "queued", note="resumed after a server restart")
+                self._queue.put_nowait(job.id)
+        await anyio.to_thread.run_sync(self.sweep)
+        self._workers = [
+            asyncio.create_task(self._worker())
+            for _ in range(max(1, self.settings.job_concurrency))
+        ]
+
+    def sweep(self) -> list[str]:
+        """Remove the folders of failed and cancelled jobs older than the retention setting
+        (uploads, checkpoints, logs: megabytes each); their rows stay, with a note."""
+        hours = self.settings.failed_job_retention_hours
+        if hours is None:
+            return []
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
+        removed = []
+        for job in self.registry.list_jobs():
+            folder = self.root / job.id
+            if job.state not in ("failed", "cancelled") or not folder.exists():
+                continue
+            if dt.datetime.fromisoformat(job.updated_at) <= cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(job.id)
+        return removed
+
+    async def stop(self) -> None:
+        self._stopping = True
+        runs = list(self._runs.values())
+        for run in runs:
+            run.terminate()  # the trainer checkpoints and exits
+        for run in runs:
+            await run.wait_or_kill(self.settings.shutdown_grace_s)
+        for task in self._workers:
+            task.cancel()
+
+    # --- creating -----------------------------------------------------------------------
+    def validate(self, upload: Upload, folder: Path) -> JobRequest:
+        """Every check before a job exists; raises a 4xx error with the reason."""
+        return self.intake.read(upload, folder)
+
+    def _models_for(self, strategy: str) -> dict[str, Any]:
+        """The loaded models (of either engine) whose family trains `strategy`."""
+        return {
+            name: model
+            for name, model in self.voices.served_models().items()
+            if strategy in get_family(model.family).strategies
+        }
+
+    def _check_name_free(self, name: str) -> None:
+        if self.registry.exists(name) or name in self.voices.builtin():
+            raise Conflict(f"voice {name!r} already exists")
+        pending = [
+            j.id
+            for j in self.registry.list_jobs()
+            if j.name == name and (j.state in ACTIVE or j.state == "interrupted")
+        ]
+        if pending:
+            raise Conflict(f"job {pending[0]} is already making voice {name!r}")
+
+    def create(self, request: JobRequest, folder: Path) -> Job:
+        """The job's row and folder; the name is reserved from here until the job ends."""
+        with self._names:
+            self._check_name_free(request.name)
+            return self._create(request, folder)
+
+    def _create(self, request: JobRequest, folder: Path) -> Job:
+        job_id = uuid.uuid4().hex[:12]
+        job_dir = self.root / job_id
+        folder.rename(job_dir)
+        request = request.rebased(folder, job_dir)
+        model = self._models_for(request.strategy)[request.base_model]
+        write_job_files(request, job_dir, model.loaded.path)
+        ref_clip = request.refs[0] if request.refs else request.clips[0].audio
+        payload = {
+            "base_model": request.base_model,
+            "strategy": request.strategy,
+            "clips": len(request.clips),
+            "step": 0,
+            "total_steps": None,
+            "losses": {},
+            "eta_s": None,
+            "log_tail": [],
+            "reason": None,
+            "pid": None,
+            "hyper": request.hyper,
+            "ref_clip": str(ref_clip),
+            "quality": [],
+        }
+        job = self.registry.put_job(job_id, request.name, "queued", payload)
+        self._queue.put_nowait(job_id)
+        return job
+
+    # --- reading ------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.registry.get_job(job_id)
+        except JobNotFound as exc:
+            raise NotFound(str(exc)) from exc
+
+    def preview(self, job_id: str, step: int) -> Path:
+        """The preview WAV of `step`'s quality report (404 for an unknown job or step)."""
+        job = self.get(job_id)
+        reported = any(
+            q.get("step") == step and q.get("preview") for q in job.payload.get("quality", [])
+        )
+        path = self.root / job.id / PREVIEWS / preview_name(step)
+        if not reported or not path.is_file():
+            raise NotFound(f"job {job_id} has no preview for step {step}")
+        return path
+
+    def subscribe(self, job_id: str) -> asyncio.Queue[PublicEvent]:
+        return self.events.subscribe(job_id)
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue[PublicEvent]) -> None:
+        self.events.unsubscribe(job_id, queue)
+
+    # --- cancelling ---------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state in TERMINAL:
+            raise Conflict(f"job {job_id} already {job.state}")
+        self._cancelled.add(job_id)
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.terminate()
+            return self.get(job_id)
+        return self._set(job_id, "cancelled", note="cancelled before it started")
+
+    # --- running ------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            if job_id in self._cancelled or self.get(job_id).state in TERMINAL:
+                continue
+            try:
+                await self._run(job_id)
+            except Exception as exc:  # a job failure never stops the worker
+                self._set(job_id, "failed", reason=f"{type(exc).__name__}: {exc}")
+            await anyio.to_thread.run_sync(self.sweep)
+
+    async def _run(self, job_id: str) -> None:
+        self._set(job_id, "preparing")
+        run = TrainerRun(
+            job_id,
+            self.root / job_id,
+            lambda event: self._on_event(job_id, event),
+            min_free_bytes=self.settings.min_free_bytes,
+        )
+        pid = await run.start()
+        started = time.monotonic()
+        self._runs[job_id] = run
+        try:
+            self._set(job_id, None, pid=pid)
+            outcome = await run.supervise()
+        finally:
+            self._runs.pop(job_id, None)
+            if self.on_trained is not None:
+                self.on_trained(job_id, time.monotonic() - started)
+        await self._finish(job_id, outcome)
+
+    async def _finish(self, job_id: str, outcome: Outcome) -> None:
+        tail = outcome.tail
+        if job_id in self._cancelled:
+            self._set(job_id, "cancelled", log_tail=tail)
+        elif outcome.code == 0 and outcome.package is not None:
+            await self._register(job_id, Path(outcome.package), tail)
+        elif outcome.code == 0 and outcome.stopped and self._stopping:
+            self._set(
+                job_id,
+                "interrupted",
+                log_tail=tail,
+                note="the server stopped; the job resumes from its checkpoint",
+            )
+        else:
+            self._set(job_id, "failed", reason=outcome.reason(), log_tail=tail)
+
+    def _on_event(self, job_id: str, event: ProgressEvent) -> None:
+        """A trainer's progress event: the job's row follows it, listeners see it."""
+        if isinstance(event, Phase):
+            self._set(job_id, PHASE_STATES.get(event.phase))
+        elif isinstance(event, Step):
+            self._set(
+                job_id,
+                "training",
+                step=event.step,
+                total_steps=event.total_steps,
+                losses=event.losses(),
+                eta_s=event.eta_s,
+            )
+        elif isinstance(event, Quality):
+            self._record_quality(job_id, event)
+        self.events.publish(job_id, public_progress(job_id, event))
+
+    def _record_quality(self, job_id: str, event: Quality) -> None:
+        """One point of the similarity curve (a report for a step already seen replaces it)."""
+        step = event.step
+        point: dict[str, Any] = {
+            "step": step,
+            "similarity": event.similarity,
+            "preview": preview_url(job_id, step) if event.preview else None,
+        }
+        if event.reason:
+            point["reason"] = event.reason
+        curve = [q for q in self.get(job_id).payload.get("quality", []) if q["step"] != step]
+        self._set(job_id, None, quality=sorted([*curve, point], key=lambda q: q["step"]))
+
+    async def _register(self, job_id: str, package: Path, tail: list[str]) -> None:
+        job = self.get(job_id)
+        payload = job.payload
+        ref = Path(payload["ref_clip"]).read_bytes() if payload.get("ref_clip") else None
+        try:
+            voice = await self.voices.import_directory(
+                package, name=job.name, base_model=payload["base_model"], ref_clip=ref
+            )
+        except Exception as exc:
+            self._set(
+                job_id,
+                "failed",
+                reason=f"the trained voice did not load: {exc}",
+                log_tail=tail,
+            )
+            return
+        quality = quality_meta(payload.get("quality", []))
+        if quality:
+            async with self.registry.alock(voice.name):
+                with contextlib.suppress(VoiceNotFound):  # deleted already: nothing to note
+                    current = self.registry.get(voice.name)
+                    meta = {**current.meta, **quality}
+                    self.registry.replace(dataclasses.replace(current, meta=meta))
+        self._set(job_id, "succeeded", voice=voice.name, log_tail=tail)
+        shutil.rmtree(self.root / job_id / "run", ignore_errors=True)  # previews/ stays
+
+    def _set(self, job_id: str, state: str | None, **fields: Any) -> Job:
+        job = self.registry.get_job(job_id)
+        payload = {**job.payload, **fields}
+        updated = self.registry.update_job(job_id, state=state or job.state, payload=payload)
+        if (state is not None and state != job.state) or fields:
+            self.events.publish(job_id, public_state(updated.state, fields))
+        return updated
+
+
+def quality_meta(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the registered voice's meta says of its quality: the similarity of its final
+    checkpoint (the last report; the package is made from it) and of the untrained baseline."""
+    if not curve:
+        return {}
+    final = max(curve, key=lambda q: q["step"])
+    meta: dict[str, Any] = {"similarity": final["similarity"], "similarity_step": final["step"]}
+    baseline = next((q for q in curve if q["step"] == 0), None)
+    if baseline is not None:
+        meta["similarity_baseline"] = baseline["similarity"]
+    if final["similarity"] is None and final.get("reason"):
+        meta["similarity_reason"] = final["reason"]
+    return meta
