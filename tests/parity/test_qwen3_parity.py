@@ -80,7 +80,8 @@ def _ours(our_python: Path, *args: str, timeout: float = 600) -> str:
 
 
 def _make_tiny(our_python: Path, out: Path, *extra: str) -> Path:
-    _ours(our_python, "-m", "finetune", "make-tiny", "qwen3_tts", str(out), *extra)
+    args = ("make-tiny", "qwen3_tts", str(out), "--layout", "official", *extra)
+    _ours(our_python, "-m", "finetune", *args)
     return out
 
 
