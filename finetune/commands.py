@@ -75,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="export a Base model that serves the name AND clones from ref audio",
     )
+    bake.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="export a quantised base's voice in full precision (it stays quantised otherwise)",
+    )
     bake.set_defaults(handler=_guard(_bake))
 
     job = subparsers.add_parser(
@@ -216,6 +221,7 @@ def _bake(args: argparse.Namespace) -> int:
         export=args.export,
         keep_cloning=args.keep_cloning,
         language=args.language,
+        dequantize=args.dequantize,
     )
     print(
         json.dumps(

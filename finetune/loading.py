@@ -21,13 +21,24 @@ class CheckpointError(ValueError):
         super().__init__(f"cannot load model at {path}:\n{listing}")
 
 
+def hub_repo_id(name: str | Path) -> str | None:
+    """`name` as a model hub id ("owner/name"), or None when it names a local path: an existing
+    directory, or anything that starts like a path or has not exactly one `/`."""
+    text = str(name)
+    if Path(text).expanduser().is_dir():
+        return None
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or not all(text.split("/")):
+        return None
+    return text
+
+
 def resolve_model_path(name: str | Path) -> Path:
     """A local directory, or a hub id already in the local Hugging Face cache (never downloads)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
     text = str(name)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if hub_repo_id(text) is not None:
         try:
             from huggingface_hub import snapshot_download
 

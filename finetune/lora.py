@@ -486,6 +486,27 @@ def fuse_lora(model: nn.Module, *, requantize: bool = False) -> list[str]:
     return sorted(path for path, _ in fused)
 
 
+def dequantize_linears(model: nn.Module) -> list[str]:
+    """Replace every QuantizedLinear of `model` by a full-precision Linear holding its
+    dequantised weight (the quantisation error stays; nothing is re-quantised)."""
+    plain: list[tuple[str, nn.Module]] = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, nn.QuantizedLinear):
+            continue
+        weight = mx.dequantize(
+            layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode
+        )
+        output_dims, input_dims = weight.shape
+        linear = nn.Linear(input_dims, output_dims, bias="bias" in layer)
+        linear.weight = weight.astype(layer.scales.dtype)
+        if "bias" in layer:
+            linear.bias = layer.bias
+        linear.freeze()
+        plain.append((path, linear))
+    _replace_modules(model, plain)
+    return sorted(path for path, _ in plain)
+
+
 def remove_lora(model: nn.Module) -> list[str]:
     """Put the base layers back in place of the LoRA layers; returns their paths."""
     bases: list[tuple[str, nn.Module]] = [(p, layer.linear) for p, layer in _lora_layers(model)]

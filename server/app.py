@@ -519,6 +519,9 @@ async def healthz() -> Health:
 
 @get("/readyz", guards=[_setting_guard("readyz_auth")])
 async def readyz(state: State) -> Health:
+    downloads = getattr(state, "downloads", None)  # hub models a start is still fetching
+    if downloads is not None and not downloads.finished:
+        raise NotReady(downloads.detail(), downloads=downloads.report())
     models = sorted(state.engine.models) if getattr(state, "engine", None) else []
     models += sorted(state.duplex.models) if getattr(state, "duplex", None) else []
     if not models:

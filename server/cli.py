@@ -15,9 +15,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     finetune_cli.register(subparsers)
-    from server import commands
+    from server import commands, doctor_cli
 
     commands.register(subparsers)
+    doctor_cli.extend(subparsers)  # doctor MODEL may name a configured model (--config)
+    from server import hub_cli
+
+    hub_cli.register(subparsers)  # pull MODEL: a hub model into the cache
     try:
         from voicefoundry_client import cli as client_cli
     except ImportError:  # the SDK is its own distribution (clients/python)

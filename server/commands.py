@@ -69,6 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from server.hub import HubError, preflight
+
+    try:
+        preflight(settings)  # a hub model offline with no local copy: one line, no start
+    except HubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from server.http_protocol import header_timeout_protocol
 
     uvicorn.run(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from finetune.families import FAMILIES, unknown_family_message
+from finetune.loading import hub_repo_id
 
 import msgspec
 import yaml
@@ -19,13 +20,20 @@ DEMO_MODEL = "qwen3-tiny"
 
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    path: str  # a local directory or a hub id already in the local cache
+    # A local directory, or a hub id ("owner/name"): fetched into the hub cache on first start
+    # (server/hub.py), only the files its family needs.
+    path: str
     # A name in finetune.families.FAMILIES; its `engine` says which engine serves it.
     family: str = "qwen3_tts"
+    # A hub id's pinned revision (a commit hash, or a tag / branch); None: the default branch,
+    # with a warning naming the commit it resolved to.
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(unknown_family_message(self.family))
+        if self.revision is not None and hub_repo_id(self.path) is None:
+            raise ValueError(f"revision is for hub ids; {self.path!r} is a local path")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from finetune.families import get_family
@@ -18,6 +18,7 @@ from server.auth import KeyStore
 from server.duplex.engine import DuplexEngine
 from server.engine.family import BankLimits, load_served_model
 from server.engine.worker import Engine
+from server.hub import Downloads, HubError, fetch, split_models
 from server.jobs import JobService
 from server.keyfile import KeyFile
 from server.package_archive import ArchiveLimits
@@ -47,6 +48,10 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
 
         duplex_path = str(ensure_demo_duplex_model(data))
         models.setdefault(DEMO_DUPLEX_MODEL, ModelSpec(path=duplex_path, family="personaplex"))
+    # Hub ids found in the hub cache load from their snapshot; the others download first.
+    ready, pending = await anyio.to_thread.run_sync(split_models, models, data)
+    models.update(ready)
+    downloads = Downloads(pending) if pending else None
     registry = Registry(data / "registry.sqlite3")
     engine = Engine(
         max_queue=settings.max_queue,
@@ -76,6 +81,7 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
     jobs = JobService(registry, voices, settings)
     usage = UsageMeter(registry)
     flusher: asyncio.Task[None] | None = None
+    starting: asyncio.Task[None] | None = None
     jobs.on_trained = usage.training_ended
     app.state.update(
         {
@@ -86,9 +92,12 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
             "voices": voices,
             "jobs": jobs,
             "duplex": duplex,
+            "downloads": downloads,  # /readyz reports them while they run
         }
     )
-    try:
+
+    async def bring_up() -> None:
+        nonlocal flusher
         limits = BankLimits(
             settings.adapter_slots, settings.adapter_max_rank, settings.adapter_max_bytes
         )
@@ -114,8 +123,18 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
             await ensure_demo_duplex_voice(voices)
         await jobs.start()
         flusher = asyncio.create_task(_flush_usage(usage, settings.usage_flush_s))
+
+    try:
+        if downloads is None:
+            await bring_up()
+        else:  # the server answers meanwhile: /readyz is a 503 with each download's progress
+            starting = asyncio.create_task(_download_then(downloads, models, data, bring_up))
         yield
     finally:
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
         if flusher is not None:
             flusher.cancel()
         await jobs.stop()
@@ -124,6 +143,33 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         engine.stop(settings.shutdown_grace_s)
         duplex.stop(settings.shutdown_grace_s)
         registry.close()
+
+
+async def _download_then(
+    downloads: Downloads,
+    models: dict[str, ModelSpec],
+    data: Path,
+    bring_up: Callable[[], Awaitable[None]],
+) -> None:
+    """Fetch the hub models not in the cache, one after another, then start as usual. A failure
+    is logged as one line and kept for /readyz; the server stays up, not ready."""
+    try:
+        for download in downloads.items:
+            name = download.model.name
+            path = await anyio.to_thread.run_sync(
+                functools.partial(fetch, download, data), abandon_on_cancel=True
+            )
+            models[name] = ModelSpec(path=str(path), family=models[name].family)
+        await bring_up()
+    except HubError as exc:
+        downloads.failed = str(exc)
+        log.error("%s", exc)
+        return
+    except Exception as exc:  # a downloaded model that does not load, a registry error ...
+        downloads.failed = f"the start after the download failed: {type(exc).__name__}: {exc}"
+        log.exception("the start after the download failed")
+        return
+    downloads.finished = True
 
 
 async def _flush_usage(usage: UsageMeter, every_s: float) -> None:

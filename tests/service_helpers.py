@@ -34,8 +34,11 @@ def wav_samples(data: bytes) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
-    """`python -m server serve` on 127.0.0.1 with the given settings; yields its base URL."""
+def server_process(
+    settings: dict, *, timeout: float = 120.0, probe: str = "/readyz"
+) -> Iterator[str]:
+    """`python -m server serve` on 127.0.0.1 with the given settings; yields its base URL once
+    `probe` answers 200 (`/healthz`: as soon as it answers, before its models are ready)."""
     port = free_port()
     settings = {**settings, "host": "127.0.0.1", "port": port}
     config = Path(settings["data_dir"]) / f"settings-{port}.json"
@@ -57,7 +60,7 @@ def server_process(settings: dict, *, timeout: float = 120.0) -> Iterator[str]:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {config.with_suffix('.log').read_text()}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

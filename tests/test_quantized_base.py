@@ -331,3 +331,34 @@ def test_a_voice_exported_from_a_q8_base_stays_quantised(q8_trained, tiny_qwen3_
     want, _ = run.loaded.model.talker(prompt[None])
     got, _ = exported.model.talker(prompt[None])
     assert mx.abs(got - want).max().item() < 0.1 * mx.abs(want).max().item()
+
+
+def test_a_voice_exported_with_dequantize_is_full_precision(q8_trained, tiny_qwen3_q8, tmp_path):
+    """bake --export --dequantize: no QuantizedLinear and no quantization key left; the export
+    loads as a full-precision checkpoint and still computes the trained voice."""
+    from finetune.config import DataSection, ModelSection, SpeakerSection, TrainConfig
+    from finetune.families.qwen3_tts.bake import BakeError, bake
+    from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+
+    run, result = q8_trained
+    config = TrainConfig(
+        model=ModelSection(path=str(tiny_qwen3_q8), strategy="speaker"),
+        data=DataSection(train=[str(run.trainer_data)]),
+        speaker=SpeakerSection(name="q8plain", slot=3001),
+    )
+    with pytest.raises(BakeError, match="--dequantize"):
+        bake(config, result.final_dir, tmp_path / "nopkg", dequantize=True)
+    out = bake(
+        config, result.final_dir, tmp_path / "pkg", export=tmp_path / "export", dequantize=True
+    )
+    saved = json.loads((out.export / "config.json").read_text())
+    assert "quantization" not in saved and "quantization_config" not in saved
+    exported = load_qwen3_tts(out.export)
+    assert exported.quantization is None
+    assert not _quantised_layers(exported.model)
+    assert "q8plain" in (exported.model.config.talker_config.spk_id or {})
+    prompt = Qwen3Prompter(run.loaded.model).prompt(TEXT, Conditioning(), None)
+    want, _ = run.loaded.model.talker(prompt[None])
+    got, _ = exported.model.talker(prompt[None])
+    # bf16 storage of the dequantised weights: close to the trained QLoRA model, not exact.
+    assert mx.abs(got - want).max().item() < 0.1 * mx.abs(want).max().item()

@@ -42,6 +42,8 @@ class Family:
     # `make-tiny --layout` names (the distributions users download), the first the default;
     # empty: the family writes one layout and its make_tiny takes no `layout`.
     layouts: tuple[str, ...] = ()
+    # `make-tiny --quantize` / the entry's `quantize(src, dst, variant)` names (finetune.variants)
+    quantized: tuple[str, ...] = ()
     # strategy -> recipe file name under configs/
     recipes: Mapping[str, str] = field(default_factory=dict, hash=False)
     # strategy -> the least audio (seconds, all clips together) a fine-tune job needs; others 4 s
@@ -49,6 +51,9 @@ class Family:
     # Models that place the transcript's text tokens on audio frames (at most one per frame)
     # need each clip's transcript to fit: the frames a second; None when text is not framed.
     text_frame_rate: float | None = None
+    # The files a download from a model hub fetches (huggingface_hub allow-patterns: fnmatch
+    # over repository paths, where `*` also matches `/`); empty: every file of the repository.
+    hub_files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []

@@ -5,7 +5,12 @@ VOICEFOUNDRY_FAST_CPU=0, the optimised side with the default. Printed: fp32 matm
 tiny-model generation of 2 s of audio (speaker-embedding clone), and with --real the real 0.6B
 shape (random weights): talker + code predictor per 80 ms frame, vocoder and end to end.
 
-    python tests/bench/bench_foundation.py [--real] [--skip-stock-real]
+--real also loads the 0.6B shape in fp32, bf16, 8-bit and 4-bit (bench_formats.py: made by
+mlx-audio's converter) side by side, each in its own process: load time, resident memory, the
+weights' bytes on disk and the memory-bandwidth floor per frame (weights read per frame over the
+read bandwidth measured in the same run). --formats-only runs just that table.
+
+    python tests/bench/bench_foundation.py [--real] [--skip-stock-real] [--formats-only]
 """
 
 from __future__ import annotations
@@ -95,9 +100,18 @@ def main() -> None:
         action="store_true",
         help="run the real shape on the optimised side only (stock takes minutes)",
     )
+    parser.add_argument(
+        "--formats-only", action="store_true", help="only the real shape's per-format table"
+    )
+    parser.add_argument("--preset", default="real-0.6b", help=argparse.SUPPRESS)  # smoke runs
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.formats_only:
+        import bench_formats
+
+        bench_formats.run(args.preset)
         return
 
     import finetune  # noqa: F401
@@ -128,6 +142,10 @@ def main() -> None:
             print(f"RTF tiny ({side}): {data['tiny_e2e_s'] / data['tiny_audio_s']:.2f}")
         if "real_e2e_s" in data:
             print(f"RTF real 0.6B ({side}): {data['real_e2e_s'] / data['real_audio_s']:.2f}")
+    if args.real:
+        import bench_formats
+
+        bench_formats.run(args.preset)
 
 
 if __name__ == "__main__":

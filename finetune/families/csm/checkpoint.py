@@ -34,8 +34,10 @@ from finetune.loading import (
 )
 from finetune.runtime import PreparedModel, prepare_model
 from finetune.runtime.accelerate import to_float32
+from finetune.variants import describe, quantize_loaded
 
 import mlx.core as mx
+import mlx.nn as nn
 
 FAMILY = "csm"
 MODEL_TYPES = ("csm", "sesame")
@@ -78,14 +80,22 @@ class LoadedCsm:
     def audio_vocab_size(self) -> int:
         return int(self.config["audio_vocab_size"])
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """config.json's quantization (mlx-audio's converter writes it), None: full precision."""
+        quant = self.config.get("quantization", self.config.get("quantization_config"))
+        return quant if isinstance(quant, dict) else None
+
     def base_model_info(self) -> dict[str, Any]:
-        """What adapters and voice packages record about the base model they belong to."""
+        """What adapters and voice packages record about the base model they belong to (a voice
+        trained on a quantised variant says so)."""
         return {
             "path": str(self.path),
             "family": FAMILY,
             "hidden_size": int(self.config["hidden_size"]),
             "num_hidden_layers": int(self.config["num_hidden_layers"]),
             "audio_num_codebooks": self.num_codebooks,
+            "quantization": self.quantization,
         }
 
 
@@ -171,10 +181,18 @@ def _weight_problems(path: Path, config: dict[str, Any]) -> list[str]:
     # Model.sanitize does not touch `self`: the checkpoint's keys as mlx-audio will load them.
     weights = Model.sanitize(None, raw)
     try:
-        tree = SesameModel(config)  # lazily allocated: comparing shapes costs no memory
+        tree = _Root(SesameModel(config))  # lazily allocated: comparing shapes costs no memory
     except Exception as exc:  # a config mlx-audio cannot build from
         return [f"config.json does not describe a CSM model ({type(exc).__name__}: {exc})"]
-    expected = {f"model.{k}": v.shape for k, v in flat_items(tree.parameters())}
+    quant = config.get("quantization", config.get("quantization_config"))
+    if isinstance(quant, dict):  # a converter variant: the tree mlx-audio quantises to load it
+        try:
+            scaled = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+            quantize_loaded(tree, quant, lambda p, m: not p.startswith("_audio_tokenizer"), scaled)
+        except (KeyError, TypeError, ValueError) as exc:
+            return [f"config.json quantization {quant} does not apply ({exc})"]
+    params = dict(flat_items(tree.parameters()))
+    expected = {k: v.shape for k, v in params.items()}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing:
@@ -186,9 +204,22 @@ def _weight_problems(path: Path, config: dict[str, Any]) -> list[str]:
             problems.append(
                 f"{key} has shape {tuple(weights[key].shape)}, expected {tuple(expected[key])}"
             )
-        elif not mx.issubdtype(weights[key].dtype, mx.floating):
-            problems.append(f"{key} has dtype {weights[key].dtype}, expected a float type")
+        elif mx.issubdtype(params[key].dtype, mx.floating) != mx.issubdtype(
+            weights[key].dtype, mx.floating
+        ):
+            want = "a float type" if mx.issubdtype(params[key].dtype, mx.floating) else "uint32"
+            problems.append(f"{key} has dtype {weights[key].dtype}, expected {want}")
+    if isinstance(quant, dict) and not any(k.endswith(".scales") for k in weights):
+        problems.append(f"config.json says quantised ({describe(quant)}) but no weight is")
     return problems
+
+
+class _Root(nn.Module):
+    """The module tree as mlx-audio's sesame `Model` roots it (`model.` + SesameModel)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
 
 
 def _tokenizer_location(path: Path, config: dict[str, Any]) -> Path | str:
@@ -221,6 +252,12 @@ class _LocalAutoTokenizer:
         from transformers.utils import logging as hf_logging
 
         location = _tokenizer_location(self._checkpoint, {"text_tokenizer": name})
+        if isinstance(location, Path) and read_config(location).get("model_type") == "sesame":
+            # mlx-audio's converter renames the model type `sesame`, which transformers does
+            # not know: hand it a plain config so tokenizer_config.json's class is used.
+            from transformers import PretrainedConfig
+
+            kwargs.setdefault("config", PretrainedConfig())
         # transformers also parses config.json on the way and warns about CSM's token ids.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()

@@ -20,6 +20,12 @@ def make_tiny(out_dir: Path, *, seed: int = 0, preset: str = "tiny", variant: st
     return make_tiny_csm(out_dir, seed=seed, preset=preset)
 
 
+def quantize(src: Path, dst: Path, variant: str) -> Path:
+    from finetune.families.csm.quantize import quantize_csm
+
+    return quantize_csm(src, dst, variant)
+
+
 def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
     from finetune.families.csm import training
 
@@ -36,3 +42,17 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
     from finetune.families.csm import job
 
     return job.run_job(spec, config, progress)
+
+
+def describe(path: Path) -> Any:
+    """The CheckpointDescription of `path` when it is a csm checkpoint, else None."""
+    from finetune.families.csm import describe as checkpoint
+
+    return checkpoint.describe(path)
+
+
+def load_problems(path: Path) -> list[str]:
+    """Every problem the family's loader finds in `path`; [] when it loads."""
+    from finetune.families.csm import describe as checkpoint
+
+    return checkpoint.load_problems(path)

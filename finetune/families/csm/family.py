@@ -28,4 +28,15 @@ FAMILY = Family(
     presets=("tiny", "real-1b"),  # the keys of tiny.PRESETS
     recipes={"speaker": "csm_speaker.yaml"},
     min_job_seconds={"language": 8.0},
+    quantized=("8", "4", "mixed_4_6", "mxfp4"),  # mlx-audio's converter (quantize.py)
+    # The mlx-community layout: weights, the fast text tokenizer, and a Mimi under mimi/.
+    hub_files=(
+        "config.json",
+        "*.safetensors",
+        "*.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "mimi/*",
+    ),
 )

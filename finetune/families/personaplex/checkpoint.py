@@ -122,9 +122,17 @@ def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
         if not file.is_file():
             problems.append(f"{file.name} is missing")
 
+    quant = config.get("quantization")
+    if quant is not None and not isinstance(quant, dict):
+        problems.append(f"{CONFIG_NAME}: quantization is not an object")
+        quant = None
     if moshi_file.is_file():
-        expected = lm_pytorch_shapes(Lm(lm_cfg)) if lm_cfg is not None else None
-        problems += _weight_problems(moshi_file, expected)
+        if quant is not None:  # an MLX-named quantised variant (personaplex/quantize.py)
+            expected = None if lm_cfg is None else _quantised_shapes(Lm(lm_cfg), quant)
+            problems += _weight_problems(moshi_file, expected, quantised=True)
+        else:
+            expected = lm_pytorch_shapes(Lm(lm_cfg)) if lm_cfg is not None else None
+            problems += _weight_problems(moshi_file, expected)
     if mimi_file.is_file():
         expected = mimi_pytorch_shapes(Mimi(mimi_cfg)) if mimi_cfg is not None else None
         problems += _weight_problems(mimi_file, expected)
@@ -142,7 +150,7 @@ def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
         raise CheckpointError(path, problems)
     assert lm_cfg is not None and mimi_cfg is not None and tokenizer is not None
 
-    lm = _load_lm(path, moshi_file, lm_cfg)
+    lm = _load_lm(path, moshi_file, lm_cfg, quant)
     mimi = _load_mimi(path, mimi_file, mimi_cfg)
     runtime = prepare_model(lm)
     prepare_model(mimi)
@@ -202,7 +210,19 @@ def safetensors_header(file: Path) -> dict[str, tuple[str, Shape]]:
     return out
 
 
-def _weight_problems(file: Path, expected: dict[str, Shape] | None) -> list[str]:
+def _quantised_shapes(lm: Any, quant: dict[str, Any]) -> dict[str, Shape]:
+    """MLX name -> shape of the LM tree as a quantised variant stores it."""
+    from finetune.arrays import flat_items
+    from finetune.families.personaplex.quantize import quant_allowed
+    from finetune.variants import quantize_loaded
+
+    quantize_loaded(lm, quant, quant_allowed)
+    return {k: tuple(v.shape) for k, v in flat_items(lm.parameters())}
+
+
+def _weight_problems(
+    file: Path, expected: dict[str, Shape] | None, *, quantised: bool = False
+) -> list[str]:
     try:
         found = safetensors_header(file)
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -220,7 +240,12 @@ def _weight_problems(file: Path, expected: dict[str, Shape] | None) -> list[str]
         dtype, shape = found[key]
         if shape != expected[key]:
             problems.append(f"{file.name}: {key} has shape {shape}, expected {expected[key]}")
-        if dtype not in _FLOAT_DTYPES:
+        packed = quantised and key.endswith(".weight") and f"{key[:-7]}.scales" in expected
+        if packed and dtype != "U32":
+            problems.append(f"{file.name}: {key} has dtype {dtype}, expected packed U32")
+        elif quantised and key.endswith(".scales") and dtype == "U8":
+            pass  # microscaling (mxfp4) scales are 8-bit exponents
+        elif not packed and dtype not in _FLOAT_DTYPES:
             problems.append(f"{file.name}: {key} has dtype {dtype}, expected a float type")
     return problems
 
@@ -230,13 +255,18 @@ def _listing(names: list[str]) -> str:
     return shown if len(names) <= _LISTED else f"{shown}, ... ({len(names) - _LISTED} more)"
 
 
-def _load_lm(path: Path, file: Path, cfg: Any) -> Any:
+def _load_lm(path: Path, file: Path, cfg: Any, quant: dict[str, Any] | None = None) -> Any:
     from mlx_audio.sts.models.moshi.lm import Lm
 
     lm = Lm(cfg)
+    if quant is not None:
+        _quantised_shapes(lm, quant)
     with offline_hub(), captured_output() as printed:
         try:
-            lm.load_pytorch_weights(str(file), cfg, strict=True)
+            if quant is not None:
+                lm.load_weights(str(file), strict=True)
+            else:
+                lm.load_pytorch_weights(str(file), cfg, strict=True)
         except Exception as exc:  # mlx raises ValueError / KeyError / RuntimeError here
             raise CheckpointError(
                 path, [f"{file.name} did not load: {type(exc).__name__}: {exc}"]

@@ -108,7 +108,15 @@ def base_model_info(path: Path, lm: nn.Module) -> dict[str, Any]:
         "text_card": cfg.text_out_vocab_size,
         "card": cfg.audio_vocab_size - 1,
         "delays": [0, *cfg.audio_delays],
+        # A voice trained on a quantised variant says so (None: full precision).
+        "quantization": _quantization(path),
     }
+
+
+def _quantization(path: Path) -> dict[str, Any] | None:
+    from finetune.identity import quantization
+
+    return quantization(path) if (Path(path) / "config.json").is_file() else None
 
 
 def adapter_metadata(

@@ -27,7 +27,7 @@ from finetune.families.qwen3_tts.languages import FIRST_SPEAKER_ROW, row_of, spe
 from finetune.families.qwen3_tts.training import FAMILY, mean_speaker_embedding, speaker_ref
 from finetune.fsutil import atomic_directory
 from finetune.identity import weights_identity
-from finetune.lora import fuse_lora, load_adapters, read_adapter_config
+from finetune.lora import dequantize_linears, fuse_lora, load_adapters, read_adapter_config
 
 import mlx.core as mx
 import numpy as np
@@ -185,6 +185,7 @@ def bake(
     export: Path | None = None,
     keep_cloning: bool = False,
     language: str | None = None,
+    dequantize: bool = False,
 ) -> BakeResult:
     """Bake the speaker into a voice package (and, with `export`, a standalone checkpoint).
 
@@ -197,6 +198,8 @@ def bake(
         raise BakeError("--keep-cloning describes an exported checkpoint: add --export")
     if export is None and not fuse:
         raise BakeError("--no-fuse describes an exported checkpoint: add --export")
+    if export is None and dequantize:
+        raise BakeError("--dequantize describes an exported checkpoint: add --export")
     if export is not None and not fuse and not keep_cloning:
         raise BakeError(
             "--no-fuse would export a custom_voice checkpoint that names this voice without its "
@@ -245,6 +248,7 @@ def bake(
             adapter_dir=checkpoint if fuse else None,
             keep_cloning=keep_cloning,
             language_rows=language_rows,
+            dequantize=dequantize,
         )
     return BakeResult(package, name, slot, embedding, exported, language)
 
@@ -320,6 +324,7 @@ def export_baked(
     adapter_dir: Path | None,
     keep_cloning: bool,
     language_rows: list[LanguageRow] | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Official custom-voice format (no speaker encoder), or a Base that also keeps cloning.
 
@@ -332,8 +337,11 @@ def export_baked(
     if adapter_dir is not None:
         # The language rows are no module of the talker: they are installed as rows below.
         load_adapters(model.talker, adapter_dir, ignore=(LANGUAGE_ROWS_TENSOR,))
-        # A quantised base stays quantised: the fused layers are re-quantised like the base.
-        fuse_lora(model.talker, requantize=loaded.quantization is not None)
+        # A quantised base stays quantised (the fused layers are re-quantised like the base)
+        # unless the export is asked to be full precision.
+        fuse_lora(model.talker, requantize=loaded.quantization is not None and not dequantize)
+    if dequantize:
+        dequantize_linears(model)
     bake_into_model(model, name, slot, embedding)
     config = json.loads((loaded.path / "config.json").read_text())
     install_language_rows(model, config, language_rows or [])
@@ -341,4 +349,7 @@ def export_baked(
     talker["spk_id"] = {**(talker.get("spk_id") or {}), name: slot}
     talker["spk_is_dialect"] = {**(talker.get("spk_is_dialect") or {}), name: False}
     config["tts_model_type"] = "base" if keep_cloning else "custom_voice"
+    if dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
     return export_checkpoint(loaded, out_dir, config=config, drop_speaker_encoder=not keep_cloning)

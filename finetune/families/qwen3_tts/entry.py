@@ -14,7 +14,15 @@ DEFAULT_TARGETS = list(FAMILY.default_targets)
 PRESETS = FAMILY.presets
 VARIANTS = FAMILY.variants
 
-__all__ = ["DEFAULT_TARGETS", "PRESETS", "make_tiny", "run_job", "smoke_config", "train"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "PRESETS",
+    "make_tiny",
+    "quantize",
+    "run_job",
+    "smoke_config",
+    "train",
+]
 
 
 def make_tiny(
@@ -26,6 +34,12 @@ def make_tiny(
     layout: str = "official",
 ) -> Path:
     return make_tiny_qwen3_tts(out_dir, variant=variant, seed=seed, preset=preset, layout=layout)
+
+
+def quantize(src: Path, dst: Path, variant: str) -> Path:
+    from finetune.families.qwen3_tts.quantize import quantize_variant
+
+    return quantize_variant(src, dst, variant)
 
 
 def train(config: TrainConfig, *, progress: ProgressWriter, resume: Path | None = None) -> Any:
@@ -79,3 +93,17 @@ def run_job(spec: Any, config: TrainConfig, progress: ProgressWriter) -> int:
         )
     progress.emit(Package(path=str(package)))
     return 0
+
+
+def describe(path: Path) -> Any:
+    """The CheckpointDescription of `path` when it is a qwen3_tts checkpoint, else None."""
+    from finetune.families.qwen3_tts import describe as checkpoint
+
+    return checkpoint.describe(path)
+
+
+def load_problems(path: Path) -> list[str]:
+    """Every problem the family's loader finds in `path`; [] when it loads."""
+    from finetune.families.qwen3_tts import describe as checkpoint
+
+    return checkpoint.load_problems(path)

@@ -93,6 +93,12 @@ def _stored_dtypes(path: Path) -> dict[str, mx.Dtype]:
     return dtypes
 
 
+def _float_dtype(stored: mx.Dtype | None) -> mx.Dtype:
+    """The dtype a float tensor is written in: the base's, unless the base stored it packed
+    (a dequantised layer's weight was uint32 there) or not at all."""
+    return stored if stored is not None and mx.issubdtype(stored, mx.floating) else mx.bfloat16
+
+
 def export_checkpoint(
     loaded: LoadedQwen3TTS,
     out_dir: Path,
@@ -114,7 +120,7 @@ def export_checkpoint(
         raise ValueError("fuse or remove the LoRA layers before exporting a checkpoint")
     dtypes = _stored_dtypes(loaded.path)
     weights = {
-        k: mx.array(v).astype(dtypes.get(k, mx.bfloat16)) if v.dtype.kind == "f" else mx.array(v)
+        k: mx.array(v).astype(_float_dtype(dtypes.get(k))) if v.dtype.kind == "f" else mx.array(v)
         for k, v in sorted(main_model_to_hf(params).items())
     }
     with atomic_directory(out_dir) as staging:

@@ -18,4 +18,22 @@ FAMILY = Family(
     layouts=("official", "mlx-community"),  # the keys of tiny.LAYOUTS
     recipes={"speaker": "qwen3_tts_speaker.yaml", "language": "qwen3_tts_hindi.yaml"},
     min_job_seconds={"language": 8.0},  # a new language needs more than a voice
+    # mlx-audio's converter (quantize.py); its mixed_4_6 recipe does not apply to Qwen3-TTS
+    quantized=("8", "4", "mxfp4"),
+    # What a hub download fetches: both layouts (an mlx-community repo adds the index file),
+    # the text tokenizer's files and the speech tokenizer; not READMEs, assets or PyTorch bins.
+    hub_files=(
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "*.safetensors",
+        "*.safetensors.index.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "speech_tokenizer/*",
+    ),
 )
