@@ -24,4 +24,8 @@ fi
 # The SDK (clients/python) first in the same command: the `voicefoundry` script's client
 # commands (say, voices, jobs) are built on it.
 "$venv/bin/python" -m pip install -q -e clients/python -e ".[dev]"
+# Kyutai's `moshi.client`, which the duplex client tests run unchanged. --no-deps: moshi pins
+# torch for its model code, which pip cannot resolve beside our stack and the client never
+# imports; the client's own dependencies (aiohttp, sphn, numpy) come with the dev extra.
+"$venv/bin/python" -m pip install -q --no-deps "moshi==0.2.13"
 "$venv/bin/voicefoundry" doctor --no-measure

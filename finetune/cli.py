@@ -96,7 +96,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
         return _no_variant(family.name, family.quantized)
     entry = family.entry_module()
     if args.quantize is None:
-        print(entry.make_tiny(args.out_dir, **options))
+        try:
+            print(entry.make_tiny(args.out_dir, **options))
+        except ValueError as exc:  # an option the family refuses (e.g. a variant's sizes)
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     import tempfile
 

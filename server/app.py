@@ -25,8 +25,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
 
-from server import admission, audio_formats
+from server import admission, audio_formats, openai_routes
+from server.clone import CLONE_STRATEGY, create_clone_voice
 from server.connections import UPLOAD_SLOT, UploadSlot, body_limits
+from server.design import DESIGN_STRATEGY, create_design_voice
 from server.duplex.routes import duplex_socket
 from server.engine.bank import AdapterTensors
 from server.engine.requests import Sampling
@@ -41,6 +43,7 @@ from server.errors import (
     exception_handler,
     html_errors_as_problems,
 )
+from server.instruct import checked_instruct
 from server.jobs import TERMINAL, JobService
 from server.limits import Limiter
 from server.logs import redact_request_logs
@@ -56,6 +59,7 @@ from server.schemas import (
     VoiceOut,
 )
 from server.settings import Settings
+from server.speak_stream import speak_stream_socket
 from server.text_split import split_text
 from server.uploads import receive_multipart
 from server.voices import VoiceService
@@ -144,6 +148,7 @@ class Synthesis:
         sampling: Sampling,
         seed: int | None,
         stream: bool,
+        instruct: str | None = None,  # checked first: server/instruct.py
     ) -> None:
         settings: Settings = state.settings
         service: VoiceService = state.voices
@@ -156,6 +161,7 @@ class Synthesis:
             sampling=sampling,
             seed=seed,
             stream=stream,
+            instruct=instruct,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
             chunk_frames=settings.stream_chunk_frames,
@@ -238,6 +244,13 @@ def _check_format(fmt: str, stream: bool) -> str:
         name = audio_formats.check_format(fmt)
     except audio_formats.UnsupportedFormat as exc:
         raise Unprocessable(str(exc), allowed=list(audio_formats.FORMATS)) from exc
+    if not audio_formats.codec_available(name):
+        available = list(audio_formats.available_formats())
+        raise Unprocessable(
+            f"this server cannot encode {name} (its codec library is not installed); "
+            f"available: {', '.join(available)}",
+            allowed=available,
+        )
     if stream and name not in audio_formats.STREAMABLE:
         raise Unprocessable(
             f"format {name!r} cannot be streamed; use one of "
@@ -314,12 +327,15 @@ async def speak(request: Request, state: State) -> Response | Stream:
     text = _check_text(settings, req.text)
     fmt = _check_format(req.format, req.stream)
     sampling = _sampling(settings, req)
-    if req.instruct:
-        raise Unprocessable("instruct is not supported by the served Qwen3-TTS models yet")
     voice = await anyio.to_thread.run_sync(state.voices.get, req.speaker)
+    instruct = await anyio.to_thread.run_sync(
+        checked_instruct, state.voices, voice, req.instruct, "instruct"
+    )
     metered = admission.start_synthesis(state, admission.key_of(request), len(text))
     try:
-        synthesis = Synthesis(state, voice, text, req.language, sampling, req.seed, req.stream)
+        synthesis = Synthesis(
+            state, voice, text, req.language, sampling, req.seed, req.stream, instruct
+        )
         return await _respond(request, synthesis, fmt, req.stream, metered=metered)
     except BaseException:
         metered.end()
@@ -337,20 +353,29 @@ async def openai_speech(request: Request, state: State) -> Response | Stream:
     settings: Settings = state.settings
     req: OpenAISpeechRequest = _decode(await _json_body(request, settings), OpenAISpeechRequest)
     text = _check_text(settings, req.input)
-    stream = req.stream_format == "audio"
+    stream = req.stream_format is not None  # "audio": the bytes; "sse": OpenAI's events
     fmt = _check_format(req.response_format, stream)
     if stream and req.speed != 1.0:
         raise Unprocessable("speed other than 1.0 is not available while streaming")
-    voice = await anyio.to_thread.run_sync(state.voices.get, req.voice)
+    voice = await anyio.to_thread.run_sync(state.voices.get, req.voice_name)
     if req.model not in state.engine.models:
         raise Unprocessable(
             f"unknown model {req.model!r}; loaded: {', '.join(sorted(state.engine.models))}"
         )
     if voice.base_model != req.model:
         raise Unprocessable(f"voice {voice.name!r} belongs to model {voice.base_model!r}")
+    instruct = await anyio.to_thread.run_sync(
+        checked_instruct, state.voices, voice, req.instructions, "instructions"
+    )
     metered = admission.start_synthesis(state, admission.key_of(request), len(text))
     try:
-        synthesis = Synthesis(state, voice, text, None, _sampling(settings, None), None, stream)
+        sampling = _sampling(settings, None)
+        synthesis = Synthesis(state, voice, text, None, sampling, None, stream, instruct)
+        if req.stream_format == "sse":
+            await synthesis.prepare()
+            return openai_routes.sse_response(
+                synthesis, fmt, len(text), SAMPLE_RATE, metered=metered
+            )
         return await _respond(request, synthesis, fmt, stream, req.speed, metered=metered)
     except BaseException:
         metered.end()
@@ -433,7 +458,7 @@ JOB_PUBLIC_FIELDS = tuple(f for f in JobOut.__struct_fields__ if f not in ("id",
 )
 async def create_voice_job(
     request: Request, state: State, upload_slot: UploadSlot
-) -> Response[JobOut]:
+) -> Response[JobOut | VoiceOut]:
     settings: Settings = state.settings
     jobs: JobService = state.jobs
     key = admission.key_of(request)
@@ -446,6 +471,16 @@ async def create_voice_job(
             max_bytes=settings.max_upload_bytes,
             min_free_bytes=settings.min_free_bytes,
         )
+        if upload.fields.get("strategy") == CLONE_STRATEGY:  # no training: server/clone.py
+            voice = await create_clone_voice(state, upload)
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
+            location = {"Location": f"/voices/{voice.name}"}
+            return Response(_voice_out(voice), status_code=201, headers=location)
+        if upload.fields.get("strategy") == DESIGN_STRATEGY:  # no training: server/design.py
+            voice = await create_design_voice(state, upload, request)
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(incoming, ignore_errors=True))
+            location = {"Location": f"/voices/{voice.name}"}
+            return Response(_voice_out(voice), status_code=201, headers=location)
         job_request = await anyio.to_thread.run_sync(jobs.validate, upload, incoming)
         shutil.rmtree(incoming / "upload")
         job = await anyio.to_thread.run_sync(jobs.create, job_request, incoming)
@@ -567,6 +602,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[
             speak,
             openai_speech,
+            *openai_routes.ROUTES,
             list_voices,
             get_voice,
             delete_voice,
@@ -579,6 +615,7 @@ def create_app(settings: Settings) -> Litestar:
             job_events,
             admission.usage_report,
             duplex_socket,
+            speak_stream_socket,
             healthz,
             readyz,
             metrics,

@@ -2,7 +2,8 @@
 
 Formats follow the OpenAI ``response_format`` names. ``wav`` and ``pcm`` are written here
 directly; ``flac``, ``mp3`` and ``opus`` go through libsndfile (via soundfile), which has
-written MPEG layer III (format ``MP3``) and Ogg Opus (format ``OGG``/``OPUS``) since 1.1.
+written MPEG layer III (format ``MP3``) and Ogg Opus (format ``OGG``/``OPUS``) since 1.1;
+``aac`` (AAC-LC in ADTS frames) through FFmpeg's encoder in PyAV (:mod:`server.aac`).
 
 ``pcm`` is raw 16-bit little-endian mono at the model rate with no header at all, so a
 response carrying it should also say the rate, e.g. ``Content-Type: audio/pcm`` plus
@@ -10,7 +11,7 @@ response carrying it should also say the rate, e.g. ``Content-Type: audio/pcm`` 
 
 Streaming (:func:`stream_encoder`) always produces ONE continuous container: a WAV header
 whose sizes say "unknown" (0xFFFFFFFF) followed by raw PCM16, a bare PCM16 byte stream, a
-run of MPEG frames, or one Ogg Opus logical stream. It never emits one complete file per
+run of MPEG or ADTS frames, or one Ogg Opus logical stream. It never emits one complete file per
 chunk, which leaves audible seams between chunks.
 
 :func:`change_speed` implements the OpenAI ``speed`` parameter (0.25-4.0) as a WSOLA time
@@ -29,7 +30,9 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import correlate
 
-AudioFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
+from server import aac
+
+AudioFormat = Literal["wav", "flac", "pcm", "mp3", "opus", "aac"]
 
 FORMATS: Final[tuple[str, ...]] = get_args(AudioFormat)
 DEFAULT_SAMPLE_RATE: Final = 24_000
@@ -42,12 +45,14 @@ CONTENT_TYPES: Final[dict[str, str]] = {
     "mp3": "audio/mpeg",
     # Ogg Opus.
     "opus": "audio/ogg",
+    # AAC-LC, one ADTS header per frame.
+    "aac": "audio/aac",
 }
 
 # Formats that stream as one continuous container. FLAC is left out on purpose: a streamed
 # FLAC must say "length unknown" in its STREAMINFO block (total samples 0, no MD5), which is
 # valid but which libsndfile itself cannot read back.
-STREAMABLE: Final[frozenset[str]] = frozenset({"wav", "pcm", "mp3", "opus"})
+STREAMABLE: Final[frozenset[str]] = frozenset({"wav", "pcm", "mp3", "opus", "aac"})
 
 OPUS_SAMPLE_RATES: Final[tuple[int, ...]] = (8_000, 12_000, 16_000, 24_000, 48_000)
 MP3_SAMPLE_RATES: Final[tuple[int, ...]] = (
@@ -100,6 +105,8 @@ def check_format(fmt: str) -> AudioFormat:
 def codec_available(fmt: str) -> bool:
     """Whether this machine can encode ``fmt`` (wav and pcm always can)."""
     name = check_format(fmt)
+    if name == "aac":
+        return aac.available()
     if name not in _SNDFILE_CODECS:
         return True
     major, subtype = _SNDFILE_CODECS[name]
@@ -121,6 +128,11 @@ def response_headers(fmt: str, sample_rate: int = DEFAULT_SAMPLE_RATE) -> dict[s
 
 
 def _require_codec(fmt: AudioFormat) -> None:
+    if fmt == "aac" and not codec_available(fmt):
+        raise CodecUnavailable(
+            "this server cannot write aac: it needs PyAV (`pip install av`, FFmpeg's AAC "
+            f"encoder); available here: {', '.join(available_formats())}"
+        )
     if not codec_available(fmt):
         major, subtype = _SNDFILE_CODECS[fmt]
         raise CodecUnavailable(
@@ -135,7 +147,11 @@ def _check_sample_rate(fmt: AudioFormat, sample_rate: int) -> int:
     rate = int(sample_rate)
     if rate != sample_rate or rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-    allowed = {"opus": OPUS_SAMPLE_RATES, "mp3": MP3_SAMPLE_RATES}.get(fmt)
+    allowed = {
+        "opus": OPUS_SAMPLE_RATES,
+        "mp3": MP3_SAMPLE_RATES,
+        "aac": aac.ADTS_SAMPLE_RATES,
+    }.get(fmt)
     if allowed is not None and rate not in allowed:
         raise ValueError(
             f"{fmt} cannot be written at {rate} Hz; allowed rates: "
@@ -216,6 +232,8 @@ def encode(audio: np.ndarray, fmt: str, sample_rate: int = DEFAULT_SAMPLE_RATE) 
     x = _as_mono(audio)
     if x.size == 0:
         x = np.zeros(_min_frames(rate), dtype=np.float32)
+    if name == "aac":
+        return aac.encode(x, rate)
     out = io.BytesIO()
     # FLAC gets the exact int16 samples of wav/pcm; the lossy codecs take float input.
     samples = _pcm16(x) if name == "flac" else x
@@ -313,6 +331,7 @@ class StreamEncoder:
         self._finished = False
         self._sink: _ForwardSink | None = None
         self._file: sf.SoundFile | None = None
+        self._aac: aac.AacEncoder | None = aac.AacEncoder(sample_rate) if fmt == "aac" else None
         if fmt in ("mp3", "opus"):
             self._sink = _ForwardSink()
             self._file = sf.SoundFile(
@@ -342,6 +361,8 @@ class StreamEncoder:
         head = self.header()
         x = _as_mono(audio)
         self.frames_written += int(x.size)
+        if self._aac is not None:
+            return head + self._aac.encode(x)
         if self._file is None:
             return head + _pcm16(x).tobytes()
         assert self._sink is not None
@@ -354,6 +375,11 @@ class StreamEncoder:
         if self._finished:
             return b""
         head = self.header()
+        if self._aac is not None:
+            self._finished = True
+            if self.frames_written == 0:
+                self._aac.encode(np.zeros(_min_frames(self.sample_rate), dtype=np.float32))
+            return head + self._aac.finish()
         if self._file is not None and self.frames_written == 0:
             # An Ogg or MPEG stream with no audio at all is malformed; send 20 ms of silence.
             self._file.write(np.zeros(_min_frames(self.sample_rate), dtype=np.float32))
@@ -368,6 +394,8 @@ class StreamEncoder:
     def close(self) -> None:
         """Abandon the stream and release the codec (no more bytes are produced)."""
         self._finished = True
+        if self._aac is not None:
+            self._aac.close()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -390,7 +418,7 @@ def stream_encoder(fmt: str, sample_rate: int = DEFAULT_SAMPLE_RATE) -> StreamEn
             f"{', '.join(f for f in FORMATS if f in STREAMABLE)}"
         )
     rate = _check_sample_rate(name, sample_rate)
-    if name in _SNDFILE_CODECS:
+    if name in _SNDFILE_CODECS or name == "aac":
         _require_codec(name)
     return StreamEncoder(name, rate)
 

@@ -19,6 +19,8 @@ import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody
 from msgspec import UNSET, Meta, UnsetType
 
+from server.clone import CLONE_STRATEGY, clone_form_fields
+from server.design import DESIGN_STRATEGY, design_form_fields
 from server.jobs.intake import BOUNDS, FLAGS, MAX_TEXT_PROMPT_CHARS
 from server.schemas import VoiceName
 
@@ -40,11 +42,15 @@ class VoiceImportForm(msgspec.Struct, kw_only=True):
 def _job_form() -> type[msgspec.Struct]:
     """`POST /voices`: fields and files of a fine-tune job; the overrides carry their bounds
     from the job intake's own table, so the document cannot drift from what it checks."""
-    strategy = Annotated[str, Meta(extra_json_schema={"enum": list(all_strategies())})]
-    clips = Annotated[list[File], Meta(description="audio clips (and .txt transcripts)")]
+    strategies = [*all_strategies(), DESIGN_STRATEGY, CLONE_STRATEGY]
+    strategy = Annotated[str, Meta(extra_json_schema={"enum": strategies})]
+    clips = Annotated[
+        list[File], Meta(description="audio clips (and .txt transcripts): the fine-tune strategies")
+    ]
     text_prompt = Annotated[str, Meta(max_length=MAX_TEXT_PROMPT_CHARS)]
-    fields: list[Any] = [("name", VoiceName), ("clips", clips)]
+    fields: list[Any] = [("name", VoiceName)]
     optional: list[tuple[str, Any]] = [
+        ("clips", clips),
         ("base_model", str),
         ("strategy", strategy),
         ("language", str),
@@ -55,6 +61,8 @@ def _job_form() -> type[msgspec.Struct]:
     ]
     optional += [(k, Annotated[kind, Meta(ge=lo, le=hi)]) for k, (kind, lo, hi) in BOUNDS.items()]
     optional += [(key, Flag) for key in FLAGS]
+    optional += design_form_fields()  # strategy=design: no training (server/design.py)
+    optional += clone_form_fields()  # strategy=clone: no training (server/clone.py)
     fields += [(key, kind | UnsetType, UNSET) for key, kind in optional]
     return msgspec.defstruct("VoiceJobForm", fields, kw_only=True)
 

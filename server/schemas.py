@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -29,13 +29,15 @@ Speed = Annotated[float, Meta(ge=0.25, le=4.0)]
 FormatName = Annotated[str, Meta(extra_json_schema={"enum": list(FORMATS)})]
 VoiceName = Annotated[str, Meta(extra_json_schema={"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"})]
 Text = Annotated[str, Meta(extra_json_schema={"minLength": 1, "pattern": "\\S"})]
+# CustomVoice: how to speak; VoiceDesign: the voice, described (server/instruct.py).
+Instruct = Annotated[str, Meta(max_length=2000)]
 
 
 class SpeakRequest(Strict):
     speaker: VoiceName
     text: Text
     language: str | None = None
-    instruct: str | None = None
+    instruct: Instruct | None = None
     format: FormatName = "wav"
     stream: bool = False
     seed: Seed | None = None
@@ -46,14 +48,25 @@ class SpeakRequest(Strict):
     max_tokens: MaxTokens | None = None
 
 
+class VoiceRef(Strict):
+    """The `openai` package's custom-voice form of `voice`: `{"id": NAME}`."""
+
+    id: VoiceName
+
+
 class OpenAISpeechRequest(Strict):
     model: str
     input: Text
-    voice: VoiceName
+    voice: VoiceName | VoiceRef
     response_format: FormatName = "mp3"
     speed: Speed = 1.0
-    instructions: str | None = None
-    stream_format: str | None = None
+    instructions: Instruct | None = None
+    # None: the whole file; "audio": its bytes streamed; "sse": OpenAI's speech.audio.* events.
+    stream_format: Literal["sse", "audio"] | None = None
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice if isinstance(self.voice, str) else self.voice.id
 
 
 class VoiceOut(msgspec.Struct, kw_only=True):

@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_text_chars: int = 5000
     max_tokens_per_sentence: int = 1024
     stream_chunk_frames: int = 6
+    # /speak/stream: text that has not ended a sentence is spoken after this long without a new
+    # delta (a session may ask for less, never more: `flush_after_s` in its first message).
+    speak_stream_flush_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
     # Per-request budgets (None: none): the most audio one /speak request may make, and how long
     # after it is queued it may run. Over either, it is stopped: 413 / 503 problem+json, or a
     # streamed response that ends without its last chunk (logged, counted in /metrics).
@@ -86,6 +89,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Per-key usage (GET /usage) is written to the registry this often and at the stop.
     usage_flush_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     duplex_max_sessions: int = 8
+    # The voice of a duplex session that names none (Kyutai's client sends no parameters);
+    # None: the first PersonaPlex model loaded, as its own base voice.
+    duplex_default_voice: str | None = None
     duplex_max_inbox_frames: int = 25  # 2 s of input queued before the oldest is dropped
     duplex_max_outbox_frames: int = 250  # 20 s of output a slow reader may fall behind
     # Error and pong replies a duplex client may leave unread (beyond the audio above). With

@@ -203,3 +203,16 @@ def split_text(
     for start, end in sentences:
         pieces.extend(_split_long(normalised, start, end, max_chars))
     return [normalised[start:end] for start, end in pieces]
+
+
+def whole_sentences_end(text: str) -> int:
+    """How much of the front of streamed-in `text` (whitespace runs collapsed) is whole
+    sentences: up to the last sentence end that the next word has confirmed (a dot at the very
+    end may yet be "3.14" or "Dr. Smith", a "?" yet be followed by "she asked"); 0 if none."""
+    end = 0
+    for match in _SENTENCE_END_RE.finditer(text):
+        stop = match.end()
+        confirmed = stop + 1 < len(text) and text[stop].isspace() and not text[stop + 1].isspace()
+        if confirmed and _is_sentence_end(text, stop, match.group()):
+            end = stop
+    return end

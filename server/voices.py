@@ -93,6 +93,8 @@ class VoiceService:
         model = self.builtin().get(key)
         if model is None:
             raise NotFound(f"unknown speaker {name!r}")
+        speech = self.engine.models.get(model)
+        instruct = speech.instruct_use() if speech is not None else None
         return Voice(
             name=key,
             base_model=model,
@@ -101,7 +103,7 @@ class VoiceService:
             slot=None,
             ref_clip=None,
             default_language=None,
-            meta={},
+            meta={"instruct": instruct} if instruct else {},  # "style" | "design": instruct.py
         )
 
     def list(self) -> list[Voice]:
@@ -140,9 +142,11 @@ class VoiceService:
                 adapter=adapter,
                 language_rows=rows,
             )
+        ref_text = voice.meta.get("ref_text")
         return Voicing(
             model=voice.base_model,
             ref_clip=self._path(voice.ref_clip),
+            ref_text=ref_text if isinstance(ref_text, str) and ref_text else None,
             adapter=adapter,
             language_rows=rows,
         )
@@ -410,8 +414,18 @@ class VoiceService:
 
     # --- clone voices from an uploaded clip ---------------------------------------------------
     async def add_clone(
-        self, name: str, model_name: str, clip: bytes, language: str | None = None
+        self,
+        name: str,
+        model_name: str,
+        clip: bytes,
+        language: str | None = None,
+        ref_text: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Voice:
+        """A voice from one clip, no training: the model's x-vector path, or with the clip's
+        transcript `ref_text` its in-context (ICL) path; `meta.clone` says which. `meta`: more
+        for the voice's meta (e.g. a designed voice's description)."""
+        extra_meta = dict(meta or {})
         from finetune.audio import decode_audio_bytes, write_wav
 
         name = validate_name(name)
@@ -426,7 +440,12 @@ class VoiceService:
             try:
                 write_wav(folder / "ref.wav", wav)
                 model = self.engine.models[model_name]
-                await self.engine.run(lambda: model.prepare_clone(folder / "ref.wav"))
+                mode = await self.engine.run(
+                    lambda: model.prepare_clone(folder / "ref.wav", ref_text)
+                )
+                meta = {**extra_meta, "clone": mode}
+                if ref_text is not None:
+                    meta["ref_text"] = ref_text
                 voice = Voice(
                     name=name,
                     base_model=model_name,
@@ -435,7 +454,7 @@ class VoiceService:
                     slot=None,
                     ref_clip=str((folder / "ref.wav").relative_to(self.registry.data_dir)),
                     default_language=language,
-                    meta={},
+                    meta=meta,
                 )
                 return await anyio.to_thread.run_sync(self.registry.add, voice)
             except BaseException:

@@ -25,6 +25,15 @@ def tiny_qwen3_custom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_design(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VoiceDesign checkpoint, in the mlx-community layout (CustomVoice above: official)."""
+    from finetune.families.qwen3_tts.tiny import make_tiny_qwen3_tts
+
+    out = tmp_path_factory.mktemp("models") / "qwen3_design"
+    return make_tiny_qwen3_tts(out, variant="voice_design", seed=2, layout="mlx-community")
+
+
+@pytest.fixture(scope="session")
 def loaded_qwen3_base(tiny_qwen3_base: Path):
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
 

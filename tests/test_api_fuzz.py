@@ -184,8 +184,12 @@ def test_the_document_describes_the_request_bodies_with_their_bounds(served):
     assert (seed["minimum"], seed["maximum"]) == (0, 2**32 - 1)
     openai = body("/v1/audio/speech", "application/json")
     assert openai["properties"]["speed"]["minimum"] == 0.25
+    assert "aac" in openai["properties"]["response_format"]["enum"]
+    assert openai["properties"]["stream_format"]["anyOf"][0]["enum"] == ["audio", "sse"]
     job = body("/voices", "multipart/form-data")
-    assert "clips" in job["required"]
+    assert job["required"] == ["name"]  # clips: the fine-tune strategies; design takes none
+    assert "design" in job["properties"]["strategy"]["enum"]
+    assert job["properties"]["description"]["maxLength"] == 2000
     assert job["properties"]["clips"]["items"]["format"] == "binary"
     assert job["properties"]["lora_rank"]["maximum"] == 64
     package = body("/voices/import", "multipart/form-data")

@@ -77,6 +77,19 @@ def _need(fmt: str) -> None:
         pytest.skip(f"this libsndfile cannot write {fmt}")
 
 
+def _read(data: bytes) -> tuple[np.ndarray, int]:
+    """A whole body decoded: libsndfile's formats, or AAC (ADTS) through FFmpeg's decoder."""
+    if data[:2] != b"\xff\xf1":
+        decoded, rate = sf.read(io.BytesIO(data), dtype="float32")
+        return decoded, rate
+    import av
+
+    with av.open(io.BytesIO(data), format="aac") as container:
+        stream = container.streams.audio[0]
+        frames = [f.to_ndarray()[0] for f in container.decode(stream)]
+        return np.concatenate(frames), stream.codec_context.sample_rate
+
+
 def _parse_wav(data: bytes) -> tuple[dict[str, int], bytes]:
     """A strict RIFF walk: header fields, and the data chunk (to EOF when its size is unknown)."""
     riff, riff_size, wave_id = struct.unpack_from("<4sI4s", data, 0)
@@ -151,13 +164,14 @@ def _stream(fmt: str, audio: np.ndarray, chunk: int) -> tuple[bytes, list[bytes]
 
 
 def test_format_table() -> None:
-    assert FORMATS == ("wav", "flac", "pcm", "mp3", "opus")
+    assert FORMATS == ("wav", "flac", "pcm", "mp3", "opus", "aac")
     assert CONTENT_TYPES == {
         "wav": "audio/wav",
         "flac": "audio/flac",
         "pcm": "audio/pcm",
         "mp3": "audio/mpeg",
         "opus": "audio/ogg",
+        "aac": "audio/aac",
     }
     assert {"wav", "pcm"} <= STREAMABLE <= set(FORMATS)
     assert response_headers("pcm") == {"Content-Type": "audio/pcm", "X-Sample-Rate": "24000"}
@@ -167,7 +181,7 @@ def test_format_table() -> None:
     assert set(af.available_formats()) >= {"wav", "pcm"}
 
 
-@pytest.mark.parametrize("bad", ["aac", "ogg", "", "wave"])
+@pytest.mark.parametrize("bad", ["m4a", "ogg", "", "wave"])
 def test_unsupported_format_lists_the_allowed_ones(bad: str) -> None:
     with pytest.raises(UnsupportedFormat) as info:
         encode(_sine(440, 0.1), bad)
@@ -186,6 +200,11 @@ def test_missing_codec_is_reported_clearly(monkeypatch: pytest.MonkeyPatch) -> N
             encode(_sine(440, 0.1), "opus")
         with pytest.raises(CodecUnavailable, match="cannot write mp3"):
             stream_encoder("mp3")
+        assert af.available_formats() == ("wav", "pcm", "aac")
+        monkeypatch.setattr(af.aac, "available", lambda: False)
+        codec_available.cache_clear()
+        with pytest.raises(CodecUnavailable, match=r"cannot write aac: it needs PyAV"):
+            encode(_sine(440, 0.1), "aac")
         assert af.available_formats() == ("wav", "pcm")
     finally:
         codec_available.cache_clear()
@@ -226,11 +245,11 @@ def test_wav_is_exact_pcm16_with_true_sizes() -> None:
     assert data == wav_header(SR, 2 * audio.size) + to_pcm16(audio)
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "aac"])
 def test_every_container_decodes_back(fmt: str) -> None:
     _need(fmt)
     audio = _voice_like(1.0)
-    decoded, rate = sf.read(io.BytesIO(encode(audio, fmt)), dtype="float32")
+    decoded, rate = _read(encode(audio, fmt))
     assert rate == SR
     assert decoded.ndim == 1
     if fmt in ("wav", "flac"):
@@ -271,9 +290,9 @@ def test_empty_clip_still_gives_a_valid_body(fmt: str) -> None:
     if fmt == "pcm":
         assert data == b""
         return
-    decoded, rate = sf.read(io.BytesIO(data))
+    decoded, rate = _read(data)
     assert rate == SR
-    assert decoded.size <= SR // 20
+    assert decoded.size <= SR // 20 + (3 * 1024 if fmt == "aac" else 0)  # AAC: priming, padding
     assert not np.any(np.abs(decoded) > 0.01)
 
 
@@ -378,9 +397,24 @@ def test_stream_without_audio_is_still_valid(fmt: str) -> None:
     if fmt == "pcm":
         assert data == b""
         return
-    decoded, rate = sf.read(io.BytesIO(data))
+    decoded, rate = _read(data)
     assert rate == SR
-    assert decoded.size <= SR // 20
+    assert decoded.size <= SR // 20 + (3 * 1024 if fmt == "aac" else 0)
+
+
+def test_streamed_aac_is_the_whole_clip_in_adts_frames() -> None:
+    audio = _voice_like(1.0)
+    data, chunks = _stream("aac", audio, 1000)  # chunks that do not fit AAC's 1024-sample frames
+    assert data == encode(audio, "aac")
+    assert sum(1 for c in chunks if c) >= 10, "frames did not go out as they were complete"
+    at, frames = 0, 0
+    while at < len(data):
+        assert data[at : at + 2] == b"\xff\xf1"  # sync word, MPEG-4, no CRC
+        at += (int.from_bytes(data[at + 3 : at + 6], "big") >> 5) & 0x1FFF
+        frames += 1
+    assert at == len(data) and frames >= audio.size // 1024
+    with pytest.raises(ValueError, match="aac cannot be written at 23000"):
+        stream_encoder("aac", sample_rate=23000)
 
 
 def test_abandoned_stream_can_be_closed() -> None:

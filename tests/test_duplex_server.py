@@ -203,6 +203,15 @@ def test_unknown_speaker_and_bad_parameters_are_refused(server):
     assert talk.close_code == 4422 and "encoding" in talk.errors[0]
 
 
+def test_api_chat_with_no_voice_and_no_default_speaks_as_the_first_model(server):
+    writer = sphn.OpusStreamWriter(24_000)
+    audio = user_audio(0.8, seed=4)
+    pages = [writer.append_pcm(audio[i : i + FRAME]) for i in range(0, len(audio), FRAME)]
+    url = server.replace("http://", "ws://") + "/api/chat"
+    talk = asyncio.run(converse(url, before=[b"\x01" + p for p in pages if p], min_audio_frames=3))
+    assert talk.metadata["speaker"] == MODEL and talk.metadata["encoding"] == "opus"
+
+
 def test_opus_sessions_stream_decodable_ogg_opus(server):
     writer = sphn.OpusStreamWriter(24_000)
     audio = user_audio(1.6, seed=4)

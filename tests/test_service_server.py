@@ -118,7 +118,7 @@ def test_openai_python_client_speaks(server, tmp_path):
     from openai import UnprocessableEntityError
 
     with pytest.raises(UnprocessableEntityError):
-        client.audio.speech.create(model=MODEL, voice="alpha", input="x", response_format="aac")
+        client.audio.speech.create(model=MODEL, voice="alpha", input="x", response_format="m4a")
 
 
 def test_two_adapters_in_one_batch_get_their_solo_audio(server):
@@ -233,6 +233,7 @@ def test_a_client_that_disconnects_frees_the_engine(server):
 def test_demo_mode_serves_every_family_offline(tmp_path):
     """The README's first command: `serve --demo` builds everything it needs, then serves:
     Qwen3-TTS voices (baked, adapter, clone), CSM speakers and a PersonaPlex duplex voice."""
+    from server.duplex.demo import PROMPT_VOICES
     from tests.duplex_helpers import converse, user_audio, ws_url
 
     settings = {"data_dir": str(tmp_path / "data"), "demo": True, "max_tokens_per_sentence": 4}
@@ -246,6 +247,8 @@ def test_demo_mode_serves_every_family_offline(tmp_path):
             "csm-tiny-1": "builtin",
             "demo-duplex": "duplex",
             "personaplex-tiny": "duplex",
+            # PersonaPlex's voice prompt names, for its web client's default URL
+            **{name.lower(): "duplex" for name in PROMPT_VOICES},
         }
         for name, kind in voices.items():
             if kind == "duplex":
@@ -256,6 +259,9 @@ def test_demo_mode_serves_every_family_offline(tmp_path):
             converse(ws_url(url, speaker="demo-duplex"), audio=user_audio(0.8), min_audio_frames=8)
         )
         assert talk.kinds[:2] == [0x00, 0x04] and len(talk.audio) >= 8
+        web = url.replace("http://", "ws://") + "/api/chat?encoding=pcm16&voice_prompt=NATF0.pt"
+        talk = asyncio.run(converse(web, audio=user_audio(0.8), min_audio_frames=8))
+        assert talk.metadata["speaker"] == "natf0" and len(talk.audio) >= 8
 
 
 def test_graceful_shutdown_ends_in_flight_work_cleanly(

@@ -64,6 +64,8 @@ class LiveSession:
     loop: asyncio.AbstractEventLoop
     max_inbox: int
     max_outbox: int
+    text_seed: int | None = None  # None: `seed`'s
+    audio_seed: int | None = None
     # Error and pong replies (event loop side) the client may leave unread beyond max_outbox:
     # `out` holds at most max_outbox + max_replies items.
     max_replies: int = 64
@@ -239,7 +241,13 @@ class DuplexEngine:
 
     # --- sessions ---------------------------------------------------------------------------
     async def open(
-        self, voicing: DuplexVoicing, *, seed: int | None, sampling: SamplingParams | None = None
+        self,
+        voicing: DuplexVoicing,
+        *,
+        seed: int | None,
+        sampling: SamplingParams | None = None,
+        text_seed: int | None = None,
+        audio_seed: int | None = None,
     ) -> LiveSession:
         """Condition a new session (voice prompt, spacers, text prompt) and make it live."""
         if voicing.model not in self.models:
@@ -256,6 +264,8 @@ class DuplexEngine:
             id=uuid.uuid4().hex[:16],
             voicing=voicing,
             seed=seed,
+            text_seed=text_seed,
+            audio_seed=audio_seed,
             sampling=sampling or SamplingParams(),
             loop=asyncio.get_running_loop(),
             max_inbox=self.max_inbox_frames,
@@ -309,6 +319,11 @@ class DuplexEngine:
             audio_temperature=session.sampling.audio_temperature,
             text_top_k=session.sampling.text_top_k,
             audio_top_k=session.sampling.audio_top_k,
+            repetition_penalty=session.sampling.repetition_penalty,
+            repetition_context=session.sampling.repetition_context,
+            pad_bias=session.sampling.pad_bias,
+            text_seed=session.text_seed,
+            audio_seed=session.audio_seed,
         )
         model.runtime.condition(session.state)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import Any, Literal
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
 
 from finetune.families.personaplex.sampling import SamplingParams
 
@@ -59,20 +60,33 @@ class MalformedMessage(ValueError):
     """A client message the protocol does not allow; answered with an 0x05 error."""
 
 
-class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The query string of `GET /duplex`."""
+# -1: a random seed, as the web clients mean it
+Seed = Annotated[int, msgspec.Meta(ge=-1, le=2**63 - 1)]
 
-    speaker: str
-    text_prompt: str | None = None
-    seed: int | None = None
-    encoding: Literal["pcm16", "opus"] = "pcm16"
+
+class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The query string of `GET /duplex` and `GET /api/chat`, named as the Moshi and
+    PersonaPlex clients name it. Every field is optional: Kyutai's Python client sends none."""
+
+    speaker: str | None = None
+    # PersonaPlex's voice file name (`NATF0.pt`): the voice named by its stem, case-insensitive.
+    voice_prompt: str | None = None
+    text_prompt: str | None = None  # PersonaPlex's system prompt; "" for none
+    seed: Seed | None = None
+    text_seed: Seed | None = None  # the text stream's sampling; None: `seed`'s
+    audio_seed: Seed | None = None
+    # None: the route's default (pcm16 on /duplex, opus on /api/chat).
+    encoding: Literal["pcm16", "opus"] | None = None
     api_key: str | None = None  # browsers cannot set headers on a WebSocket
-    # Sampling, named as the Moshi web clients name it; None: the model's defaults.
-    # Temperature 0 is greedy (argmax); top-k 0 keeps every token.
+    # Sampling; None: the model's defaults. Temperature 0 is greedy (argmax); top-k 0 keeps
+    # every token.
     text_temperature: float | None = None
     text_topk: int | None = None
     audio_temperature: float | None = None
     audio_topk: int | None = None
+    repetition_penalty: float | None = None  # on the text tokens; 1: none
+    repetition_penalty_context: int | None = None  # how many past text steps it looks at
+    pad_mult: float | None = None  # added to the padding token's logit: > 0 pauses more
 
     def sampling(self) -> SamplingParams:
         """The session's sampling; ValueError naming every value out of bounds."""
@@ -82,14 +96,44 @@ class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             audio_temperature=_pick(self.audio_temperature, default.audio_temperature),
             text_top_k=_pick(self.text_topk, default.text_top_k),
             audio_top_k=_pick(self.audio_topk, default.audio_top_k),
+            repetition_penalty=_pick(self.repetition_penalty, default.repetition_penalty),
+            repetition_context=_pick(self.repetition_penalty_context, default.repetition_context),
+            pad_bias=_pick(self.pad_mult, default.pad_bias),
         )
         problems = params.problems()
         if problems:
-            names = {"text_top_k": "text_topk", "audio_top_k": "audio_topk"}
+            names = {
+                "text_top_k": "text_topk",
+                "audio_top_k": "audio_topk",
+                "repetition_context": "repetition_penalty_context",
+                "pad_bias": "pad_mult",
+            }
             for old, new in names.items():
                 problems = [p.replace(old, new) for p in problems]
             raise ValueError("; ".join(problems))
         return params
+
+    def seeds(self) -> tuple[int | None, int | None, int | None]:
+        """(seed, text_seed, audio_seed), -1 as None: a random seed."""
+        return _seed(self.seed), _seed(self.text_seed), _seed(self.audio_seed)
+
+    def voice_name(self) -> str | None:
+        """The voice asked for: `speaker`, else `voice_prompt` without its file extension;
+        ValueError when both name different voices."""
+        prompt = None
+        if self.voice_prompt is not None and self.voice_prompt.strip():
+            prompt = PurePosixPath(self.voice_prompt.strip()).stem.lower()
+        speaker = self.speaker.strip() if self.speaker is not None else None
+        if speaker and prompt and speaker.lower() != prompt:
+            raise ValueError(
+                f"speaker {self.speaker!r} and voice_prompt {self.voice_prompt!r} name "
+                "different voices; give one"
+            )
+        return speaker or prompt
+
+
+def _seed(value: int | None) -> int | None:
+    return None if value is None or value == -1 else value
 
 
 def _pick(value: Any, default: Any) -> Any:

@@ -1,4 +1,6 @@
-"""`GET /duplex`: a WebSocket per conversation, in the Moshi / PersonaPlex binary framing.
+"""`GET /duplex` and `GET /api/chat`: a WebSocket per conversation, in the Moshi / PersonaPlex
+binary framing. `/api/chat` is the path Kyutai's and NVIDIA's clients connect to: the same
+session, with Ogg/Opus audio both ways unless `encoding` says otherwise (`/duplex`: PCM16).
 
 connect -> auth -> resolve the speaker -> the engine conditions the session -> 0x00 handshake
 -> 0x04 metadata -> audio in, audio + text out, until either side closes. Two tasks run per
@@ -31,6 +33,13 @@ from server.limits import LimitExceeded
 
 log = logging.getLogger("voicefoundry.duplex")
 
+CLIENT_PATH = "/api/chat"  # Moshi / PersonaPlex clients: Opus by default
+OGG_MAGIC = b"OggS"
+OGG_IN_PCM_HINT = (
+    "this session reads raw PCM16 (encoding=pcm16) but got Ogg pages: connect with "
+    "encoding=opus to send Ogg/Opus audio"
+)
+
 
 class _Rejected(Exception):
     def __init__(self, code: int, reason: str) -> None:
@@ -44,9 +53,22 @@ def _params(socket: WebSocket) -> proto.DuplexParams:
     try:
         params = msgspec.convert(query, proto.DuplexParams, strict=False)
         params.sampling()
+        params.voice_name()
     except (msgspec.ValidationError, ValueError) as exc:
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, f"invalid query parameters: {exc}") from exc
+    if params.encoding is None:
+        params.encoding = "opus" if socket.scope["path"].rstrip("/") == CLIENT_PATH else "pcm16"
     return params
+
+
+def _voice(socket: WebSocket, engine: DuplexEngine, params: proto.DuplexParams) -> str:
+    """The voice the session speaks with: the one asked for, else the configured
+    `duplex_default_voice`, else the first PersonaPlex model loaded."""
+    asked = params.voice_name()
+    if asked:
+        return asked
+    default = getattr(socket.app.state.settings, "duplex_default_voice", None)
+    return default or next(iter(engine.models))
 
 
 def _authenticate(socket: WebSocket, params: proto.DuplexParams) -> Metered:
@@ -73,16 +95,23 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
         raise _Rejected(proto.CloseCode.NOT_FOUND, "no duplex (PersonaPlex) model is loaded")
     try:
         voicing = await anyio.to_thread.run_sync(
-            duplex_voicing, state.registry, engine, params.speaker
+            duplex_voicing, state.registry, engine, _voice(socket, engine, params)
         )
     except NotFound as exc:
         raise _Rejected(proto.CloseCode.NOT_FOUND, exc.detail) from exc
     except ServiceError as exc:
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, exc.detail) from exc
     if params.text_prompt is not None:
-        voicing.text_prompt = params.text_prompt
+        voicing.text_prompt = params.text_prompt or None  # "": no system prompt
+    seed, text_seed, audio_seed = params.seeds()
     try:
-        return await engine.open(voicing, seed=params.seed, sampling=params.sampling())
+        return await engine.open(
+            voicing,
+            seed=seed,
+            text_seed=text_seed,
+            audio_seed=audio_seed,
+            sampling=params.sampling(),
+        )
     except SessionLimit as exc:
         raise _Rejected(proto.CloseCode.TRY_AGAIN, f"{exc}; try again shortly") from exc
     except Exception as exc:  # a corrupt adapter or voice prompt: the client learns why
@@ -90,15 +119,15 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, reason) from exc
 
 
-def _internal(exc: Exception) -> _Rejected:
-    """An unexpected failure while opening a session: logged with its traceback under an id the
-    client gets, never a bare close without a reason."""
+def _internal(exc: Exception, when: str = "to open") -> _Rejected:
+    """An unexpected failure: logged with its traceback under an id the client gets, never a
+    bare close without a reason."""
     error_id = uuid.uuid4().hex[:12]
-    log.error("duplex session failed to open (error %s)", error_id, exc_info=exc)
+    log.error("duplex session failed %s (error %s)", when, error_id, exc_info=exc)
     return _Rejected(proto.CloseCode.INTERNAL, f"internal error {error_id}")
 
 
-@websocket("/duplex")
+@websocket(["/duplex", CLIENT_PATH])
 async def duplex_socket(socket: WebSocket) -> None:
     await socket.accept()
     metrics = socket.app.state.metrics
@@ -123,6 +152,12 @@ async def duplex_socket(socket: WebSocket) -> None:
     started = time.monotonic()
     try:
         await _converse(socket, engine, session, params)
+    except Exception as exc:  # never the framework's bare 4500: a reason, a log line, a count
+        failed = _internal(exc, "mid-session")
+        metrics.duplex_closed(failed.code)
+        with contextlib.suppress(Exception):
+            await socket.send_bytes(proto.error_message(failed.reason))
+            await socket.close(code=failed.code, reason=failed.reason)
     finally:
         metered.add("duplex_seconds", time.monotonic() - started)
         metered.end()
@@ -133,31 +168,35 @@ async def duplex_socket(socket: WebSocket) -> None:
 async def _converse(
     socket: WebSocket, engine: DuplexEngine, session: LiveSession, params: proto.DuplexParams
 ) -> None:
-    decoder, encoder = make_codec(params.encoding)
+    encoding = params.encoding or "pcm16"
+    decoder, encoder = make_codec(encoding)
     await socket.send_bytes(proto.HANDSHAKE)
     info = proto.SessionInfo(
         session_id=session.id,
         model=session.voicing.model,
         speaker=session.voicing.speaker,
-        encoding=params.encoding,
+        encoding=encoding,
     )
     await socket.send_bytes(proto.metadata_message(info))
     unread: str | None = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(_send_loop, socket, session, encoder, tasks.cancel_scope)
-        unread = await _receive_loop(socket, engine, session, decoder)
+        unread = await _receive_loop(socket, engine, session, decoder, encoding)
         tasks.cancel_scope.cancel()
     if unread is not None:
         await _close_unread(socket, session, unread)
 
 
 async def _receive_loop(
-    socket: WebSocket, engine: DuplexEngine, session: LiveSession, decoder: Any
+    socket: WebSocket, engine: DuplexEngine, session: LiveSession, decoder: Any, encoding: str
 ) -> str | None:
     """Read the client's messages until it leaves (None), or until it left so many replies
     unread that the session's outbound queue stayed full (the reason to close it with). While
     the queue is full, the client's next messages wait: a client sending faster than it reads
-    is slowed down to its reading pace first."""
+    is slowed down to its reading pace first. A PCM session sent Ogg pages (an Opus client
+    that did not ask for encoding=opus) drops them and says so once, instead of playing them
+    to the model as noise."""
+    hinted = False
     while True:
         try:
             event = await socket.receive()
@@ -170,7 +209,12 @@ async def _receive_loop(
         reply: bytes | None = None
         try:
             kind, payload = proto.parse(data)
-            if kind is proto.Kind.AUDIO:
+            if kind is proto.Kind.AUDIO and encoding == "pcm16" and payload[:4] == OGG_MAGIC:
+                if not hinted:
+                    hinted = True
+                    log.info("duplex session %s: Ogg pages on a PCM16 session", session.id)
+                    reply = proto.error_message(OGG_IN_PCM_HINT)
+            elif kind is proto.Kind.AUDIO:
                 frames = decoder.feed(payload)
                 if frames:
                     engine.feed(session, frames)

@@ -119,6 +119,12 @@ class SpeechModel(Protocol):
         """Speaker names the checkpoint itself serves (lower case)."""
         ...
 
+    def instruct_use(self) -> str | None:
+        """What a request's `instruct` does on this model: "style" (how its speakers speak) or
+        "design" (the voice itself, described: the request must send one); None: it takes
+        none (the server refuses an instruct before it reaches `make_row`)."""
+        ...
+
     def make_row(self, job: SpeakJob, *, slot: int) -> SpeechRow:
         """A row for `job.text` in `job.voicing`'s voice, seeded with `job.segment_seed`,
         using adapter-bank slot `slot` (0 = none). Raises for a voice the model cannot make."""
@@ -193,9 +199,11 @@ class SpeechModel(Protocol):
         """Undo `bake` (nothing if `name` was never baked)."""
         ...
 
-    def prepare_clone(self, ref_clip: Path) -> None:
-        """Prove `ref_clip` makes a voice of this model and cache what serving it needs.
-        Raises ValueError where the model cannot clone."""
+    def prepare_clone(self, ref_clip: Path, ref_text: str | None = None) -> str:
+        """Prove `ref_clip` makes a voice of this model and cache what serving it needs; with
+        its transcript `ref_text`, for the in-context path. Returns how the voice is cloned
+        (e.g. "icl", "x_vector"), for the voice's meta. Raises ValueError where the model
+        cannot clone (that way)."""
         ...
 
 

@@ -33,6 +33,7 @@ class Voicing:
     model: str
     speaker_name: str | None = None
     ref_clip: Path | None = None
+    ref_text: str | None = None  # a clone's transcript of ref_clip: the in-context (ICL) path
     adapter: Path | None = None
     speaker_id: int | None = None
     context: tuple[ContextClip, ...] = ()
@@ -51,6 +52,8 @@ class SpeakJob:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     chunk_frames: int = 6
+    # Qwen3-TTS CustomVoice / VoiceDesign: the request's instruct (checked by the server first).
+    instruct: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     next_segment: int = 0
     frames_made: int = 0

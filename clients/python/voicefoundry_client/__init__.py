@@ -49,6 +49,7 @@ from voicefoundry_client.models import (
     StateEvent,
     Voice,
 )
+from voicefoundry_client.speak_input import SpeechDone, SpeechEvent, SpeechSegment
 
 __version__ = "0.1.0"
 
@@ -83,6 +84,9 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "ServiceUnavailable",
+    "SpeechDone",
+    "SpeechEvent",
+    "SpeechSegment",
     "StateEvent",
     "TextPiece",
     "Unauthorized",

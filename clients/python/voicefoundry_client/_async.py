@@ -5,19 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import httpx
 
-from voicefoundry_client import _core
+from voicefoundry_client import _core, speak_input
 from voicefoundry_client._files import finalize_streamed_wav, temp_beside
 from voicefoundry_client.duplex import DuplexSession
 from voicefoundry_client.errors import APIConnectionError
 from voicefoundry_client.models import Health, Job, JobEvent, Voice, decode_job_event
 from voicefoundry_client.progress import JobWatcher, ProgressOption
+from voicefoundry_client.speak_input import SpeechEvent
 from voicefoundry_client.uploads import FileLike
 
 T = TypeVar("T")
@@ -130,6 +139,31 @@ class AsyncClient:
         async with self._open(call) as response:
             async for chunk in response.aiter_bytes(chunk_size):
                 yield chunk
+
+    def speak_streaming_input(
+        self,
+        deltas: AsyncIterable[str] | Iterable[str],
+        voice: str,
+        *,
+        format: str = "pcm",
+        language: str | None = None,
+        chunk_chars: int | None = None,
+        flush_after_s: float | None = None,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[SpeechEvent]:
+        """Speak text as it is written (`deltas`, e.g. an LLM's tokens) over `/speak/stream`.
+
+        Yields audio `bytes` (one continuous stream in `format`) as soon as each sentence is
+        whole, a `SpeechSegment` after each spoken piece and a final `SpeechDone` with usage.
+        `async for event in client.speak_streaming_input(deltas, voice): ...`
+        """
+        options = dict(locals())
+        return speak_input.aspeak_streaming_input(self._config, deltas, voice, format, options)
 
     async def speak_to_file(
         self,
@@ -251,6 +285,24 @@ class AsyncVoices:
                 user_clips=user_clips,
                 text_prompt=text_prompt,
             )
+        )
+
+    async def clone(
+        self,
+        name: str,
+        ref: FileLike,
+        *,
+        text: str | None = None,
+        base_model: str | None = None,
+        language: str | None = None,
+    ) -> Voice:
+        """A voice from one reference clip (2-30 s), ready at once, no training (admin).
+
+        With the clip's transcript `text` the model clones in context (ICL), else from the
+        clip's speaker embedding; `voice.meta["clone"]` says which.
+        """
+        return await self._client._call(
+            _core.clone_voice(name, ref, text=text, base_model=base_model, language=language)
         )
 
     async def import_package(

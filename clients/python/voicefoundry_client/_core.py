@@ -304,6 +304,20 @@ def create_voice(
     return Call("POST", "/voices", _job, data=fields, files=files, idempotent=False)
 
 
+def clone_voice(
+    name: str,
+    ref: uploads.FileLike,
+    *,
+    text: str | None,
+    base_model: str | None,
+    language: str | None,
+) -> Call[Voice]:
+    fields, files = uploads.clone_form(
+        name, ref, text=text, base_model=base_model, language=language
+    )
+    return Call("POST", "/voices", _voice, data=fields, files=files, idempotent=False)
+
+
 def import_voice(
     package: str | os.PathLike[str] | tuple[str, bytes],
     *,

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import httpx
 
-from voicefoundry_client import _core
+from voicefoundry_client import _core, speak_input
 from voicefoundry_client._files import finalize_streamed_wav, temp_beside
 from voicefoundry_client.errors import APIConnectionError
 from voicefoundry_client.models import Health, Job, JobEvent, Voice, decode_job_event
 from voicefoundry_client.progress import JobWatcher, ProgressOption
+from voicefoundry_client.speak_input import SpeechEvent
 from voicefoundry_client.uploads import FileLike
 
 T = TypeVar("T")
@@ -133,6 +134,31 @@ class Client:
         with self._open(call) as response:
             yield from response.iter_bytes(chunk_size)
 
+    def speak_streaming_input(
+        self,
+        deltas: Iterable[str],
+        voice: str,
+        *,
+        format: str = "pcm",
+        language: str | None = None,
+        chunk_chars: int | None = None,
+        flush_after_s: float | None = None,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Iterator[SpeechEvent]:
+        """Speak text as it is written (`deltas`, e.g. an LLM's tokens) over `/speak/stream`.
+
+        Yields audio `bytes` (one continuous stream in `format`) as soon as each sentence is
+        whole, a `SpeechSegment` after each spoken piece and a final `SpeechDone` with usage.
+        `deltas` is read from a background thread while audio comes back.
+        """
+        options = dict(locals())
+        return speak_input.speak_streaming_input(self._config, deltas, voice, format, options)
+
     def speak_to_file(
         self,
         path: str | os.PathLike[str],
@@ -236,6 +262,24 @@ class Voices:
                 user_clips=user_clips,
                 text_prompt=text_prompt,
             )
+        )
+
+    def clone(
+        self,
+        name: str,
+        ref: FileLike,
+        *,
+        text: str | None = None,
+        base_model: str | None = None,
+        language: str | None = None,
+    ) -> Voice:
+        """A voice from one reference clip (2-30 s), ready at once, no training (admin).
+
+        With the clip's transcript `text` the model clones in context (ICL), else from the
+        clip's speaker embedding; `voice.meta["clone"]` says which.
+        """
+        return self._client._call(
+            _core.clone_voice(name, ref, text=text, base_model=base_model, language=language)
         )
 
     def import_package(

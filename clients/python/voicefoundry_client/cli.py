@@ -52,7 +52,7 @@ def _leaf(sub: Any, name: str, handler: Handler, **kwargs: Any) -> argparse.Argu
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `say`, `voices list|get|create|delete|import` and `jobs list|watch|cancel`."""
+    """Add `say`, `voices list|get|create|clone|delete|import` and `jobs list|watch|cancel`."""
     say = subparsers.add_parser("say", help="speak text with a voice of a running server")
     _connection_flags(say, leaf=False)
     say.add_argument("text")
@@ -104,6 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--batch-size", type=int)
     create.add_argument("--wait", action="store_true", help="follow the job until it ends")
     create.add_argument("--timeout", type=float, help="with --wait: give up after N seconds")
+    clone = _leaf(vsub, "clone", _voices_clone, help="a voice from one clip, no training")
+    clone.add_argument("name")
+    clone.add_argument("--ref", required=True, type=Path, help="the reference clip (2-30 s)")
+    clone.add_argument("--text", help="the clip's transcript: clone in context (ICL)")
+    clone.add_argument("--base-model")
+    clone.add_argument("--language")
     delete = _leaf(vsub, "delete", _voices_delete, help="delete a voice")
     delete.add_argument("name")
     imp = _leaf(vsub, "import", _voices_import, help="register a `voicefoundry bake` package")
@@ -240,6 +246,19 @@ def _voices_get(args: argparse.Namespace) -> int:
 def _voices_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         _print_record(client.voices.delete(args.name))
+    return 0
+
+
+def _voices_clone(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        voice = client.voices.clone(
+            args.name,
+            args.ref,
+            text=args.text,
+            base_model=args.base_model,
+            language=args.language,
+        )
+    _print_record(voice)
     return 0
 
 

@@ -145,6 +145,24 @@ def voice_job_form(
     return fields, files
 
 
+def clone_form(
+    name: str,
+    ref: FileLike,
+    *,
+    text: str | None,
+    base_model: str | None,
+    language: str | None,
+) -> tuple[dict[str, str], list[MultipartFile]]:
+    """`POST /voices` with strategy=clone: one reference clip, optionally its transcript."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string")
+    fields = {"name": name, "strategy": "clone"}
+    optional = {"ref_text": text, "base_model": base_model, "language": language}
+    fields.update({k: v for k, v in optional.items() if v})
+    filename, data = read_file(ref, "ref")
+    return fields, [("ref", (filename, data, _content_type(filename)))]
+
+
 def pack_directory(folder: Path) -> bytes:
     """A voice package directory (from `voicefoundry bake`) as .tar.gz bytes."""
     buffer = io.BytesIO()

@@ -38,10 +38,17 @@ from finetune.families.personaplex.layout import (
     FRAME_SIZE,
     SAMPLE_RATE,
     STREAM_CODEBOOKS,
+    TEXT_EPAD_ID,
     TEXT_PAD_ID,
 )
 from finetune.families.personaplex.mimi_stream import MimiStreamer
-from finetune.families.personaplex.sampling import SamplingParams, draw_noise, sample_top_k
+from finetune.families.personaplex.sampling import (
+    SamplingParams,
+    bias_text_logits,
+    draw_noise,
+    sample_top_k,
+    stream_keys,
+)
 from finetune.families.personaplex.session import DuplexError, DuplexSession, StepOut
 from finetune.families.personaplex.streams import DelayedStreams, PreparedStep
 from finetune.families.personaplex.temporal import (
@@ -60,6 +67,7 @@ import numpy as np
 
 PREFILL_CHUNK = 256
 MAX_VOICE_PROMPT_SECONDS = 120.0
+UNPENALISED = frozenset({TEXT_PAD_ID, TEXT_EPAD_ID})  # the model's silence is no repetition
 
 
 class PersonaPlexRuntime:
@@ -95,13 +103,29 @@ class PersonaPlexRuntime:
         audio_temperature: float = 0.8,
         text_top_k: int = 25,
         audio_top_k: int = 250,
+        repetition_penalty: float = 1.0,
+        repetition_context: int = 64,
+        pad_bias: float = 0.0,
+        text_seed: int | None = None,
+        audio_seed: int | None = None,
     ) -> DuplexSession:
-        sampling = SamplingParams(text_temperature, audio_temperature, text_top_k, audio_top_k)
+        """`seed` seeds both the text and the audio streams' sampling; `text_seed` /
+        `audio_seed` seed one of them instead (None: `seed`; `seed` None: a random one)."""
+        sampling = SamplingParams(
+            text_temperature,
+            audio_temperature,
+            text_top_k,
+            audio_top_k,
+            repetition_penalty=repetition_penalty,
+            repetition_context=repetition_context,
+            pad_bias=pad_bias,
+        )
         problems = sampling.problems()
         if not isinstance(adapter_slot, int) or adapter_slot < 0:
             problems.append(f"adapter_slot must be an int >= 0, not {adapter_slot!r}")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-            problems.append(f"seed must be an int in [0, 2**63), not {seed!r}")
+        for name, value in (("seed", seed), ("text_seed", text_seed), ("audio_seed", audio_seed)):
+            if value is not None and (not isinstance(value, int) or not 0 <= value < 2**63):
+                problems.append(f"{name} must be an int in [0, 2**63), not {value!r}")
         prompt = None
         if voice_prompt is not None:
             prompt, prompt_problem = _voice_prompt(voice_prompt)
@@ -116,7 +140,7 @@ class PersonaPlexRuntime:
             seed=seed,
             adapter_slot=adapter_slot,
             sampling=sampling,
-            rng_key=mx.random.key(seed),
+            rng_key=stream_keys(seed, text_seed, audio_seed),
             voice_prompt=prompt,
             text_prompt_tokens=text_prompt_tokens(self.tokenizer, text_prompt),
             streams=DelayedStreams(
@@ -228,6 +252,14 @@ class PersonaPlexRuntime:
         )
         hidden = out_norm(lm, hidden, overrides)
         text_logits = lm.text_linear(hidden)[:, 0]
+        if any(s.sampling.biases_text for s in sessions):
+            text_logits = bias_text_logits(
+                text_logits,
+                [list(s.recent_text) for s in sessions],
+                [s.sampling for s in sessions],
+                pad_id=TEXT_PAD_ID,
+                exempt=UNPENALISED,
+            )
 
         noises = []
         for session in sessions:
@@ -263,8 +295,12 @@ class PersonaPlexRuntime:
         )
         state = [s.rng_key for s in sessions]
         state += [a for s in sessions for cache in s.temporal_cache for a in cache.arrays()]
-        mx.eval(text, audio, state)
+        mx.eval(text, next_text, audio, state)
         text_np, audio_np = np.array(text), np.array(audio)
+        for session, token in zip(sessions, np.array(next_text), strict=True):
+            session.recent_text.append(int(token))
+            while len(session.recent_text) > session.sampling.repetition_context:
+                session.recent_text.popleft()
         return {row: (int(text_np[row]), audio_np[row]) for row in range(len(sessions))}
 
     def _decode(

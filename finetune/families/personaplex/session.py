@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from finetune.families.personaplex.caches import WindowKVCache
@@ -34,7 +35,7 @@ class DuplexSession:
     seed: int
     adapter_slot: int
     sampling: SamplingParams
-    rng_key: mx.array
+    rng_key: mx.array  # one key, or [2, ...]: the text stream's and the audio streams'
     voice_prompt: np.ndarray | None
     text_prompt_tokens: list[int]
     streams: DelayedStreams
@@ -45,6 +46,8 @@ class DuplexSession:
     live_steps: int = 0
     conditioning_steps: int = 0
     last_tokens: list[int] = field(default_factory=list)
+    # The text tokens of the last live steps, for the repetition penalty.
+    recent_text: deque[int] = field(default_factory=deque)
 
     @property
     def position(self) -> int:

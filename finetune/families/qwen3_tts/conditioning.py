@@ -14,12 +14,24 @@ in Chinese or auto mode speaks with its dialect's id, as mlx-audio and the offic
 
 What a voice records (`VoiceConditioning`, in voice.json under "conditioning") is turned into a
 per-utterance `Conditioning` by `VoiceConditioning.utterance`, on both sides.
+
+An instruct (CustomVoice: how to speak; VoiceDesign: the voice itself, described) goes in
+front of everything, on the text channel only, wrapped as the reference wraps it (qwen_tts
+`_build_instruct_text`, mlx-audio `_prepare_generation_inputs`):
+`<|im_start|>user\n{instruct}<|im_end|>\n`, then the role tokens and the prefix above.
+
+An in-context (ICL) clone adds a `Reference` to that: the reference clip's transcript tokens go
+ahead of the text, and its codec frames follow codec_bos as if the model had spoken them, so the
+model continues in that voice (the official `generate_voice_clone(ref_text=...)` and mlx-audio's
+`_prepare_icl_generation_inputs` lay it out the same way; `layout.build_sequence` places it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 SPEAKER_SLOT = -2  # in a codec-id list: the codec embedding there is a speaker vector
 
@@ -27,6 +39,30 @@ SPEAKER_SLOT = -2  # in a codec-id list: the codec embedding there is a speaker 
 # and language voices; training uses the same clip), a baked codec_embedding row, or none.
 SpeakerSource = Literal["ref_clip", "baked", "none"]
 SPEAKER_SOURCES: tuple[str, ...] = ("ref_clip", "baked", "none")
+
+# What an instruct does on a checkpoint: "style" (CustomVoice: the delivery of its speakers)
+# or "design" (VoiceDesign: the voice itself, from a description).
+InstructUse = Literal["style", "design"]
+
+
+def instruct_use(tts_model_type: str, tts_model_size: str | None) -> InstructUse | None:
+    """None where the checkpoint takes no instruct: Base, and the 0.6B CustomVoice (both
+    references drop its instruct: it was not trained with any)."""
+    if tts_model_type == "voice_design":
+        return "design"
+    if tts_model_type == "custom_voice" and tts_model_size != "0b6":
+        return "style"
+    return None
+
+
+def instruct_text(instruct: str) -> str:
+    """The instruct as the talker reads it (the reference's user turn)."""
+    return f"<|im_start|>user\n{instruct}<|im_end|>\n"
+
+
+# How a clone voice uses its reference clip: its speaker-encoder x-vector only, or in context
+# (the x-vector plus the clip's transcript and codec frames ahead of the text).
+CloneMode = Literal["x_vector", "icl"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +112,20 @@ class Conditioning:
     speaker_name: str | None = None  # a named (builtin or baked) speaker: its dialect applies
     # Language rows the voice brought (name -> codec row), ahead of the checkpoint's own ids.
     language_rows: tuple[tuple[str, int], ...] = ()
+    instruct: str | None = None  # None or "": no instruct (the reference treats "" as none)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An ICL clone's reference: its transcript's text tokens (without the chat template) and
+    the clip's codec frames [T, 16], placed between the codec prefix and the generated frames."""
+
+    text_ids: tuple[int, ...]
+    codes: np.ndarray = field(repr=False)
+
+    @property
+    def frames(self) -> int:
+        return int(self.codes.shape[0])
 
 
 def normalise_language(language: str | None) -> str | None:
@@ -118,7 +168,9 @@ class VoiceConditioning:
     # as installed in the model that serves it.
     language_rows: tuple[tuple[str, int], ...] = ()
 
-    def utterance(self, requested_language: str | None, speaker_name: str | None) -> Conditioning:
+    def utterance(
+        self, requested_language: str | None, speaker_name: str | None, instruct: str | None = None
+    ) -> Conditioning:
         """An utterance in this voice: the requested language, else the trained one."""
         language = requested_language if requested_language is not None else self.language
         return Conditioning(
@@ -126,6 +178,7 @@ class VoiceConditioning:
             speaker=self.speaker != "none",
             speaker_name=speaker_name if self.speaker == "baked" else None,
             language_rows=self.language_rows,
+            instruct=instruct or None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ codec-channel embedding, exactly as mlx-audio lays out a prompt at inference
 (`Model._prepare_generation_inputs`, non-streaming text):
 
     pos      text channel                 codec channel
+    (I)      the instruct's tokens        (none)    only with an instruct (conditioning.py)
     0..2     <|im_start|> assistant \\n    (none)
     3..      tts_pad x (len(C)-2), tts_bos C[:-1]  (think part, [speaker], pad)
     ..       text tokens, tts_eos         codec_pad
@@ -14,17 +15,24 @@ codec-channel embedding, exactly as mlx-audio lays out a prompt at inference
 with C the codec prefix of the utterance's `Conditioning` (conditioning.py, shared with
 serving). The logits at position P-1+j predict codebook 0
 of frame j, and the last frame's position predicts codec_eos: labels are shifted exactly once.
+
+An ICL clone's `Reference` puts its transcript tokens ahead of the text tokens and its codec
+frames ahead of the frames (mlx-audio's `_prepare_icl_generation_inputs`); those frames are
+context, never labels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from finetune.families.qwen3_tts.conditioning import (
     SPEAKER_SLOT,
     Conditioning,
+    Reference,
     SpecialIds,
     codec_prefix,
+    instruct_text,
 )
 
 import numpy as np
@@ -41,6 +49,7 @@ class Sequence:
     codec_ids: np.ndarray  # [L] codec ids, NO_CODEC, SPEAKER_SLOT, or NO_CODEC on frames
     frame_codes: np.ndarray  # [T, 16] codes of the frames that follow the prefix
     prefix_len: int  # P
+    reference_frames: int = 0  # the first frames are an ICL reference's (context, no labels)
 
     @property
     def length(self) -> int:
@@ -56,18 +65,45 @@ def chat_text(text: str) -> str:
     return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def reference_chat_text(text: str) -> str:
+    """An ICL reference transcript's template; its tokens are `reference_text_ids` of it."""
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n"
+
+
+def reference_text_ids(chat_ids: list[int]) -> tuple[int, ...]:
+    """The transcript tokens of `reference_chat_text`, sliced as mlx-audio slices them."""
+    return tuple(chat_ids[3:-2])
+
+
+def instruct_ids(tokenizer: Any, cond: Conditioning) -> list[int]:
+    """The tokens of the utterance's instruct (none without one), tokenized apart from the
+    chat prompt as the reference tokenizes it."""
+    return list(tokenizer.encode(instruct_text(cond.instruct))) if cond.instruct else []
+
+
 def build_sequence(
     ids: SpecialIds,
     chat_ids: list[int],
     codes: np.ndarray,
     cond: Conditioning,
+    reference: Reference | None = None,
+    *,
+    instruct: list[int] | None = None,
 ) -> Sequence:
+    """`instruct`: the tokens of `cond.instruct` (`instruct_ids`), required with one."""
+    if bool(cond.instruct) != bool(instruct):
+        raise ValueError("the conditioning's instruct and its tokens disagree")
+    head = list(instruct or [])
     role, text = split_chat_ids(chat_ids)
     prefix = codec_prefix(ids, cond)
+    if reference is not None:
+        text = list(reference.text_ids) + text
+        codes = np.concatenate([np.asarray(reference.codes, np.int32).reshape(-1, 16), codes])
 
     n_frames = int(codes.shape[0])
     text_ids = (
-        role
+        head
+        + role
         + [ids.tts_pad] * (len(prefix) - 2)
         + [ids.tts_bos]
         + text
@@ -76,7 +112,7 @@ def build_sequence(
         + [ids.tts_pad] * n_frames
     )
     codec_ids = (
-        [NO_CODEC] * len(role)
+        [NO_CODEC] * (len(head) + len(role))
         + prefix[:-1]
         + [ids.codec_pad] * (len(text) + 1)
         + [ids.codec_bos]
@@ -88,6 +124,7 @@ def build_sequence(
         codec_ids=np.asarray(codec_ids, np.int32),
         frame_codes=np.asarray(codes, np.int32),
         prefix_len=prefix_len,
+        reference_frames=0 if reference is None else reference.frames,
     )
 
 
@@ -121,15 +158,15 @@ def pack(sequences: list[Sequence], ids: SpecialIds) -> PackedBatch:
     sub_positions: list[int] = []
     sub_codes: list[np.ndarray] = []
     for b, seq in enumerate(sequences):
-        p, t = seq.prefix_len, seq.frame_codes.shape[0]
+        p, t, r = seq.prefix_len, seq.frame_codes.shape[0], seq.reference_frames
         text_ids[b, : seq.length] = seq.text_ids
         codec_ids[b, : seq.length] = seq.codec_ids
         frame_codes[b, p : p + t] = seq.frame_codes
         frame_mask[b, p : p + t] = True
-        labels[b, p - 1 : p - 1 + t] = seq.frame_codes[:, 0]
+        labels[b, p - 1 + r : p - 1 + t] = seq.frame_codes[r:, 0]
         labels[b, p - 1 + t] = ids.codec_eos
-        sub_positions.extend(b * length + p - 1 + j for j in range(t))
-        sub_codes.append(seq.frame_codes)
+        sub_positions.extend(b * length + p - 1 + j for j in range(r, t))
+        sub_codes.append(seq.frame_codes[r:])
     speaker_mask = codec_ids == SPEAKER_SLOT
     return PackedBatch(
         text_ids=text_ids,

@@ -15,9 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.families.qwen3_tts.conditioning import Conditioning, SpecialIds
+from finetune.families.qwen3_tts.conditioning import Conditioning, Reference, SpecialIds
 from finetune.families.qwen3_tts.forward import input_embeddings
-from finetune.families.qwen3_tts.layout import build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.layout import (
+    build_sequence,
+    chat_text,
+    instruct_ids,
+    pack,
+    reference_chat_text,
+    reference_text_ids,
+)
 from finetune.sampling import Sampling
 
 import mlx.core as mx
@@ -41,6 +48,8 @@ class Row:
     cancel: threading.Event = field(default_factory=threading.Event)
     on_frames: Callable[[np.ndarray], None] | None = None
     frames: list[np.ndarray] = field(default_factory=list)
+    # An ICL reference's frames [T, 16]: in the prompt, and the decoder's left context.
+    context: np.ndarray | None = None
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     key: mx.array | None = None
@@ -67,13 +76,36 @@ class Qwen3Prompter:
         row = row[0] if isinstance(row, list | tuple) else row
         return self.model.talker.model.codec_embedding.weight[int(row)]
 
-    def prompt(self, text: str, cond: Conditioning, speaker: mx.array | None) -> mx.array:
-        """[P, H] prefix of `text` under `cond` (the layout training uses, with no frames)."""
+    def reference(self, wav: np.ndarray, text: str) -> Reference:
+        """An ICL reference from a 24 kHz clip and its transcript (the speech tokenizer's
+        encoder makes the frames). Raises ValueError where the checkpoint has no encoder."""
+        tokenizer = self.model.speech_tokenizer
+        if tokenizer is None or not getattr(tokenizer, "has_encoder", False):
+            raise ValueError("the checkpoint's speech tokenizer has no encoder to clone with")
+        if not text.strip():
+            raise ValueError("the reference transcript is empty")
+        codes = tokenizer.encode(mx.array(wav, mx.float32)[None, None, :])  # [1, 16, T]
+        frames = np.array(codes[0].T, dtype=np.int32)
+        chat = self.model.tokenizer.encode(reference_chat_text(text.strip()))
+        return Reference(text_ids=reference_text_ids(chat), codes=frames)
+
+    def prompt(
+        self,
+        text: str,
+        cond: Conditioning,
+        speaker: mx.array | None,
+        reference: Reference | None = None,
+    ) -> mx.array:
+        """[P, H] prefix of `text` under `cond` (the layout training uses, with no frames; an
+        ICL `reference`'s transcript and frames included)."""
         if cond.speaker != (speaker is not None):
             raise ValueError("the conditioning and the speaker vector disagree")
         ids = SpecialIds.from_config(self.model.config)  # language rows can change at run time
         chat = self.model.tokenizer.encode(chat_text(text))
-        seq = build_sequence(ids, chat, np.zeros((0, 16), np.int32), cond)
+        instruct = instruct_ids(self.model.tokenizer, cond)
+        seq = build_sequence(
+            ids, chat, np.zeros((0, 16), np.int32), cond, reference, instruct=instruct
+        )
         spk = None if speaker is None else speaker.reshape(1, -1)
         embeds = input_embeddings(self.model.talker, pack([seq], ids), spk)
         return embeds[0]

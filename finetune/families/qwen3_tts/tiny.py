@@ -24,7 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-VARIANTS = ("base", "custom_voice")
+# The released checkpoints: Base (clones from a reference clip: it has the speaker encoder),
+# CustomVoice (built-in speakers; the 1.7B one also takes an instruct) and VoiceDesign (no
+# speakers: the voice comes from the instruct's description; released as 1.7B only).
+VARIANTS = ("base", "custom_voice", "voice_design")
 # The distributions users download: `official` is the QwenLM release (what `qwen_tts` loads: HF
 # names, PyTorch conv layout); `mlx-community` is what mlx-audio's converter writes from it
 # (`python -m mlx_audio.convert`: the talker and speaker encoder under their MLX names and
@@ -434,6 +437,8 @@ def make_tiny_qwen3_tts(
     from mlx_audio.tts.models.qwen3_tts.qwen3_tts import Model
     from mlx_audio.tts.models.qwen3_tts.speech_tokenizer import Qwen3TTSSpeechTokenizer
 
+    if variant == "voice_design" and PRESETS[preset].size_tag == "0b6":
+        raise ValueError("VoiceDesign is released as 1.7B only: use --preset real-1.7b")
     dims = PRESETS[preset]
     out = Path(out_dir)
     config = model_config(dims, variant)

@@ -121,6 +121,9 @@ class CsmModel:
     def builtin_speakers(self) -> list[str]:
         return [builtin_name(self.name, i) for i in BUILTIN_SPEAKER_IDS]
 
+    def instruct_use(self) -> str | None:
+        return None  # CSM takes no instructions
+
     def speaker_of(self, voicing: Voicing) -> int:
         if voicing.speaker_id is not None:
             return int(voicing.speaker_id)
@@ -257,7 +260,7 @@ class CsmModel:
     def unbake(self, name: str) -> None:
         return None
 
-    def prepare_clone(self, ref_clip: Path) -> None:
+    def prepare_clone(self, ref_clip: Path, ref_text: str | None = None) -> str:
         raise ValueError(
             f"model {self.name} clones no voice from a clip: CSM voices are fine-tuned speakers"
         )

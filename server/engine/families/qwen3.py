@@ -11,7 +11,14 @@ from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, QWEN3_TALKER_TARGETS
 from finetune.families.qwen3_tts.bake import bake_into_model, check_slot, unbake_from_model
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
-from finetune.families.qwen3_tts.conditioning import SpeakerSource, VoiceConditioning
+from finetune.families.qwen3_tts.conditioning import (
+    CloneMode,
+    InstructUse,
+    Reference,
+    SpeakerSource,
+    VoiceConditioning,
+    instruct_use,
+)
 from finetune.families.qwen3_tts.languages import (
     FIRST_SPEAKER_ROW,
     WEIGHT_KEY,
@@ -65,6 +72,7 @@ class Qwen3Model:
     prompter: Qwen3Prompter
     generator: Qwen3BatchGenerator
     clone_cache: dict[str, mx.array] = field(default_factory=dict)
+    reference_cache: dict[tuple[str, str], Reference] = field(default_factory=dict)
     original_rows: dict[int, np.ndarray] = field(default_factory=dict)
     # codec rows holding installed voices' new-language vectors -> the rows' original contents
     language_rows: dict[int, np.ndarray] = field(default_factory=dict)
@@ -106,26 +114,41 @@ class Qwen3Model:
         return self.sample_rate / self.model.speech_tokenizer.decode_upsample_rate
 
     def builtin_speakers(self) -> list[str]:
+        if self.instruct_use() == "design":  # no speakers: its one voice is the description
+            return [self.name.lower()]
         return sorted((self.model.config.talker_config.spk_id or {}).keys())
+
+    def instruct_use(self) -> InstructUse | None:
+        return instruct_use(self.loaded.tts_model_type, self.loaded.config.get("tts_model_size"))
 
     # --- generation (the engine's SpeechModel surface) ------------------------------------
     def make_row(self, job: SpeakJob, *, slot: int) -> Row:
         v = job.voicing
         speaker = None
+        reference = None
         source: SpeakerSource = "none"
-        if v.speaker_name is not None:
+        use = self.instruct_use()
+        if job.instruct and use is None:
+            raise ValueError(f"model {self.name} takes no instruct")
+        if use == "design":
+            if not job.instruct:
+                raise ValueError(f"model {self.name} (VoiceDesign) needs an instruct")
+        elif v.speaker_name is not None:
             speaker, source = self.prompter.speaker_vector(v.speaker_name), "baked"
         elif v.ref_clip is not None:
             speaker, source = self.clone_vector(v.ref_clip), "ref_clip"
+            if v.ref_text is not None:
+                reference = self.icl_reference(v.ref_clip, v.ref_text)
         # job.language is the request's language, else the voice's trained one (see app.py).
         voice = VoiceConditioning(speaker=source, language_rows=v.language_rows)
-        cond = voice.utterance(job.language, v.speaker_name)
+        cond = voice.utterance(job.language, v.speaker_name, job.instruct)
         return Row(
-            prompt=self.prompter.prompt(job.text, cond, speaker),
+            prompt=self.prompter.prompt(job.text, cond, speaker, reference),
             sampling=job.sampling,
             seed=job.segment_seed,
             slot=slot,
             cancel=job.cancel,
+            context=None if reference is None else reference.codes,
         )
 
     def run(self, rows: list[Row]) -> None:
@@ -133,21 +156,31 @@ class Qwen3Model:
 
     def decode_chunk(self, row: Row, start: int, end: int) -> np.ndarray:
         """Frames [start, end) as audio, decoded with left context for continuity."""
+        frames = row.frames
+        if row.context is not None:  # an ICL reference's frames lead into the first chunk
+            frames = [*row.context[-DECODE_CONTEXT_FRAMES:], *row.frames]
+            start, end = start + len(frames) - len(row.frames), end + len(frames) - len(row.frames)
         ctx = min(start, DECODE_CONTEXT_FRAMES)
-        codes = mx.array(np.stack(row.frames[start - ctx : end]))[None].transpose(0, 2, 1)
+        codes = mx.array(np.stack(frames[start - ctx : end]))[None].transpose(0, 2, 1)
         wav = self.model.speech_tokenizer.decoder(codes)[0, 0]
         upsample = self.model.speech_tokenizer.decode_upsample_rate
         return np.array(wav[ctx * upsample :], dtype=np.float32)
 
     def decode_all(self, row: Row) -> np.ndarray:
-        """The same decode and trim as mlx-audio's non-streaming generate."""
-        codes = mx.array(np.stack(row.frames))[None]
+        """The same decode and trim as mlx-audio's non-streaming generate. An ICL row is
+        decoded after its reference's frames, whose share of the audio is cut, as mlx-audio
+        does; but where mlx-audio decodes after the whole reference, the left context here is
+        its last DECODE_CONTEXT_FRAMES, as for streamed chunks (the decoder's cost grows with
+        it, on every segment)."""
+        context = [] if row.context is None else list(row.context[-DECODE_CONTEXT_FRAMES:])
+        codes = mx.array(np.stack([*context, *row.frames]))[None]
         audio, lengths = self.model.speech_tokenizer.decode(codes)
         audio = audio[0]
         valid = int(lengths[0])
         if 0 < valid < audio.shape[0]:
             audio = audio[:valid]
-        return np.array(audio, dtype=np.float32)
+        cut = int(len(context) / (len(context) + len(row.frames)) * audio.shape[0])
+        return np.array(audio[cut:], dtype=np.float32)
 
     def debug_record(self, row: Row) -> dict[str, Any]:
         return {"prompt": np.asarray(row.prompt.astype(mx.float32)).tolist()}
@@ -155,6 +188,7 @@ class Qwen3Model:
     def forget(self, voicing: Voicing) -> None:
         if voicing.ref_clip is not None:
             self.clone_cache.pop(str(voicing.ref_clip), None)
+            self.reference_cache.pop((str(voicing.ref_clip), voicing.ref_text or ""), None)
 
     # --- voice packages (server/voices.py `_install`; see SpeechModel) -----------------------
     def package_fields(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -293,8 +327,21 @@ class Qwen3Model:
             self.clone_cache[key] = self.model.extract_speaker_embedding(mx.array(wav))[0]
         return self.clone_cache[key]
 
-    def prepare_clone(self, ref_clip: Path) -> None:
+    def icl_reference(self, ref_clip: Path, ref_text: str) -> Reference:
+        key = (str(ref_clip), ref_text)
+        if key not in self.reference_cache:
+            wav = load_audio(ref_clip, 24_000)
+            self.reference_cache[key] = self.prompter.reference(wav, ref_text)
+        return self.reference_cache[key]
+
+    def prepare_clone(self, ref_clip: Path, ref_text: str | None = None) -> CloneMode:
+        """The x-vector always (the official ICL prompt carries it too); with a transcript, the
+        in-context reference as well."""
         self.clone_vector(ref_clip)
+        if ref_text is None:
+            return "x_vector"
+        self.icl_reference(ref_clip, ref_text)
+        return "icl"
 
     def bake(self, name: str, slot: int, embedding: np.ndarray) -> None:
         width = self.model.talker.model.codec_embedding.weight.shape[1]

@@ -1,0 +1,44 @@
+"""Run Kyutai's `moshi.client` (PyPI moshi 0.2.13, unchanged) with a fake real-time sound card.
+
+`python -m tests.moshi_client_run [client args]`; env: FAKE_SD_MIC (microphone .npy),
+FAKE_SD_OUT (where the speaker's recording goes, .npy), FAKE_SD_SECONDS (how long the
+conversation lasts before the user presses Ctrl-C, as the client expects to be stopped).
+The installed `moshi/__init__.py` imports the torch model code; the client never uses it, so
+the package is set up as a bare namespace over the installed files and only `moshi.client`
+(with its `client_utils`) is executed, from the installed source.
+"""
+
+from __future__ import annotations
+
+import _thread
+import importlib.util
+import os
+import sys
+import threading
+import types
+
+import numpy as np
+
+from tests import fake_sounddevice
+
+
+def main() -> None:
+    spec = importlib.util.find_spec("moshi")
+    assert spec is not None and spec.submodule_search_locations, "moshi is not installed"
+    package = types.ModuleType("moshi")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["moshi"] = package
+    sys.modules["sounddevice"] = fake_sounddevice
+    from moshi import client
+
+    stop = threading.Timer(float(os.environ["FAKE_SD_SECONDS"]), _thread.interrupt_main)
+    stop.start()
+    sys.argv = ["moshi-client", *sys.argv[1:]]
+    client.main()
+    stop.cancel()  # the server ended the conversation first
+    recorded = fake_sounddevice.RECORDED
+    np.save(os.environ["FAKE_SD_OUT"], np.concatenate(recorded) if recorded else np.zeros(0))
+
+
+if __name__ == "__main__":
+    main()
