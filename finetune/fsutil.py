@@ -12,19 +12,44 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `target`; on success it replaces `target` whole,
-    on any error it is removed and `target` is left as it was."""
+    """The one way whole directories are written here (voice packages, adapters, checkpoints,
+    exports). Yields an empty staging folder beside `target`; on success its files are synced
+    and it replaces `target` whole (the old one is moved aside first, so a crash leaves the
+    old or the new directory, never neither); on any error it is removed and `target` is left
+    as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging.chmod(0o755)
+    retired = staging.with_suffix(".old")
     try:
         yield staging
+        for item in staging.rglob("*"):
+            if item.is_file():
+                _fsync(item)
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
+            target.rename(retired)
+        try:
+            staging.rename(target)
+        except BaseException:
+            if retired.exists():
+                retired.rename(target)
+            raise
+        with contextlib.suppress(OSError):
+            _fsync(target.parent)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(dest: Path, write: Callable[[Path], object], *, mode: int = 0o644) -> None:

@@ -7,13 +7,9 @@ tensors listed in the config's `trained_tensors`) and `adapter_config.json`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, fields
@@ -22,6 +18,7 @@ from typing import Any
 
 from finetune.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, weight_problems
 from finetune.arrays import load_arrays
+from finetune.fsutil import atomic_directory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -277,14 +274,6 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
     }
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapters(
     out_dir: Path | str, model: nn.Module, config: LoRAConfig, metadata: dict[str, Any]
 ) -> Path:
@@ -304,33 +293,10 @@ def save_adapters(
         tensors.update({name: params[name] for name in trained})
     document = json.dumps({"lora": config.to_dict(), **metadata}, indent=2, sort_keys=True)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    token = uuid.uuid4().hex[:12]
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{token}"
-    retired = out_dir.parent / f".{out_dir.name}.old-{token}"
-    try:
-        staging.mkdir()
-        mx.eval(tensors)
+    mx.eval(tensors)
+    with atomic_directory(out_dir) as staging:
         mx.save_safetensors(str(staging / ADAPTER_WEIGHTS), tensors, metadata={"format": "mlx"})
         (staging / ADAPTER_CONFIG).write_text(document + "\n")
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            _fsync(staging / name)
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        if out_dir.exists():
-            out_dir.rename(retired)
-        try:
-            staging.rename(out_dir)
-        except BaseException:
-            if retired.exists():
-                retired.rename(out_dir)
-            raise
-        with contextlib.suppress(OSError):
-            _fsync(out_dir.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
     return out_dir
 
 

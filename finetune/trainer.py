@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.arrays import flat_items, load_arrays, scalar
-from finetune.fsutil import ensure_free_space
+from finetune.fsutil import atomic_directory, ensure_free_space
 from finetune.progress import Checkpoint, Done, Eval, ProgressWriter, Resume, Start, Step, Stopped
 
 import mlx.core as mx
@@ -401,10 +401,12 @@ class Trainer:
     def save_checkpoint(self, path: Path) -> Path:
         """Adapters + optimizer + trainer state, written beside `path` and renamed into place."""
         ensure_free_space(path.parent, self.config.min_free_bytes, f"checkpoint {path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
+        with atomic_directory(path) as staging:
+            self._write_checkpoint(staging)
+        self.progress.emit(Checkpoint(step=self.step, path=str(path)))
+        return path
+
+    def _write_checkpoint(self, staging: Path) -> None:
         self.save_weights(self.module, staging)
         optimizer_state = dict(flat_items(self.optimizer.state))
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_state)
@@ -419,13 +421,6 @@ class Trainer:
             "config": asdict(self.config),
         }
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            path.rename(old)
-        staging.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-        self.progress.emit(Checkpoint(step=self.step, path=str(path)))
-        return path
 
     def resume(self, checkpoint: Path) -> None:
         """Restore the weights, optimizer and position saved by `save_checkpoint`."""

@@ -10,7 +10,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-SECRET_PARAMS = frozenset({"api_key"})
+SECRET_PARAMS = frozenset({"api_key", "worker_auth_id", "email"})
 # Loggers that write request lines: uvicorn's access log (HTTP) and its error log (WebSocket
 # "accepted" / "403" lines carry the path with its query string too).
 REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")

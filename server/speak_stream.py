@@ -58,7 +58,7 @@ log = logging.getLogger("voicefoundry.speak")
 SAMPLE_RATE = 24_000
 CLOSE_BY_STATUS = {
     **{status: 4000 + status for status in (400, 401, 403, 404, 409, 413, 422, 429)},
-    503: 1013,  # try again later
+    503: 4429,  # a full queue: a refusal like the others, the reason says to retry
 }
 _END = object()  # the piece queue's end marker
 

@@ -6,11 +6,13 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import sphn
+import websockets
 
 from server.voices import pack_directory
 from tests.duplex_helpers import (
@@ -43,7 +45,16 @@ def server(tmp_path_factory, tiny_personaplex, loaded_personaplex):
             f"{url}/voices/import", files=files, data={"name": "tuned"}, timeout=120
         )
         assert response.status_code == 201, response.text
+        DATA_DIRS[url] = data / "data"
         yield url
+
+
+DATA_DIRS: dict[str, Path] = {}
+
+
+def _server_logs(url: str) -> list[Path]:
+    port = url.rsplit(":", 1)[1]
+    return list(DATA_DIRS[url].glob(f"settings-{port}.log"))
 
 
 def _metric(url: str, name: str) -> float:
@@ -280,3 +291,45 @@ def test_api_keys_guard_duplex_sessions(tmp_path, tiny_personaplex):
     assert '"WebSocket /duplex?speaker=pp-tiny&api_key=***" [accepted]' in log
     # A refused session is logged with its code and reason (and counted in /metrics).
     assert "duplex session refused (4404)" in log and "NATF0.pt" in log
+
+
+def test_the_session_limit_is_a_4429_refusal_with_its_reason(server):
+    """At `duplex_max_sessions` live sessions the next one is refused like every other refusal:
+    a 44xx code and an 0x05 reason (it was 1013), counted in the rejection metric."""
+
+    async def at_the_limit() -> tuple[int | None, list[str]]:
+        url = ws_url(server, speaker=MODEL)
+        held = []
+        try:
+            for _ in range(6):  # the module server's duplex_max_sessions
+                ws = await websockets.connect(url)
+                held.append(ws)
+                first = await asyncio.wait_for(ws.recv(), timeout=60)
+                assert isinstance(first, bytes) and first[0] == 0x00  # live
+            talk = await rejected(url)
+            return talk.close_code, talk.errors
+        finally:
+            for ws in held:
+                await ws.close()
+
+    try:
+        before = _metric(server, 'voicefoundry_duplex_rejected_total{code="4429"}')
+    except AssertionError:  # no 4429 counted yet
+        before = 0.0
+    code, errors = asyncio.run(at_the_limit())
+    assert code == 4429
+    assert errors and "limit" in errors[0] and "try again" in errors[0]
+    assert _metric(server, 'voicefoundry_duplex_rejected_total{code="4429"}') == before + 1
+
+
+def test_the_hosted_clients_identity_fields_are_accepted_and_never_logged(server):
+    """NVIDIA's hosted PersonaPlex client adds worker_auth_id / email when set: they were 4422
+    unknown fields; now accepted, ignored, and redacted in the request log."""
+    writer = sphn.OpusStreamWriter(24_000)
+    audio = user_audio(0.8, seed=5)
+    pages = [writer.append_pcm(audio[i : i + FRAME]) for i in range(0, len(audio), FRAME)]
+    url = server.replace("http://", "ws://") + "/api/chat?worker_auth_id=w-secret&email=me%40x.io"
+    talk = asyncio.run(converse(url, before=[b"\x01" + p for p in pages if p], min_audio_frames=3))
+    assert talk.metadata["encoding"] == "opus"
+    log = "".join(p.read_text() for p in _server_logs(server))
+    assert "w-secret" not in log and "me%40x.io" not in log

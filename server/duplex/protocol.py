@@ -42,7 +42,7 @@ class Control(IntEnum):
 class CloseCode(IntEnum):
     NORMAL = 1000
     POLICY = 1008  # malformed input the session cannot go on with
-    TRY_AGAIN = 1013  # the server is at its session limit
+    TRY_AGAIN = 1013  # the server ended the session itself (shutting down): come back later
     INTERNAL = 1011
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
@@ -86,6 +86,10 @@ class DuplexParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audio_topk: int | None = None
     repetition_penalty: float | None = None  # on the text tokens; 1: none
     repetition_penalty_context: int | None = None  # how many past text steps it looks at
+    # Sent by NVIDIA's hosted PersonaPlex client when set; identity for their service, none for
+    # ours: accepted and ignored (redacted in logs), so that client connects unchanged.
+    worker_auth_id: str | None = None
+    email: str | None = None
     pad_mult: float | None = None  # added to the padding token's logit: > 0 pauses more
 
     def sampling(self) -> SamplingParams:

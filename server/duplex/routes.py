@@ -113,7 +113,9 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
             sampling=params.sampling(),
         )
     except SessionLimit as exc:
-        raise _Rejected(proto.CloseCode.TRY_AGAIN, f"{exc}; try again shortly") from exc
+        # A refusal like every other: 44xx with the reason (1013 is kept for sessions the
+        # server ends itself, e.g. at shutdown).
+        raise _Rejected(proto.CloseCode.TOO_MANY, f"{exc}; try again shortly") from exc
     except Exception as exc:  # a corrupt adapter or voice prompt: the client learns why
         reason = f"cannot start the session: {public_text(str(exc))}"
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, reason) from exc

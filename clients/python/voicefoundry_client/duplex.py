@@ -3,8 +3,9 @@
 Every binary message starts with its kind byte. Server -> client: 0x00 handshake (extra bytes
 ignored), 0x04 metadata JSON, then 0x01 audio and 0x02 text pieces; 0x05 error (the server may
 close after it); 0x06 pong. Client -> server: 0x01 audio, 0x03 control (one byte), 0x06 ping.
-Close codes map onto the SDK's exceptions: 4401 Unauthorized, 4403 Forbidden, 4404 NotFound,
-4422 Validation, 1008 BadRequest, 1013 ServiceUnavailable.
+Close codes map onto the SDK's exceptions: 4400 BadRequest, 4401 Unauthorized, 4403 Forbidden,
+4404 NotFound, 4409 Conflict, 4413 PayloadTooLarge, 4422 Validation, 4429 RateLimited (also the
+server's session limit), 1008 BadRequest, 1013 ServiceUnavailable.
 """
 
 from __future__ import annotations

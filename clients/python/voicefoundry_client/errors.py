@@ -145,10 +145,14 @@ BY_CLOSE_CODE: dict[int, tuple[type[VoicefoundryError], int]] = {
     1008: (BadRequest, 400),
     1011: (ServerError, 500),
     1013: (ServiceUnavailable, 503),
+    4400: (BadRequest, 400),
     4401: (Unauthorized, 401),
     4403: (Forbidden, 403),
     4404: (NotFound, 404),
+    4409: (Conflict, 409),
+    4413: (PayloadTooLarge, 413),
     4422: (Validation, 422),
+    4429: (RateLimited, 429),
 }
 
 
