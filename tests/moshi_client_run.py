@@ -31,13 +31,25 @@ def main() -> None:
     sys.modules["sounddevice"] = fake_sounddevice
     from moshi import client
 
-    stop = threading.Timer(float(os.environ["FAKE_SD_SECONDS"]), _thread.interrupt_main)
+    stop = threading.Timer(float(os.environ["FAKE_SD_SECONDS"]), _press_ctrl_c)
     stop.start()
     sys.argv = ["moshi-client", *sys.argv[1:]]
     client.main()
     stop.cancel()  # the server ended the conversation first
     recorded = fake_sounddevice.RECORDED
     np.save(os.environ["FAKE_SD_OUT"], np.concatenate(recorded) if recorded else np.zeros(0))
+
+
+CTRL_C_MARK = "[harness] the user presses Ctrl-C"
+
+
+def _press_ctrl_c() -> None:
+    """Mark the moment in the client's own stderr, so the test can tell a connection lost
+    during the conversation from the client's shutdown (its microphone callbacks may still
+    send on the closing socket and it then prints "Lost connection" itself)."""
+    sys.stderr.write(CTRL_C_MARK + "\n")
+    sys.stderr.flush()
+    _thread.interrupt_main()
 
 
 if __name__ == "__main__":

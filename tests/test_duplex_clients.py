@@ -28,6 +28,7 @@ import websockets
 
 from server.voices import pack_directory
 from tests.duplex_helpers import FRAME, RATE, converse, rejected, user_audio, ws_url
+from tests.moshi_client_run import CTRL_C_MARK
 from tests.service_helpers import ROOT, server_process
 
 MODEL = "pp-tiny"
@@ -126,7 +127,10 @@ def test_kyutai_moshi_client_unchanged_holds_a_conversation(server, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"ws://127.0.0.1:{port}/api/chat" in proc.stderr  # the path the client appends
-    lost = "Lost connection" in proc.stderr or "ogg" in proc.stderr.lower()
+    # A loss while the conversation runs is a failure; after the harness's Ctrl-C the client
+    # tears its socket down under its own microphone thread and may report that as a loss.
+    during = proc.stderr.split(CTRL_C_MARK)[0]
+    lost = "Lost connection" in during or "ogg" in proc.stderr.lower()
     assert not lost, f"stdout: {proc.stdout[-500:]!r}; stderr: {proc.stderr[-1500:]}"
     assert proc.stdout.strip(), "the model's text tokens are printed"
     played = np.load(out)
