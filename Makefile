@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint parity bench run serve
+.PHONY: install test lint parity browser bench run serve
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,17 @@ $(PARITY_VENV)/.installed: deploy/parity-requirements.txt deploy/install-parity.
 # Our checkpoints loaded by the reference implementations (qwen-tts, moshi) on PyTorch CPU.
 parity: install $(PARITY_VENV)/.installed
 	$(PARITY_VENV)/bin/python -m pytest -q --confcutdir=tests/parity tests/parity
+
+BROWSER_STAMP := $(VENV)/.browser-installed
+
+$(BROWSER_STAMP): $(VENV)/.installed deploy/install-browser.sh pyproject.toml
+	bash deploy/install-browser.sh
+	touch $@
+
+# The web console in a real headless Chromium against a real `serve --demo` process; screenshots
+# land in tests/browser/artifacts/.
+browser: install $(BROWSER_STAMP)
+	$(PY) -m pytest -q tests/browser
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
 
-from server import admission, audio_formats, openai_routes
+from server import admission, audio_formats, console, openai_routes
 from server.clone import CLONE_STRATEGY, create_clone_voice
 from server.connections import UPLOAD_SLOT, UploadSlot, body_limits
 from server.design import DESIGN_STRATEGY, create_design_voice
@@ -619,6 +619,7 @@ def create_app(settings: Settings) -> Litestar:
             healthz,
             readyz,
             metrics,
+            *console.routes(),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: exception_handler},
