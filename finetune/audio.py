@@ -69,7 +69,10 @@ def _decode(
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError) as exc:
         if isinstance(exc, AudioError):
             raise
-        raise AudioError(f"{name}: cannot decode audio ({exc})") from exc
+        reason = str(exc)
+        if isinstance(source, str):  # soundfile quotes the path it opened: never show it
+            reason = reason.replace(source, name)
+        raise AudioError(f"{name}: cannot decode audio ({reason})") from exc
     if limit is not None and data.shape[0] >= limit:
         raise AudioError(_too_long(name, data.shape[0] / sr, max_seconds))
     if data.shape[0] == 0:

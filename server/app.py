@@ -48,6 +48,7 @@ from server.jobs import TERMINAL, JobService
 from server.limits import Limiter
 from server.logs import redact_request_logs
 from server.metrics import Metrics
+from server.model_info import list_model_info
 from server.openapi_bodies import VoiceImportForm, VoiceJobForm, json_body, multipart_body
 from server.registry import Voice
 from server.schemas import (
@@ -62,6 +63,7 @@ from server.settings import Settings
 from server.speak_stream import speak_stream_socket
 from server.text_split import split_text
 from server.uploads import receive_multipart
+from server.voice_form import get_voice_form
 from server.voices import VoiceService
 
 SAMPLE_RATE = 24_000
@@ -603,6 +605,7 @@ def create_app(settings: Settings) -> Litestar:
             speak,
             openai_speech,
             *openai_routes.ROUTES,
+            list_model_info,
             list_voices,
             get_voice,
             delete_voice,
@@ -613,6 +616,7 @@ def create_app(settings: Settings) -> Litestar:
             cancel_job,
             job_preview,
             job_events,
+            get_voice_form,
             admission.usage_report,
             duplex_socket,
             speak_stream_socket,

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from litestar.routes import HTTPRoute
 from schemathesis import GenerationMode
 
+from server import console
 from server.app import create_app
 from server.auth import KeyStore
 from server.settings import Settings
@@ -51,6 +52,8 @@ def _app_operations() -> list[tuple[str, str]]:
     for route in app.routes:
         if not isinstance(route, HTTPRoute):
             continue  # /duplex: a WebSocket (tests/test_duplex_server.py)
+        if route.path == "/" or route.path.startswith(f"{console.PREFIX}/"):
+            continue  # the web console's page and files (tests/test_console_files.py)
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
         out |= {(method, path) for method in route.methods if method not in ("OPTIONS", "HEAD")}
     return sorted(out)

@@ -253,3 +253,15 @@ def test_a_long_file_is_refused_from_its_header_before_it_is_decoded(tmp_path):
     short = tmp_path / "short.flac"
     sf.write(str(short), np.zeros((48_000, 2), np.float32), 48_000, format="FLAC")
     assert load_audio(short, 24_000, max_seconds=30.0).shape == (24_000,)
+
+
+def test_an_undecodable_file_named_for_the_client_keeps_the_server_path_out(tmp_path: Path):
+    secret_dir = tmp_path / "jobs" / ".incoming-abc" / "upload"
+    secret_dir.mkdir(parents=True)
+    clip = secret_dir / "0000-clip.wav"
+    clip.write_text("not audio at all")
+    with pytest.raises(AudioError) as caught:
+        load_audio(clip, name="clip.wav")
+    message = str(caught.value)
+    assert message.startswith("clip.wav: cannot decode audio"), message
+    assert str(tmp_path) not in message and ".incoming" not in message, message

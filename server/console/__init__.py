@@ -12,6 +12,7 @@ from litestar import Response, get
 from litestar.response.base import ASGIResponse
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, ControllerRouterHandler
 
 STATIC_DIR = Path(__file__).parent / "static"
 PREFIX = "/console"
@@ -34,13 +35,14 @@ async def console_index() -> Response[bytes]:
     return Response((STATIC_DIR / "index.html").read_bytes(), headers=SECURITY_HEADERS)
 
 
-async def _with_security_headers(response: ASGIResponse) -> ASGIResponse:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers[name] = value
+async def _with_security_headers(response: ASGIApp) -> ASGIApp:
+    if isinstance(response, ASGIResponse):  # a file the router found (errors go their own way)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
     return response
 
 
-def routes() -> list[object]:
+def routes() -> list[ControllerRouterHandler]:
     """The console's route handlers: the page at `/`, its files under `/console/`."""
     files: Router = create_static_files_router(
         path=PREFIX,

@@ -5,6 +5,7 @@ is declared with `page_errors.expect_status(...)`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 import soundfile as sf
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
 
+from server.auth import KeyStore
 from tests.service_helpers import server_process
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -23,12 +25,23 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 HTTP_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
 
 
+@dataclass(frozen=True)
+class DemoServer:
+    url: str
+    data_dir: Path
+
+
 @pytest.fixture(scope="session")
-def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoServer]:
     """A `serve --demo` process (tiny Qwen3-TTS, CSM and PersonaPlex, demo voices), no keys."""
-    data = tmp_path_factory.mktemp("console-demo")
+    data = tmp_path_factory.mktemp("console-demo") / "data"
     with server_process({"data_dir": str(data), "demo": True}, timeout=600) as url:
-        yield url
+        yield DemoServer(url, data)
+
+
+@pytest.fixture(scope="session")
+def demo_url(demo_server: DemoServer) -> str:
+    return demo_server.url
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +72,14 @@ def browser(playwright_session: Playwright, microphone_wav: Path) -> Iterator[Br
         headless=True,
         args=[
             "--no-sandbox",
+            # No network beyond loopback here: keep Chromium from calling home (each refused
+            # connection would otherwise be noise, and a slow start).
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
             "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={microphone_wav}",
@@ -101,16 +122,72 @@ def page_errors() -> PageErrors:
 def page(
     browser: Browser, demo_url: str, page_errors: PageErrors, request: pytest.FixtureRequest
 ) -> Iterator[Page]:
-    """A fresh browser context on the demo server, microphone allowed; screenshotted at the end
-    and checked for console errors."""
-    context = browser.new_context(base_url=demo_url, permissions=["microphone"])
+    """A fresh browser context on the demo server, checked as `checked_page` says."""
+    yield from checked_page(browser, demo_url, page_errors, _artifact_name(request))
+
+
+def _artifact_name(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+
+
+def open_page(page: Page, name: str) -> None:
+    """Go to a console page and wait until its module has rendered."""
+    page.goto(f"/#/{name}")
+    page.wait_for_selector(f'#view[data-page="{name}"][data-ready="1"]')
+
+
+# --- a server with API keys, and pages on servers other than the demo (shell / conversation) ---
+@dataclass(frozen=True)
+class KeyedServer:
+    """A `serve --demo` process with API keys on, and the secrets of its keys."""
+
+    url: str
+    admin_key: str
+    speak_key: str
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="session")
+def keyed_demo(
+    tmp_path_factory: pytest.TempPathFactory, demo_server: DemoServer
+) -> Iterator[KeyedServer]:
+    """A second `serve --demo` process, with API keys configured: an admin and a speak key
+    (written by the same KeyStore machinery as `voicefoundry keys create`). It starts from the
+    first demo's built models and demo package (linked), so only its voices are imported."""
+    data = tmp_path_factory.mktemp("console-keyed")
+    built = demo_server.data_dir
+    for part in ("models", "demo"):
+        if (built / part).is_dir():
+            shutil.copytree(built / part, data / "data" / part, copy_function=_link_or_copy)
+    store = KeyStore()
+    admin, _ = store.add("admin", "console-admin")
+    speak, _ = store.add("speak", "console-speak")
+    keys = data / "keys.json"
+    store.save(keys)
+    settings = {"data_dir": str(data / "data"), "demo": True, "api_keys_file": str(keys)}
+    with server_process(settings, timeout=600) as url:
+        yield KeyedServer(url=url, admin_key=admin, speak_key=speak)
+
+
+def checked_page(
+    browser: Browser, base_url: str, page_errors: PageErrors, name: str
+) -> Iterator[Page]:
+    """A fresh browser context on any server (a fixture's body: `yield from` it): microphone
+    allowed, screenshotted into artifacts/<name>.png at the end, and failing on
+    console errors and page errors."""
+    context = browser.new_context(base_url=base_url, permissions=["microphone"])
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.on("console", page_errors.on_console)
     page.on("pageerror", lambda exc: page_errors.errors.append(f"pageerror: {exc}"))
     yield page
     ARTIFACTS.mkdir(exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
     try:
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     finally:
@@ -118,7 +195,12 @@ def page(
     assert page_errors.unexpected() == [], "the page logged errors"
 
 
-def open_page(page: Page, name: str) -> None:
-    """Go to a console page and wait until its module has rendered."""
-    page.goto(f"/#/{name}")
-    page.wait_for_selector(f'#view[data-page="{name}"][data-ready="1"]')
+@pytest.fixture
+def keyed_page(
+    browser: Browser,
+    keyed_demo: KeyedServer,
+    page_errors: PageErrors,
+    request: pytest.FixtureRequest,
+) -> Iterator[Page]:
+    """A fresh page on the keyed server (no key entered yet), checked like `page`."""
+    yield from checked_page(browser, keyed_demo.url, page_errors, _artifact_name(request))

@@ -136,3 +136,23 @@ export function wavBlob(samples, sampleRate = SAMPLE_RATE) {
   }
   return new Blob([data.buffer], { type: "audio/wav" });
 }
+
+// --- streamed speech (voices / playground pages) ---------------------------------------------
+/** Reads a streamed 16-bit PCM response body chunk by chunk: each chunk is decoded and pushed
+ *  into `player` as it arrives (playback starts with the first), then `onSamples(samples,
+ *  total)` is called. Resolves with the number of samples decoded. */
+export async function playPcmStream(response, player, onSamples = () => {}) {
+  const decoder = new Pcm16Decoder();
+  const reader = response.body.getReader();
+  let total = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    const samples = decoder.decode(value);
+    if (!samples.length) continue;
+    player.push(samples);
+    total += samples.length;
+    onSamples(samples, total);
+  }
+  return total;
+}
