@@ -7,13 +7,12 @@ builtin speakers, and the audio formats this server can encode.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 from litestar import get
 from litestar.datastructures import State
 
 from server import admission, audio_formats
+from server.engine.family import SpeechModel
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -35,20 +34,11 @@ class ModelInfoList(msgspec.Struct, kw_only=True):
     streamable: list[str]  # of those, what `stream: true` takes
 
 
-def model_languages(model: Any) -> list[str]:
-    """The languages a loaded speech model names: a Qwen3-TTS checkpoint's `codec_language_id`
-    (what `/speak` `language` selects); none for families without language ids."""
-    if model.family != "qwen3_tts":
-        return []
-    talker = model.model.config.talker_config
-    return sorted({str(k).lower() for k in (talker.codec_language_id or {})})
-
-
-def model_info(name: str, model: Any) -> ModelInfo:
+def model_info(name: str, model: SpeechModel) -> ModelInfo:
     return ModelInfo(
         name=name,
         family=model.family,
-        languages=model_languages(model),
+        languages=model.languages(),
         instruct=model.instruct_use(),
         speakers=list(model.builtin_speakers()),
         sample_rate=int(model.sample_rate),

@@ -119,6 +119,10 @@ class SpeechModel(Protocol):
         """Speaker names the checkpoint itself serves (lower case)."""
         ...
 
+    def languages(self) -> list[str]:
+        """Language names a request's `language` conditions on (lower case; [] for none)."""
+        ...
+
     def instruct_use(self) -> str | None:
         """What a request's `instruct` does on this model: "style" (how its speakers speak) or
         "design" (the voice itself, described: the request must send one); None: it takes

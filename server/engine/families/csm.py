@@ -121,6 +121,9 @@ class CsmModel:
     def builtin_speakers(self) -> list[str]:
         return [builtin_name(self.name, i) for i in BUILTIN_SPEAKER_IDS]
 
+    def languages(self) -> list[str]:
+        return []  # CSM has no language ids
+
     def instruct_use(self) -> str | None:
         return None  # CSM takes no instructions
 

@@ -118,6 +118,11 @@ class Qwen3Model:
             return [self.name.lower()]
         return sorted((self.model.config.talker_config.spk_id or {}).keys())
 
+    def languages(self) -> list[str]:
+        return sorted(
+            {str(k).lower() for k in (self.model.config.talker_config.codec_language_id or {})}
+        )
+
     def instruct_use(self) -> InstructUse | None:
         return instruct_use(self.loaded.tts_model_type, self.loaded.config.get("tts_model_size"))
 
