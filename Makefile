@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint parity browser bench run serve
+.PHONY: install postgres deploy-checks test lint parity browser bench run serve
 
 install: $(VENV)/.installed
 
@@ -15,8 +15,22 @@ serve: install
 run: install
 	$(VENV)/bin/voicefoundry doctor
 
-test: install
+# PostgreSQL (Debian's cluster) for the registry's PostgreSQL tests: started when it is down.
+postgres:
+	bash deploy/start-postgres.sh
+
+# docker-compose, nginx, systemd-analyze for tests/scale/test_deploy_files.py: installed when missing.
+deploy-checks:
+	bash deploy/install-deploy-checks.sh
+
+test: install postgres
 	$(PY) -m pytest -q
+
+# Beyond one process: PostgreSQL-backed servers, replicas, data-parallel training over
+# mx.distributed, the deploy files checked by their own tools. Its own group (like parity and
+# browser) because each test starts several processes; .ci/run runs it.
+scale: install postgres deploy-checks
+	$(PY) -m pytest -q tests/scale
 
 PARITY_VENV ?= .venv-parity
 

@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model", help="override model.path")
     train.add_argument("--output", help="override output_dir")
     train.add_argument("--progress-file", type=Path, help="also append JSON-lines progress here")
+    parallel = train.add_argument_group("data-parallel (mlx.launch; rank 0 writes the files)")
+    parallel.add_argument("--hosts", help="comma-separated hosts, one rank each (ssh + IP)")
+    parallel.add_argument(
+        "--ranks", type=int, help="ranks per host (without --hosts: local ranks on 127.0.0.1)"
+    )
+    parallel.add_argument("--port", type=int, help="first TCP port of the ring (one per rank)")
+    parallel.add_argument("--backend", choices=("ring", "mpi"), default="ring")
     train.set_defaults(handler=_guard(_train))
 
     fuse = subparsers.add_parser("fuse", help="merge an adapter into a standalone checkpoint")
@@ -156,14 +163,63 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _launch_train(args: argparse.Namespace) -> int | None:
+    """With --hosts / --ranks: the same `train` on every rank through mlx.launch."""
+    from finetune import distributed
+
+    if args.hosts is None and args.ranks is None:
+        return None
+    hosts = [h.strip() for h in (args.hosts or "127.0.0.1").split(",")]
+    ranks = args.ranks or 1
+    if ranks < 1 or not all(hosts):
+        raise CommandError("--ranks must be >= 1 and --hosts a list of host names or IPs")
+    if len(hosts) * ranks == 1:
+        return None  # one rank: this process trains as it always did
+    argv = ["train", "--config", str(args.config.resolve())]
+    flags = {
+        "--resume": args.resume,
+        "--lora-rank": args.lora_rank,
+        "--lr": args.lr,
+        "--epochs": args.epochs,
+        "--max-steps": args.max_steps,
+        "--model": args.model,
+        "--output": args.output,
+        "--progress-file": args.progress_file,
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [flag, str(value.resolve() if isinstance(value, Path) else value)]
+    if args.smoke_test:
+        argv.append("--smoke-test")
+    try:
+        return distributed.launch(
+            argv,
+            hosts,
+            ranks_per_host=ranks,
+            port=args.port or distributed.DEFAULT_PORT,
+            backend=args.backend,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def _train(args: argparse.Namespace) -> int:
+    from finetune import distributed
     from finetune.config import load_config
     from finetune.families import family_entry
     from finetune.progress import ProgressWriter
 
+    launched = _launch_train(args)
+    if launched is not None:
+        return launched
+    # Join the ranks' ring first: a rank that connects before its peer listens backs off for
+    # seconds (mlx's ring retries at 1, 2, 4, 8 s), so no rank does slow work before this.
+    writer = distributed.is_writer()
     config = load_config(args.config, _overrides(args))
     entry = family_entry(config.model.family)
-    progress = ProgressWriter(args.progress_file, stream=sys.stdout)
+    progress = (
+        ProgressWriter(args.progress_file, stream=sys.stdout) if writer else distributed.Silent()
+    )
     workdir = None
     try:
         if args.smoke_test:

@@ -8,6 +8,10 @@ optimizer step, JSON-lines progress and a clean stop on SIGTERM.
 A checkpoint holds the trainable tensors, the optimizer state (its step drives the schedule), the
 trainer step and the data position. Randomness (dropout) is reseeded from (seed, step) at every
 step, so a run resumed at step k draws exactly what the uninterrupted run drew.
+
+With a distributed group of several ranks (`finetune.distributed`) each rank computes its shard
+of every global batch, the weighted gradients are summed across ranks before clipping, and only
+rank 0 writes checkpoints and progress; one process takes the same path as before, untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune import distributed
 from finetune.arrays import flat_items, load_arrays, scalar
 from finetune.fsutil import atomic_directory, ensure_free_space
 from finetune.progress import Checkpoint, Done, Eval, ProgressWriter, Resume, Start, Step, Stopped
@@ -190,9 +195,19 @@ class Trainer:
         val_batches: list[Any] | None = None,
         progress: ProgressWriter | None = None,
         on_checkpoint: CheckpointHook | None = None,
+        group: distributed.Group | None = None,
+        loss_terms: distributed.LossTerms | None = None,
     ) -> None:
         if batches_per_epoch < 1:
             raise ValueError("no training batches")
+        if group is None and distributed.launched_group() is not None:
+            raise ValueError("this family trains in one process only (its batches are not sharded)")
+        self.parallel = (
+            distributed.DataParallel(group, loss_terms, samples_in)
+            if group is not None and group.size() > 1
+            else None
+        )
+        self.writer = self.parallel is None or self.parallel.rank == 0
         self.module = module
         self.loss_fn = loss_fn
         self.batches = batches
@@ -201,7 +216,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.samples_in = samples_in
         self.val_batches = val_batches or []
-        self.progress = progress or ProgressWriter()
+        self.progress = (progress or ProgressWriter()) if self.writer else distributed.Silent()
         self.on_checkpoint = on_checkpoint
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accumulation)
         self.total_steps = config.max_steps or steps_per_epoch * config.num_epochs
@@ -221,6 +236,7 @@ class Trainer:
         self._last_report: tuple[int, dict[str, Any] | None] | None = None
         self._stop_requested = False
         self._value_and_grad = nn.value_and_grad(module, self._loss)
+        self._shard_value_and_grad = nn.value_and_grad(module, self._shard_loss)
 
     # --- schedule -----------------------------------------------------------------------
     def _schedule(self) -> Callable[[mx.array], mx.array]:
@@ -244,20 +260,40 @@ class Trainer:
     def _loss(self, module: nn.Module, batch: Any) -> tuple[mx.array, dict[str, mx.array]]:
         return self.loss_fn(module, batch)
 
+    def _shard_loss(
+        self, module: nn.Module, batch: Any, share: dict[str, float]
+    ) -> tuple[mx.array, dict[str, mx.array]]:
+        assert self.parallel is not None
+        loss, parts = self.loss_fn(module, batch)
+        return self.parallel.weigh(loss, parts, share)
+
     def _optimizer_step(self, source: Iterator[tuple[int, int, Any]]) -> tuple[dict, int]:
         cfg = self.config
-        mx.random.seed(cfg.seed * 1_000_003 + self.step)
+        seed = cfg.seed * 1_000_003 + self.step
+        # Ranks draw different dropout masks for their different examples.
+        mx.random.seed(seed if self.parallel is None else seed * 1009 + self.parallel.rank)
         grads_sum = None
         parts_sum: dict[str, mx.array] = {}
         samples = 0
         for _ in range(cfg.grad_accumulation):
             epoch, index, batch = next(source)
-            (loss, parts), grads = self._value_and_grad(self.module, batch)
+            if self.parallel is None:
+                (loss, parts), grads = self._value_and_grad(self.module, batch)
+                samples += self.samples_in(batch)
+            else:
+                shard = self.parallel.unwrap(batch)
+                share = self.parallel.shares(shard)
+                (loss, parts), grads = self._shard_value_and_grad(self.module, shard.batch, share)
+                samples += self.parallel.samples(shard)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             for key, value in {"loss": loss, **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
-            samples += self.samples_in(batch)
             self.position = (epoch, index + 1)
+        if self.parallel is not None:  # the shards' weighted sums: the global batch's values
+            grads_sum, parts_sum, total = self.parallel.all_sum(
+                (grads_sum, parts_sum, mx.array(float(samples)))
+            )
+            samples = int(total.item())
         scale = 1.0 / cfg.grad_accumulation
         grads = tree_map(lambda g: g * scale, grads_sum)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -281,7 +317,7 @@ class Trainer:
 
     def report_quality(self, path: Path | None) -> dict[str, Any] | None:
         """The quality hook's report on the current weights (None without a hook)."""
-        if self.on_checkpoint is None:
+        if self.on_checkpoint is None or not self.writer:
             return None
         return self.on_checkpoint(self.step, path)
 
@@ -302,6 +338,8 @@ class Trainer:
                 ),
             )
         )
+        if self.parallel is not None:
+            self.parallel.check_replicas(self.module, self.step)
         if self.step == 0:
             self.report_quality(None)  # the baseline: the untrained voice
         source = self.batches(*self.position)
@@ -339,7 +377,7 @@ class Trainer:
                 if periodic is not None:
                     self.save_checkpoint(periodic)
                     self._rotate()
-                if self._stop_requested:
+                if self._stop_agreed():
                     path = self.save_checkpoint(self.output_dir / "checkpoint-last")
                     self.progress.emit(Stopped(step=self.step, checkpoint=str(path)))
                     return TrainResult(
@@ -367,6 +405,12 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop_requested = True
 
+    def _stop_agreed(self) -> bool:
+        """A stop requested on any rank stops every rank at the same step."""
+        if self.parallel is None:
+            return self._stop_requested
+        return self.parallel.any(self._stop_requested)
+
     def _score(self, checkpoint: Path | None) -> Path | None:
         """Validation loss (and, when `checkpoint` is about to be written, the quality report)
         of the current weights; saves `checkpoint-best` when they become the best
@@ -392,6 +436,8 @@ class Trainer:
         return None
 
     def _rotate(self) -> None:
+        if not self.writer:
+            return
         keep = self.config.keep_checkpoints
         periodic = sorted(self.output_dir.glob("checkpoint-[0-9]*"))
         for old in periodic[: max(len(periodic) - keep, 0)]:
@@ -399,7 +445,10 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, path: Path) -> Path:
-        """Adapters + optimizer + trainer state, written beside `path` and renamed into place."""
+        """Adapters + optimizer + trainer state, written beside `path` and renamed into place
+        (by rank 0 alone in a data-parallel run: the other ranks hold the same state)."""
+        if not self.writer:
+            return path
         ensure_free_space(path.parent, self.config.min_free_bytes, f"checkpoint {path.name}")
         with atomic_directory(path) as staging:
             self._write_checkpoint(staging)

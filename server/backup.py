@@ -7,6 +7,11 @@ voices that snapshot lists are copied beside it. A voice's folder is complete be
 exists (voices.py renames the staged package into place, then registers it) and is not written
 again, so the copy needs no lock. Jobs keep their rows but not their folders (uploads and
 checkpoints): on restore, unfinished jobs are marked failed with that reason.
+
+This covers the embedded SQLite registry. A registry in PostgreSQL (`database_url`) is backed
+up with PostgreSQL's own tools (``pg_dump -Fc`` / ``pg_restore``, or the server's continuous
+archiving) and the shared artifacts dir with a file-level copy; these commands refuse it rather
+than copy half of it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from finetune.fsutil import atomic_directory
 
+from server.db.engine import redacted
 from server.registry import Registry
 
 REGISTRY_FILE = "registry.sqlite3"
@@ -32,8 +38,9 @@ class BackupError(Exception):
     pass
 
 
-def backup(data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def backup(data_dir: Path, out_dir: Path, database_url: str | None = None) -> dict[str, Any]:
     """Snapshot `data_dir` into `out_dir` (which must not exist); returns the manifest."""
+    _embedded_only(database_url, "back up")
     source = Path(data_dir) / REGISTRY_FILE
     if not source.is_file():
         raise BackupError(f"{data_dir} has no registry ({REGISTRY_FILE})")
@@ -65,8 +72,9 @@ def backup(data_dir: Path, out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def restore(backup_dir: Path, data_dir: Path) -> dict[str, Any]:
+def restore(backup_dir: Path, data_dir: Path, database_url: str | None = None) -> dict[str, Any]:
     """Bring a backup back into `data_dir`, which must hold no registry yet."""
+    _embedded_only(database_url, "restore")
     manifest = _manifest(Path(backup_dir))
     data_dir = Path(data_dir)
     if (data_dir / REGISTRY_FILE).exists():
@@ -96,6 +104,15 @@ def restore(backup_dir: Path, data_dir: Path) -> dict[str, Any]:
                 shutil.copytree(source, staging, dirs_exist_ok=True)
     staging_registry.rename(data_dir / REGISTRY_FILE)  # last: the restore is complete
     return manifest
+
+
+def _embedded_only(database_url: str | None, verb: str) -> None:
+    if database_url is not None:
+        raise BackupError(
+            f"the registry is in {redacted(database_url)} (database_url): {verb} it with "
+            "pg_dump / pg_restore; voicefoundry backup and restore cover the embedded SQLite "
+            "registry"
+        )
 
 
 def _manifest(backup_dir: Path) -> dict[str, Any]:

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server import hub_cli
 
     hub_cli.register(subparsers)  # pull MODEL: a hub model into the cache
+    from server import db_cli
+
+    db_cli.register(subparsers)  # db upgrade | current: the registry's migrations
     try:
         from voicefoundry_client import cli as client_cli
     except ImportError:  # the SDK is its own distribution (clients/python)

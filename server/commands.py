@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from server.http_protocol import header_timeout_protocol
 
+    # uvicorn stops gracefully on SIGTERM, then raises it again under the handler that was there
+    # before: this one, so a stop asked for by systemd, `docker stop` or launchd exits 0.
+    signal.signal(signal.SIGTERM, _exit_zero)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -91,14 +95,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_zero(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _backup_or_restore(args: argparse.Namespace) -> int:
     from server.backup import BackupError, backup, restore
     from server.settings import SettingsError, load_settings
 
     try:
-        data = load_settings(args.config, data_dir=args.data_dir).data_path
+        settings = load_settings(args.config, data_dir=args.data_dir)
+        data, url = settings.data_path, settings.database_url
         backing_up = args.action == "backup"
-        manifest = backup(data, args.dir) if backing_up else restore(args.dir, data)
+        manifest = backup(data, args.dir, url) if backing_up else restore(args.dir, data, url)
     except (BackupError, SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.exceptions import ValidationException as LitestarValidation
 
+from server.artifacts import Artifacts
 from server.auth import Forbidden, Unauthorized
 from server.limits import LimitExceeded
 from server.registry import InvalidVoiceName, SlotInUse, VoiceExists, VoiceNotFound
@@ -167,7 +168,7 @@ def _internal_error(request: Request, exc: Exception, status: int) -> Response[d
 
 def _voices_dir(request: Request) -> Path | None:
     settings = getattr(request.app.state, "settings", None)
-    return settings.data_path / "voices" if settings is not None else None
+    return Artifacts.of(settings).voices if settings is not None else None
 
 
 def _validation_problem(exc: LitestarValidation) -> Response[dict[str, Any]]:

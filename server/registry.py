@@ -1,74 +1,60 @@
-"""The voice registry: voice name -> base model, adapter, baked slot, ref clip, language.
+"""The voice registry: voice name -> base model, adapter, baked slot, ref clip, language; the
+jobs table; and the speaker rows reserved while a voice is installed.
 
-One SQLite file in the data dir (WAL, ``synchronous=FULL``); every write is one transaction, so a
-crash leaves either the whole write or none of it.
+On SQLAlchemy (server/db): a SQLite file in the data dir by default (WAL, ``synchronous=FULL``,
+``BEGIN IMMEDIATE`` writes), or PostgreSQL (``database_url``) shared by several replicas. The
+schema is alembic's: opening a registry migrates it (server/db/migrate.py), in place for a file
+made before alembic. Every write is one transaction, so a crash leaves the whole write or none.
 
-Threading: ONE connection (``check_same_thread=False``) guarded by a re-entrant lock. The app calls
-the registry from anyio's thread pool; its queries are point lookups on a table of at most a few
-thousand rows, so serialising them costs nothing measurable, and a single connection means
-``close()`` really closes everything, from any thread. Other processes (a CLI, a second server)
-may open the same file: SQLite's file locks and the busy timeout arbitrate between them.
+Threading: `transaction()` binds one connection to the calling thread; registry calls made in
+it (on that thread) join it. Reads outside a transaction take a pooled connection each. On
+SQLite a per-object lock also serialises this process's writers (instead of spinning in the busy
+handler); other processes, and every replica on PostgreSQL, are arbitrated by the database:
+uniqueness by constraints (a lost race is reported as `VoiceExists` / `SlotInUse`), and speaker
+rows by `allocate_slot`, which retries when another replica took the row it chose.
 
-Per-name locks (``lock`` / ``alock``) are separate from the connection lock: they make a whole
-import or delete (load the adapter, then register; unregister, then unload) atomic per voice name.
+Per-name locks (``lock`` / ``alock``) are separate: they make a whole import or delete (load the
+adapter, then register; unregister, then unload) atomic per voice name within this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import dataclasses
 import json
 import re
-import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server.db import migrate
+from server.db.engine import READ_OPTION, make_engine, redacted, sqlite_url
+from server.db.schema import jobs as jobs_table
+from server.db.schema import slot_reservations
+from server.db.schema import voices as voices_table
+
+# A reservation whose voice never got registered (its replica died mid-install) is free again
+# after this long; an install takes seconds.
+SLOT_RESERVATION_TTL_S = 900.0
+SLOT_ATTEMPTS = 16
+
 VoiceKind = Literal["builtin", "baked", "adapter", "clone", "language", "duplex"]
 VOICE_KINDS: frozenset[str] = frozenset(get_args(VoiceKind))
-
-SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 10.0
 
 NAME_RULE = (
     "1-64 characters: lower-case ASCII letters, digits, '_' or '-', "
     "starting with a letter or digit (upper case is lowered)"
 )
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS voices (
-    name             TEXT PRIMARY KEY,
-    base_model       TEXT NOT NULL,
-    kind             TEXT NOT NULL,
-    adapter          TEXT,
-    slot             INTEGER,
-    ref_clip         TEXT,
-    default_language TEXT,
-    meta             TEXT NOT NULL DEFAULT '{}',
-    created_at       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS voices_base_model ON voices (base_model);
-CREATE UNIQUE INDEX IF NOT EXISTS voices_slot ON voices (base_model, slot)
-    WHERE slot IS NOT NULL;
-CREATE TABLE IF NOT EXISTS jobs (
-    id         TEXT PRIMARY KEY,
-    name       TEXT NOT NULL,
-    state      TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    payload    TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-"""
 
 _VOICE_COLUMNS = (
     "name",
@@ -155,7 +141,8 @@ def _optional_str(value: object, what: str) -> None:
 
 @dataclass(frozen=True)
 class Voice:
-    """One registered voice. Paths (``adapter``, ``ref_clip``) are relative to the data dir."""
+    """One registered voice. Paths (``adapter``, ``ref_clip``) are relative to the artifacts
+    dir (the data dir by default)."""
 
     name: str
     base_model: str
@@ -217,51 +204,68 @@ class Job:
         return dataclasses.asdict(self)
 
 
-def _voice_from_row(row: sqlite3.Row) -> Voice:
-    data = {key: row[key] for key in _VOICE_COLUMNS}
+def _voice_from_row(row: sa.Row[Any]) -> Voice:
+    data = {key: row._mapping[key] for key in _VOICE_COLUMNS}
     data["meta"] = json.loads(data["meta"])
     return Voice(**data)
 
 
-def _job_from_row(row: sqlite3.Row) -> Job:
+def _job_from_row(row: sa.Row[Any]) -> Job:
+    data = row._mapping
     return Job(
-        id=row["id"],
-        name=row["name"],
-        state=row["state"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        payload=json.loads(row["payload"]),
+        id=data["id"],
+        name=data["name"],
+        state=data["state"],
+        created_at=data["created_at"],
+        updated_at=data["updated_at"],
+        payload=json.loads(data["payload"]),
     )
 
 
-class Registry:
-    """The voice registry (and the jobs table) in one SQLite file. See the module docstring."""
+def upsert(connection: sa.Connection, table: sa.Table) -> Any:
+    """``INSERT ... ON CONFLICT`` of `connection`'s dialect (SQLite and PostgreSQL spell
+    `on_conflict_do_update` alike; each has its own construct)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
-    def __init__(self, path: Path | str) -> None:
+
+class Registry:
+    """The voice registry and the jobs table. See the module docstring.
+
+    `path` is the SQLite file of the embedded default; its folder is the data dir. With
+    `database_url` the tables live in that database instead and `path` only names the data dir.
+    The voices' relative paths (adapter, ref_clip) start from `artifacts_dir` (default: the
+    data dir).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        database_url: str | None = None,
+        artifacts_dir: Path | str | None = None,
+    ) -> None:
         self.path = Path(path)
+        self._artifacts = Path(artifacts_dir) if artifacts_dir is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._depth = 0  # transaction nesting, only touched while holding self._lock
+        self.url = database_url or sqlite_url(self.path)
+        self._engine: sa.Engine | None = make_engine(self.url)
+        self._sqlite = self._engine.dialect.name == "sqlite"
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if self._sqlite else contextlib.nullcontext()
+        )
+        self._local = threading.local()
         self._name_locks: dict[str, threading.Lock] = {}
         self._async_locks: dict[str, asyncio.Lock] = {}
         self._name_locks_guard = threading.Lock()
-        # isolation_level=None: no implicit BEGINs; transactions are explicit (transaction()).
-        conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
         try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed write also survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
-        try:
-            self._migrate()
+            migrate.upgrade(self._engine)
+        except migrate.MigrationError as exc:
+            self.close()
+            raise RegistryError(f"{self.where}: {exc}") from exc
+        except sa.exc.OperationalError as exc:
+            self.close()
+            raise RegistryError(f"cannot open the registry {self.where}: {exc.orig}") from exc
         except BaseException:
             self.close()
             raise
@@ -270,29 +274,28 @@ class Registry:
     def data_dir(self) -> Path:
         return self.path.parent
 
-    def _migrate(self) -> None:
-        with self.transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0]
-            if version is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"{self.path} has registry schema {version}; this voicefoundry reads "
-                    f"schema {SCHEMA_VERSION} or older"
-                )
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where the voices' relative paths (adapter, ref_clip) start: server/artifacts.py."""
+        return self._artifacts if self._artifacts is not None else self.data_dir
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RegistryError(f"registry {self.path} is closed")
-        return self._conn
+    @property
+    def where(self) -> str:
+        """The database, for messages (a URL's password hidden)."""
+        return str(self.path) if self._sqlite else redacted(self.url)
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self._sqlite else "postgresql"
+
+    def _engine_open(self) -> sa.Engine:
+        if self._engine is None:
+            raise RegistryError(f"registry {self.where} is closed")
+        return self._engine
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction; registry calls made inside it join it.
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One atomic write transaction; registry calls made inside it (on this thread) join it.
 
         E.g. register a trained voice and mark its job done in one step::
 
@@ -300,52 +303,56 @@ class Registry:
                 registry.add(voice)
                 registry.update_job(job_id, state="succeeded")
         """
-        with self._lock:
-            conn = self._connection()
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield conn
-                finally:
-                    self._depth -= 1
-                return
-            # IMMEDIATE takes the write lock up front: check-then-write sequences cannot race
-            # with another process.
-            conn.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+        joined = getattr(self._local, "connection", None)
+        if joined is not None:
+            yield joined
+            return
+        engine = self._engine_open()
+        with self._write_lock, engine.connect() as connection, connection.begin():
+            self._local.connection = connection
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                yield connection
             finally:
-                self._depth = 0
+                self._local.connection = None
+
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        joined = getattr(self._local, "connection", None)
+        if joined is not None:  # see this thread's own uncommitted writes
+            yield joined
+            return
+        with self._engine_open().connect() as connection:
+            connection.execution_options(**{READ_OPTION: True})
+            yield connection
 
     # ---- voices -------------------------------------------------------------------------------
 
     def add(self, voice: Voice) -> Voice:
-        """Register a new voice; `VoiceExists` if the name is taken, `SlotInUse` on a slot clash."""
+        """Register a new voice; `VoiceExists` if the name is taken, `SlotInUse` on a slot clash.
+        A reservation of the voice's slot under its name (`allocate_slot`) is used up."""
         with self.transaction() as conn:
-            if conn.execute("SELECT 1 FROM voices WHERE name = ?", (voice.name,)).fetchone():
+            if self._row(conn, voice.name) is not None:
                 raise VoiceExists(voice.name)
             self._check_slot(conn, voice)
-            conn.execute(
-                f"INSERT INTO voices ({', '.join(_VOICE_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_VOICE_COLUMNS))})",
-                self._voice_values(voice),
-            )
+            try:
+                with conn.begin_nested():
+                    conn.execute(voices_table.insert().values(self._voice_values(voice)))
+            except sa.exc.IntegrityError:
+                self._raise_conflict(conn, voice, inserting=True)  # another replica won a race
+                raise
+            if voice.slot is not None:
+                conn.execute(
+                    slot_reservations.delete().where(
+                        slot_reservations.c.base_model == voice.base_model,
+                        slot_reservations.c.name == voice.name,
+                    )
+                )
         return voice
 
     def get(self, name: str) -> Voice:
         canonical = validate_name(name)
-        with self._lock:
-            row = (
-                self._connection()
-                .execute("SELECT * FROM voices WHERE name = ?", (canonical,))
-                .fetchone()
-            )
+        with self._reading() as conn:
+            row = self._row(conn, canonical)
         if row is None:
             raise VoiceNotFound(canonical)
         return _voice_from_row(row)
@@ -357,69 +364,187 @@ class Registry:
             return False
         return True
 
-    def list(self, base_model: str | None = None) -> list[Voice]:
-        """All voices (of one base model when given), sorted by name."""
-        query = "SELECT * FROM voices"
-        params: tuple[str, ...] = ()
+    def list(self, base_model: str | None = None) -> builtins.list[Voice]:
+        """All voices (of one base model when given), sorted by name (code points, on every
+        backend: PostgreSQL's collation would order '-' and '_' differently)."""
+        query = sa.select(voices_table)
         if base_model is not None:
-            query, params = query + " WHERE base_model = ?", (base_model,)
-        with self._lock:
-            rows = self._connection().execute(query + " ORDER BY name", params).fetchall()
-        return [_voice_from_row(row) for row in rows]
+            query = query.where(voices_table.c.base_model == base_model)
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return sorted((_voice_from_row(row) for row in rows), key=lambda v: v.name)
 
     def delete(self, name: str) -> Voice:
         """Unregister a voice and return it (the caller removes its files)."""
         canonical = validate_name(name)
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM voices WHERE name = ?", (canonical,)).fetchone()
+            row = self._row(conn, canonical, for_update=True)
             if row is None:
                 raise VoiceNotFound(canonical)
-            conn.execute("DELETE FROM voices WHERE name = ?", (canonical,))
+            conn.execute(voices_table.delete().where(voices_table.c.name == canonical))
         return _voice_from_row(row)
 
     def replace(self, voice: Voice) -> Voice:
         """Overwrite an existing voice with `voice`; return the PREVIOUS record (for cleanup)."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM voices WHERE name = ?", (voice.name,)).fetchone()
+            row = self._row(conn, voice.name, for_update=True)
             if row is None:
                 raise VoiceNotFound(voice.name)
             self._check_slot(conn, voice)
-            columns = _VOICE_COLUMNS[1:]
-            conn.execute(
-                f"UPDATE voices SET {', '.join(f'{c} = ?' for c in columns)} WHERE name = ?",
-                (*self._voice_values(voice)[1:], voice.name),
-            )
+            values = self._voice_values(voice)
+            del values["name"]
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        voices_table.update()
+                        .where(voices_table.c.name == voice.name)
+                        .values(values)
+                    )
+            except sa.exc.IntegrityError:
+                self._raise_conflict(conn, voice, inserting=False)
+                raise
         return _voice_from_row(row)
 
     def used_slots(self, base_model: str) -> set[int]:
-        """The codec_embedding rows taken by voices of `base_model`."""
-        with self._lock:
-            rows = (
-                self._connection()
-                .execute(
-                    "SELECT slot FROM voices WHERE base_model = ? AND slot IS NOT NULL",
-                    (base_model,),
+        """The speaker rows taken by voices of `base_model`, or reserved for voices being
+        installed."""
+        with self._reading() as conn:
+            return self._taken(conn, base_model)
+
+    # ---- speaker rows (slots) -----------------------------------------------------------------
+
+    def allocate_slot(
+        self, base_model: str, name: str, choose: Callable[[set[int]], int | None]
+    ) -> int | None:
+        """Reserve a speaker row of `base_model` for the voice `name` being installed; the row,
+        or None when `choose` finds none free.
+
+        `choose` gets the taken rows and picks one (e.g. ``lambda taken:
+        model.free_speaker_slot(wanted, taken)``). The reservation is a row whose primary key is
+        (base_model, slot): when another replica reserved the same row first, the insert fails
+        and this chooses again. `add` of the voice with that slot uses the reservation up;
+        `release_slot` gives it back when the install fails. Asked again for the same name, it
+        returns that name's reservation.
+        """
+        canonical = validate_name(name)
+        for _ in range(SLOT_ATTEMPTS):
+            with self.transaction() as conn:
+                self._expire_reservations(conn, base_model)
+                held = conn.execute(
+                    sa.select(slot_reservations.c.slot).where(
+                        slot_reservations.c.base_model == base_model,
+                        slot_reservations.c.name == canonical,
+                    )
+                ).scalar_one_or_none()
+                if held is not None:
+                    return int(held)
+                taken = self._taken(conn, base_model)
+                slot = choose(set(taken))
+                if slot is None:
+                    return None
+                if slot in taken:
+                    raise ValueError(f"choose() picked slot {slot}, which is taken")
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            slot_reservations.insert().values(
+                                base_model=base_model,
+                                slot=slot,
+                                name=canonical,
+                                reserved_at=utc_now(),
+                            )
+                        )
+                except sa.exc.IntegrityError:
+                    continue  # another replica reserved it meanwhile: choose again
+                return slot
+        raise RegistryError(
+            f"could not reserve a speaker row of {base_model!r} for {canonical!r}: "
+            f"{SLOT_ATTEMPTS} attempts lost to concurrent installs"
+        )
+
+    def release_slot(self, base_model: str, name: str) -> None:
+        """Give back the row `allocate_slot` reserved for `name` (nothing if none)."""
+        canonical = validate_name(name)
+        with self.transaction() as conn:
+            conn.execute(
+                slot_reservations.delete().where(
+                    slot_reservations.c.base_model == base_model,
+                    slot_reservations.c.name == canonical,
                 )
-                .fetchall()
             )
-        return {int(row[0]) for row in rows}
 
     @staticmethod
-    def _voice_values(voice: Voice) -> tuple[Any, ...]:
+    def _expire_reservations(conn: sa.Connection, base_model: str) -> None:
+        cutoff = datetime.now(UTC) - timedelta(seconds=SLOT_RESERVATION_TTL_S)
+        stamp = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        conn.execute(
+            slot_reservations.delete().where(
+                slot_reservations.c.base_model == base_model,
+                slot_reservations.c.reserved_at < stamp,
+            )
+        )
+
+    @staticmethod
+    def _taken(conn: sa.Connection, base_model: str) -> set[int]:
+        voice_slots = sa.select(voices_table.c.slot).where(
+            voices_table.c.base_model == base_model, voices_table.c.slot.is_not(None)
+        )
+        reserved = sa.select(slot_reservations.c.slot).where(
+            slot_reservations.c.base_model == base_model
+        )
+        rows = conn.execute(sa.union(voice_slots, reserved)).scalars()
+        return {int(slot) for slot in rows}
+
+    # ---- voice rows ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(conn: sa.Connection, name: str, *, for_update: bool = False) -> sa.Row[Any] | None:
+        query = sa.select(voices_table).where(voices_table.c.name == name)
+        if for_update:  # PostgreSQL: holds the row to the commit; SQLite: already exclusive
+            query = query.with_for_update()
+        return conn.execute(query).first()
+
+    @staticmethod
+    def _voice_values(voice: Voice) -> dict[str, Any]:
         values = voice.to_dict()
         values["meta"] = json.dumps(values["meta"], sort_keys=True)
-        return tuple(values[c] for c in _VOICE_COLUMNS)
+        return {c: values[c] for c in _VOICE_COLUMNS}
 
     @staticmethod
-    def _check_slot(conn: sqlite3.Connection, voice: Voice) -> None:
+    def _slot_holder(conn: sa.Connection, voice: Voice) -> str | None:
         if voice.slot is None:
-            return
-        row = conn.execute(
-            "SELECT name FROM voices WHERE base_model = ? AND slot = ? AND name != ?",
-            (voice.base_model, voice.slot, voice.name),
-        ).fetchone()
-        if row is not None:
-            raise SlotInUse(voice.name, voice.base_model, voice.slot, row[0])
+            return None
+        holder = conn.execute(
+            sa.select(voices_table.c.name).where(
+                voices_table.c.base_model == voice.base_model,
+                voices_table.c.slot == voice.slot,
+                voices_table.c.name != voice.name,
+            )
+        ).scalar_one_or_none()
+        if holder is None:
+            cutoff = datetime.now(UTC) - timedelta(seconds=SLOT_RESERVATION_TTL_S)
+            stamp = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            holder = conn.execute(
+                sa.select(slot_reservations.c.name).where(
+                    slot_reservations.c.base_model == voice.base_model,
+                    slot_reservations.c.slot == voice.slot,
+                    slot_reservations.c.name != voice.name,
+                    slot_reservations.c.reserved_at >= stamp,
+                )
+            ).scalar_one_or_none()
+        return holder
+
+    def _check_slot(self, conn: sa.Connection, voice: Voice) -> None:
+        holder = self._slot_holder(conn, voice)
+        if holder is not None and voice.slot is not None:
+            raise SlotInUse(voice.name, voice.base_model, voice.slot, holder)
+
+    def _raise_conflict(self, conn: sa.Connection, voice: Voice, *, inserting: bool) -> None:
+        """After a unique violation (its savepoint rolled back): say which, as the checks before
+        the write would have if the other replica's commit had come first."""
+        if inserting and self._row(conn, voice.name) is not None:
+            raise VoiceExists(voice.name) from None
+        self._check_slot(conn, voice)
 
     # ---- per-name locks -----------------------------------------------------------------------
 
@@ -453,33 +578,37 @@ class Registry:
         body = json.dumps(_json_copy(payload or {}, f"job {job_id!r}: payload"), sort_keys=True)
         now = utc_now()
         with self.transaction() as conn:
+            insert = upsert(conn, jobs_table).values(
+                id=job_id, name=name, state=state, created_at=now, updated_at=now, payload=body
+            )
             conn.execute(
-                "INSERT INTO jobs (id, name, state, created_at, updated_at, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                "name = excluded.name, state = excluded.state, "
-                "updated_at = excluded.updated_at, payload = excluded.payload",
-                (job_id, name, state, now, now, body),
+                insert.on_conflict_do_update(
+                    index_elements=[jobs_table.c.id],
+                    set_={
+                        "name": insert.excluded.name,
+                        "state": insert.excluded.state,
+                        "updated_at": insert.excluded.updated_at,
+                        "payload": insert.excluded.payload,
+                    },
+                )
             )
             return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> Job:
-        with self._lock:
-            row = (
-                self._connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            )
+        with self._reading() as conn:
+            row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).first()
         if row is None:
             raise JobNotFound(job_id)
         return _job_from_row(row)
 
     def list_jobs(self, state: str | None = None) -> builtins.list[Job]:
         """All jobs (in one state when given), oldest first."""
-        query = "SELECT * FROM jobs"
-        params: tuple[str, ...] = ()
+        query = sa.select(jobs_table)
         if state is not None:
-            query, params = query + " WHERE state = ?", (state,)
-        with self._lock:
-            rows = self._connection().execute(query + " ORDER BY created_at, id", params).fetchall()
-        return [_job_from_row(row) for row in rows]
+            query = query.where(jobs_table.c.state == state)
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return sorted((_job_from_row(row) for row in rows), key=lambda j: (j.created_at, j.id))
 
     def update_job(self, job_id: str, **fields: Any) -> Job:
         """Set some of ``name``, ``state``, ``payload`` (replaced whole) and bump ``updated_at``."""
@@ -490,23 +619,21 @@ class Registry:
             payload = _json_copy(fields["payload"], f"job {job_id!r}: payload")
             fields["payload"] = json.dumps(payload, sort_keys=True)
         fields["updated_at"] = utc_now()
-        assignments = ", ".join(f"{key} = ?" for key in fields)
         with self.transaction() as conn:
-            cursor = conn.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id)
+            result = conn.execute(
+                jobs_table.update().where(jobs_table.c.id == job_id).values(fields)
             )
-            if cursor.rowcount == 0:
+            if result.rowcount == 0:
                 raise JobNotFound(job_id)
             return self.get_job(job_id)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection (idempotent); later calls raise `RegistryError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Close the pooled connections (idempotent); later calls raise `RegistryError`."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.dispose()
 
     def __enter__(self) -> Registry:
         return self

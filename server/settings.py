@@ -40,6 +40,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: str = "./data"
+    # The registry's database (SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db); None:
+    # the embedded SQLite file DATA_DIR/registry.sqlite3.
+    database_url: str | None = None
+    # Voice packages, uploads in flight and job folders (server/artifacts.py); None: the data
+    # dir. Replicas sharing a database_url mount one artifacts dir (server/replicas.py).
+    artifacts_dir: str | None = None
+    # Replicas (database_url set): how often each one reconciles the voices it has installed
+    # with the registry, besides the PostgreSQL notifications (server/replicas.py).
+    replica_poll_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 2.0
     demo: bool = False
     models: dict[str, ModelSpec] = {}
     # None (left out): no auth. A file that is missing, unreadable or holds no keys: no start.
@@ -106,6 +115,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def artifacts_path(self) -> Path:
+        if self.artifacts_dir is None:
+            return self.data_path
+        return Path(self.artifacts_dir).expanduser().resolve()
 
 
 class SettingsError(ValueError):

@@ -14,6 +14,7 @@ from finetune.families import get_family
 import anyio
 from litestar import Litestar
 
+from server.artifacts import Artifacts
 from server.auth import KeyStore
 from server.duplex.engine import DuplexEngine
 from server.engine.family import BankLimits, load_served_model
@@ -52,7 +53,12 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
     ready, pending = await anyio.to_thread.run_sync(split_models, models, data)
     models.update(ready)
     downloads = Downloads(pending) if pending else None
-    registry = Registry(data / "registry.sqlite3")
+    artifacts = Artifacts.of(settings).ensure()
+    registry = Registry(
+        data / "registry.sqlite3",
+        database_url=settings.database_url,
+        artifacts_dir=artifacts.root,
+    )
     engine = Engine(
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
@@ -77,8 +83,16 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         settings.package_max_members,
         min_free_bytes=settings.min_free_bytes,
     )
-    voices = VoiceService(registry, engine, data, duplex=duplex, archive_limits=archive_limits)
+    voices = VoiceService(
+        registry, engine, artifacts.root, duplex=duplex, archive_limits=archive_limits
+    )
     jobs = JobService(registry, voices, settings)
+    replicas = None
+    if registry.dialect == "postgresql":  # replicas may share it: server/replicas.py
+        from server.replicas import ReplicaSync, replica_id
+
+        replicas = ReplicaSync(voices, registry.url, settings.replica_poll_s)
+        jobs.replica = replica_id(data)
     usage = UsageMeter(registry)
     flusher: asyncio.Task[None] | None = None
     starting: asyncio.Task[None] | None = None
@@ -109,7 +123,12 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
             )
             serving.models[name] = model
             log.info("loaded %s model %s from %s", spec.family, name, spec.path)
-        leftovers = await anyio.to_thread.run_sync(voices.reconcile)
+        leftover_age = 0.0
+        if replicas is not None:
+            from server.replicas import LEFTOVER_AGE_S
+
+            leftover_age = LEFTOVER_AGE_S
+        leftovers = await anyio.to_thread.run_sync(voices.reconcile, leftover_age)
         if leftovers:
             log.warning("removed %d voice folders a crash left behind", len(leftovers))
         restored = await voices.restore()
@@ -122,6 +141,8 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
 
             await ensure_demo_duplex_voice(voices)
         await jobs.start()
+        if replicas is not None:
+            await replicas.start()
         flusher = asyncio.create_task(_flush_usage(usage, settings.usage_flush_s))
 
     try:
@@ -137,6 +158,8 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
                 await starting
         if flusher is not None:
             flusher.cancel()
+        if replicas is not None:
+            await replicas.stop()
         await jobs.stop()
         with contextlib.suppress(Exception):  # the registry may be what failed
             usage.flush()

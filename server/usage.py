@@ -2,9 +2,10 @@
 and training seconds, per key id and UTC day.
 
 Counted in memory as it happens (so limits and `/metrics` read it at no cost) and written to
-two small tables of the registry's SQLite file by `flush()`: every `usage_flush_s` and when the
-server stops, so usage survives a restart (a crash loses at most the last interval). The key id
-is the public part of a key, never its secret; without auth everything is ``anonymous``.
+two small tables of the registry's database (key_usage, job_keys: server/db) by `flush()`:
+every `usage_flush_s` and when the server stops, so usage survives a restart (a crash loses at
+most the last interval). The key id is the public part of a key, never its secret; without auth
+everything is ``anonymous``.
 """
 
 from __future__ import annotations
@@ -16,26 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import sqlalchemy as sa
 
-from server.registry import Registry
+from server.db.schema import job_keys, jobs, key_usage
+from server.registry import Registry, upsert
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS key_usage (
-        key_id           TEXT NOT NULL,
-        day              TEXT NOT NULL,
-        requests         INTEGER NOT NULL DEFAULT 0,
-        characters       INTEGER NOT NULL DEFAULT 0,
-        audio_seconds    REAL NOT NULL DEFAULT 0,
-        duplex_seconds   REAL NOT NULL DEFAULT 0,
-        training_seconds REAL NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, day)
-    )""",
-    # Which key created a fine-tune job: its training seconds and its training_jobs limit.
-    """CREATE TABLE IF NOT EXISTS job_keys (
-        job_id TEXT PRIMARY KEY,
-        key_id TEXT NOT NULL
-    )""",
-)
 COUNTERS = ("requests", "characters", "audio_seconds", "duplex_seconds", "training_seconds")
 
 
@@ -89,11 +75,7 @@ class UsageMeter:
         self._day = today()
         self._chars_today: dict[str, int] = defaultdict(int)
         with registry.transaction() as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            rows = conn.execute(
-                f"SELECT key_id, day, {', '.join(COUNTERS)} FROM key_usage"
-            ).fetchall()
+            rows = conn.execute(sa.select(key_usage)).mappings().all()
         for row in rows:
             self._totals[row["key_id"]].add(_usage(row))
             if row["day"] == self._day:
@@ -128,25 +110,29 @@ class UsageMeter:
     # --- jobs ---------------------------------------------------------------------------
     def job_created(self, job_id: str, key_id: str) -> None:
         with self.registry.transaction() as conn:
+            insert = upsert(conn, job_keys).values(job_id=job_id, key_id=key_id)
             conn.execute(
-                "INSERT OR REPLACE INTO job_keys (job_id, key_id) VALUES (?, ?)", (job_id, key_id)
+                insert.on_conflict_do_update(
+                    index_elements=[job_keys.c.job_id], set_={"key_id": insert.excluded.key_id}
+                )
             )
 
     def job_key(self, job_id: str) -> str | None:
         with self.registry.transaction() as conn:
-            row = conn.execute("SELECT key_id FROM job_keys WHERE job_id = ?", (job_id,)).fetchone()
-        return row[0] if row is not None else None
+            key_id = conn.execute(
+                sa.select(job_keys.c.key_id).where(job_keys.c.job_id == job_id)
+            ).scalar_one_or_none()
+        return key_id
 
     def jobs_of(self, key_id: str, states: tuple[str, ...]) -> int:
         """How many jobs `key_id` created are in one of `states`."""
-        marks = ", ".join("?" * len(states))
+        query = (
+            sa.select(sa.func.count())
+            .select_from(job_keys.join(jobs, jobs.c.id == job_keys.c.job_id))
+            .where(job_keys.c.key_id == key_id, jobs.c.state.in_(states))
+        )
         with self.registry.transaction() as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM job_keys JOIN jobs ON jobs.id = job_keys.job_id "
-                f"WHERE job_keys.key_id = ? AND jobs.state IN ({marks})",
-                (key_id, *states),
-            ).fetchone()
-        return int(row[0])
+            return int(conn.execute(query).scalar_one())
 
     def training_ended(self, job_id: str, seconds: float) -> None:
         """A training process of `job_id` ran `seconds` (wall time); counted to its key."""
@@ -163,12 +149,13 @@ class UsageMeter:
         try:
             with self.registry.transaction() as conn:
                 for (key_id, day), usage in pending.items():
-                    values = [getattr(usage, name) for name in COUNTERS]
+                    values = {name: getattr(usage, name) for name in COUNTERS}
+                    insert = upsert(conn, key_usage).values(key_id=key_id, day=day, **values)
+                    added = {c: key_usage.c[c] + insert.excluded[c] for c in COUNTERS}
                     conn.execute(
-                        f"INSERT INTO key_usage (key_id, day, {', '.join(COUNTERS)}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, day) DO UPDATE SET "
-                        + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
-                        (key_id, day, *values),
+                        insert.on_conflict_do_update(
+                            index_elements=[key_usage.c.key_id, key_usage.c.day], set_=added
+                        )
                     )
         except BaseException:
             with self._lock:  # written next time
@@ -179,12 +166,14 @@ class UsageMeter:
     def report(self, labels: dict[str, str], days: int, key_id: str | None = None) -> UsageReport:
         """Totals and the last `days` days of every key (or one), flushed first."""
         self.flush()
-        query = f"SELECT key_id, day, {', '.join(COUNTERS)} FROM key_usage"
-        params: tuple[Any, ...] = ()
+        query = sa.select(key_usage)
         if key_id is not None:
-            query, params = query + " WHERE key_id = ?", (key_id,)
+            query = query.where(key_usage.c.key_id == key_id)
         with self.registry.transaction() as conn:
-            rows = conn.execute(query + " ORDER BY key_id, day DESC", params).fetchall()
+            found = conn.execute(query).mappings().all()
+        # Sorted here, not in SQL: the same order (code points) on SQLite and PostgreSQL.
+        rows = sorted(found, key=lambda r: r["day"], reverse=True)
+        rows.sort(key=lambda r: r["key_id"])
         by_key: dict[str, KeyUsage] = {}
         for row in rows:
             entry = by_key.setdefault(

@@ -1,7 +1,13 @@
 """Voices: resolving a speaker name, importing voice packages, deleting, restoring at start.
 
 A voice is registered only after it actually loaded into the running model; per-name locks
-make import and delete atomic.
+make import and delete atomic. `installed` is what this process has put into its models; with
+replicas (server/replicas.py) the others' registry writes are brought in by `sync_voice`.
+
+Names across replicas: a new voice first claims its folder under the shared artifacts dir
+(``mkdir``, which one creator wins), so two replicas creating one name give one voice and one
+409, and neither ever removes the other's folder. Baked rows come from the registry
+(`Registry.allocate_slot`), never from this process's view alone.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +33,18 @@ from finetune.sampling import Sampling
 
 import anyio
 import numpy as np
+import sqlalchemy as sa
 
+from server.artifacts import Artifacts
 from server.disk import require_free
 from server.engine.bank import AdapterTensors
 from server.engine.family import PackageError, package_file, package_member
 from server.engine.worker import ContextClip, Engine, SpeakJob, Voicing
-from server.errors import BadRequest, Conflict, NotFound, Unprocessable
+from server.errors import BadRequest, Conflict, NotFound, Overloaded, Unprocessable
 from server.package_archive import ArchiveLimits, unpack
 from server.package_meta import package_errors as _package_errors
 from server.package_meta import package_folder, package_relative, read_meta, refuse_strays
-from server.registry import Registry, Voice, VoiceKind, validate_name
+from server.registry import Registry, Voice, VoiceKind, VoiceNotFound, validate_name
 
 log = logging.getLogger("voicefoundry")
 
@@ -48,7 +58,7 @@ class VoiceService:
         self,
         registry: Registry,
         engine: Engine,
-        data_dir: Path,
+        artifacts_dir: Path,
         duplex: Any = None,
         archive_limits: ArchiveLimits | None = None,
     ) -> None:
@@ -56,11 +66,20 @@ class VoiceService:
         self.archive_limits = archive_limits or ArchiveLimits()
         self.engine = engine
         self.duplex = duplex  # the DuplexEngine (PersonaPlex models), if any
-        self.voices_dir = data_dir / "voices"
+        self.voices_dir = Artifacts(artifacts_dir).voices
         self.voices_dir.mkdir(parents=True, exist_ok=True)
         # Registered voices that failed to restore at start -> why (they answer 409 until fixed
         # by deleting and re-creating them; the rest serve).
         self.unavailable: dict[str, str] = {}
+        # Registered voices this process installed (or tried to: see `unavailable`), as
+        # registered: what `sync_voice` compares the registry with.
+        self.installed: dict[str, Voice] = {}
+        # Replicas: a voice registered by another replica and not yet installed here answers
+        # 503 + Retry-After (server/replicas.py brings it in within its bound).
+        self.shared = False
+        # Called with the registry's connection inside each voice write's transaction (the
+        # replicas' notification goes out with the commit, or not at all).
+        self.on_change: Callable[[sa.Connection, str], None] | None = None
 
     # --- lookups --------------------------------------------------------------------------
     def builtin(self) -> dict[str, str]:
@@ -110,7 +129,9 @@ class VoiceService:
         builtins = [self.get(n) for n in self.builtin()]
         return sorted(self.registry.list() + builtins, key=lambda v: v.name)
 
-    def voicing(self, voice: Voice) -> Voicing:
+    def voicing(self, voice: Voice, *, served: bool = True) -> Voicing:
+        """How `voice` speaks. `served`: for a request (False: a voice being installed or
+        removed by this process)."""
         if voice.name in self.unavailable:
             raise Conflict(f"voice {voice.name!r} is unavailable: {self.unavailable[voice.name]}")
         if voice.kind == "duplex":
@@ -122,10 +143,12 @@ class VoiceService:
             raise Conflict(
                 f"voice {voice.name!r} needs model {voice.base_model!r}, which is not loaded"
             )
+        if served and self.shared and voice.kind != "builtin" and voice.name not in self.installed:
+            raise Overloaded(f"voice {voice.name!r} is still being installed on this replica")
         adapter = self._path(voice.adapter)
         if "speaker_id" in voice.meta:  # a CSM voice: a speaker id and its context clips
             context = tuple(
-                ContextClip(self.registry.data_dir / c["audio"], c["text"])
+                ContextClip(self.registry.artifacts_dir / c["audio"], c["text"])
                 for c in voice.meta.get("context", [])
             )
             return Voicing(
@@ -152,19 +175,24 @@ class VoiceService:
         )
 
     def _path(self, stored: str | None) -> Path | None:
-        return None if stored is None else (self.registry.data_dir / stored)
+        return None if stored is None else (self.registry.artifacts_dir / stored)
 
     # --- restore --------------------------------------------------------------------------
-    def reconcile(self) -> builtins.list[str]:
+    def reconcile(self, min_age_s: float = 0.0) -> builtins.list[str]:
         """At start, before restore: what a crash left between a voice's folder and its row.
 
         An import writes the folder (renamed from staging) before the row, and a delete removes
         the row before the folder; so a folder without a row, or a staging folder, is a crash's
         leftover and goes. A row without a folder stays, and restores as unavailable.
+        `min_age_s`: only entries untouched that long go (replicas: another one's import in
+        flight is younger).
         """
         names = {v.name for v in self.registry.list()}
         removed = []
+        cutoff = time.time() - min_age_s
         for folder in self.voices_dir.iterdir():
+            if min_age_s > 0 and _mtime(folder) > cutoff:
+                continue
             if folder.name.startswith(".") or folder.name not in names:
                 if folder.is_dir():
                     shutil.rmtree(folder, ignore_errors=True)
@@ -179,17 +207,113 @@ class VoiceService:
         restored = []
         for voice in self.registry.list():
             model = self.engine.models.get(voice.base_model)
+            if voice.kind == "duplex" and voice.base_model in self._duplex_models():
+                self.installed[voice.name] = voice  # loaded per session: nothing to restore
             if model is None:
                 continue
-            try:
-                await self._restore_one(model, voice)
-            except Exception as exc:  # one broken voice never stops the service
-                self.unavailable[voice.name] = _restore_failure(exc)
-                log.warning("voice %s is unavailable: %s", voice.name, self.unavailable[voice.name])
-                await self.engine.run(functools.partial(_undo_restore, model, voice))
-                continue
-            restored.append(voice.name)
+            if await self._restore_or_mark(model, voice):
+                restored.append(voice.name)
         return restored
+
+    async def _restore_or_mark(self, model: Any, voice: Voice) -> bool:
+        """Install a registered voice into `model`; one that fails is marked unavailable."""
+        self.installed[voice.name] = voice
+        try:
+            await self._restore_one(model, voice)
+        except Exception as exc:  # one broken voice never stops the service
+            self.unavailable[voice.name] = _restore_failure(exc)
+            log.warning("voice %s is unavailable: %s", voice.name, self.unavailable[voice.name])
+            await self.engine.run(functools.partial(_undo_restore, model, voice))
+            return False
+        return True
+
+    # --- replicas: bring in what another replica registered or deleted -------------------------
+    async def sync_voice(self, name: str, registered: Voice | None) -> str | None:
+        """Make this process hold `name` as the registry does (`registered`: its row, or None
+        when it has none); "installed", "removed" or None (nothing to do)."""
+        if _same(self.installed.get(name), registered):
+            return None
+        async with self.registry.alock(name):
+            # Read again under the lock: a local import or delete may have just run.
+            try:
+                current: Voice | None = await anyio.to_thread.run_sync(self.registry.get, name)
+            except VoiceNotFound:
+                current = None
+            held = self.installed.get(name)
+            if _same(held, current):
+                if current is not None:
+                    self.installed[name] = current  # e.g. a job's quality meta, added later
+                return None
+            if held is not None:
+                await self._uninstall(held)
+            if current is None:
+                return "removed" if held is not None else None
+            model = self.engine.models.get(current.base_model)
+            if current.kind == "duplex" or model is None:
+                self.installed[name] = current  # duplex voices load per session
+                return "installed"
+            await self._restore_or_mark(model, current)
+            return "installed"
+
+    async def _uninstall(self, voice: Voice) -> None:
+        """Take what `voice` put into this process's models out again (rows, adapters, caches)."""
+        self.installed.pop(voice.name, None)
+        unavailable = self.unavailable.pop(voice.name, None)
+        model = self.engine.models.get(voice.base_model)
+        if model is not None:
+            adapter = self._path(voice.adapter)
+            voicing = None if unavailable is not None else self.voicing(voice, served=False)
+
+            def unload() -> None:
+                if voice.slot is not None:
+                    model.unbake(voice.name)
+                model.release_voice(voice.meta)
+                if adapter is not None:
+                    model.bank.unload(str(adapter))
+                if voicing is not None:
+                    model.forget(voicing)
+
+            await self.engine.run(unload)
+        if voice.kind == "duplex" and voice.base_model in self._duplex_models():
+            from server.duplex.voices import unload_duplex_voice
+
+            await unload_duplex_voice(self, voice)
+
+    # --- registry writes --------------------------------------------------------------------
+    async def commit(self, voice: Voice) -> Voice:
+        """Register `voice` (installed by this process): one transaction with the replicas'
+        notification."""
+
+        def write() -> Voice:
+            with self.registry.transaction() as conn:
+                added = self.registry.add(voice)
+                self._announce(conn, voice.name)
+            return added
+
+        added = await anyio.to_thread.run_sync(write)
+        self.installed[added.name] = added
+        return added
+
+    def _unregister(self, name: str) -> Voice:
+        with self.registry.transaction() as conn:
+            removed = self.registry.delete(name)
+            self._announce(conn, removed.name)
+        return removed
+
+    def _announce(self, conn: sa.Connection, name: str) -> None:
+        if self.on_change is not None:
+            self.on_change(conn, name)
+
+    def claim(self, name: str) -> Path:
+        """The new voice's folder, made empty (an import renames its staged folder over it):
+        whoever makes it creates the voice; a second creator of the name, here or on another
+        replica, gets a 409."""
+        target = self.voices_dir / name
+        try:
+            target.mkdir()
+        except FileExistsError:
+            raise Conflict(f"voice {name!r} already exists (or is being created)") from None
+        return target
 
     async def _restore_one(self, model: Any, voice: Voice) -> None:
         folder = self.voices_dir / voice.name
@@ -269,15 +393,24 @@ class VoiceService:
             async with self.registry.alock(voice_name):
                 if self.registry.exists(voice_name) or voice_name in self.builtin():
                     raise Conflict(f"voice {voice_name!r} already exists")
-                if isinstance(ref_clip, Path):
-                    await anyio.to_thread.run_sync(shutil.copyfile, ref_clip, staging / "ref.wav")
-                elif ref_clip is not None:
-                    (staging / "ref.wav").write_bytes(ref_clip)
-                if family.engine == "duplex":
-                    from server.duplex.voices import install_duplex_package
+                target = self.claim(voice_name)
+                try:
+                    if isinstance(ref_clip, Path):
+                        await anyio.to_thread.run_sync(
+                            shutil.copyfile, ref_clip, staging / "ref.wav"
+                        )
+                    elif ref_clip is not None:
+                        (staging / "ref.wav").write_bytes(ref_clip)
+                    if family.engine == "duplex":
+                        from server.duplex.voices import install_duplex_package
 
-                    return await install_duplex_package(self, staging, meta, voice_name, model_name)
-                return await self._install(staging, meta, voice_name, model_name)
+                        return await install_duplex_package(
+                            self, staging, meta, voice_name, model_name
+                        )
+                    return await self._install(staging, meta, voice_name, model_name)
+                except BaseException:
+                    shutil.rmtree(target, ignore_errors=True)  # ours: claimed above
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -315,10 +448,38 @@ class VoiceService:
         if embedding_file is not None:
             embedding = await anyio.to_thread.run_sync(self._embedding, staging)
             wanted = DEFAULT_SLOT if meta.get("slot") is None else int(meta["slot"])
-            slot = model.free_speaker_slot(wanted, set(self.registry.used_slots(model_name)))
+            # Reserved in the registry: no other replica gives this row to another voice.
+            slot = await anyio.to_thread.run_sync(
+                self.registry.allocate_slot,
+                model_name,
+                name,
+                lambda taken: model.free_speaker_slot(wanted, taken),
+            )
             if slot is None:
                 raise Conflict(f"model {model_name!r} has no free speaker row left")
-        target = self.voices_dir / name
+        try:
+            return await self._load_and_register(
+                staging, meta, name, model, tensors, fields, embedding, slot, adapter_dir
+            )
+        except BaseException:
+            if slot is not None:
+                await anyio.to_thread.run_sync(self.registry.release_slot, model_name, name)
+            raise
+
+    async def _load_and_register(
+        self,
+        staging: Path,
+        meta: dict[str, Any],
+        name: str,
+        model: Any,
+        tensors: AdapterTensors | None,
+        fields: dict[str, Any],
+        embedding: np.ndarray | None,
+        slot: int | None,
+        adapter_dir: Path | None,
+    ) -> Voice:
+        model_name = model.name
+        target = self.voices_dir / name  # claimed (empty): the staged folder goes over it
         final_adapter = target / meta["adapter"] if adapter_dir is not None else None
         loop = asyncio.get_running_loop()
 
@@ -344,6 +505,7 @@ class VoiceService:
         try:
             staging.rename(target)
             ref = target / "ref.wav"
+            root = self.registry.artifacts_dir
             kind: VoiceKind = (
                 "baked" if slot is not None else ("adapter" if final_adapter else "clone")
             )
@@ -351,17 +513,17 @@ class VoiceService:
                 name=name,
                 base_model=model_name,
                 kind=kind,
-                adapter=str(final_adapter.relative_to(self.registry.data_dir))
+                adapter=str(final_adapter.relative_to(self.registry.artifacts_dir))
                 if final_adapter
                 else None,
                 slot=slot,
-                ref_clip=str(ref.relative_to(self.registry.data_dir)) if ref.is_file() else None,
+                ref_clip=str(ref.relative_to(root)) if ref.is_file() else None,
                 default_language=meta.get("language"),
                 meta={"strategy": meta.get("strategy"), "source": "package"},
             )
-            stored_at = target.relative_to(self.registry.data_dir)
+            stored_at = target.relative_to(self.registry.artifacts_dir)
             voice.meta.update(model.registry_meta(fields, stored_at))
-            return await anyio.to_thread.run_sync(self.registry.add, voice)
+            return await self.commit(voice)
         except BaseException:
 
             def undo() -> None:
@@ -370,7 +532,6 @@ class VoiceService:
                 model.release_package(fields)
 
             await self.engine.run(undo)
-            shutil.rmtree(target, ignore_errors=True)
             raise
 
     def _trial_job(
@@ -385,7 +546,7 @@ class VoiceService:
     ) -> SpeakJob:
         """A one-frame request in the staged voice, as /speak would make it once registered
         (after `check_package` installed what it installs)."""
-        rel = staging.relative_to(self.registry.data_dir)
+        rel = staging.relative_to(self.registry.artifacts_dir)
         kind: VoiceKind = (
             "baked" if slot is not None else ("adapter" if meta.get("adapter") else "clone")
         )
@@ -402,7 +563,7 @@ class VoiceService:
         )
         voice.meta.update(model.registry_meta(fields, rel))
         return SpeakJob(
-            voicing=self.voicing(voice),
+            voicing=self.voicing(voice, served=False),
             segments=[TRIAL_TEXT],
             language=voice.default_language,
             sampling=Sampling(max_tokens=1),
@@ -435,8 +596,7 @@ class VoiceService:
         async with self.registry.alock(name):
             if self.registry.exists(name) or name in self.builtin():
                 raise Conflict(f"voice {name!r} already exists")
-            folder = self.voices_dir / name
-            folder.mkdir(parents=True)
+            folder = self.claim(name)
             try:
                 write_wav(folder / "ref.wav", wav)
                 model = self.engine.models[model_name]
@@ -452,11 +612,11 @@ class VoiceService:
                     kind="clone",
                     adapter=None,
                     slot=None,
-                    ref_clip=str((folder / "ref.wav").relative_to(self.registry.data_dir)),
+                    ref_clip=str((folder / "ref.wav").relative_to(self.registry.artifacts_dir)),
                     default_language=language,
                     meta=meta,
                 )
-                return await anyio.to_thread.run_sync(self.registry.add, voice)
+                return await self.commit(voice)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -466,29 +626,30 @@ class VoiceService:
         key = name.strip().lower()
         async with self.registry.alock(key):
             voice = await anyio.to_thread.run_sync(self.registry.get, key)
-            model = self.engine.models.get(voice.base_model)
-            if model is not None:
-                adapter = self._path(voice.adapter)
-                voicing = None if key in self.unavailable else self.voicing(voice)
-
-                def unload() -> None:
-                    if voice.slot is not None:
-                        model.unbake(voice.name)
-                    model.release_voice(voice.meta)
-                    if adapter is not None:
-                        model.bank.unload(str(adapter))
-                    if voicing is not None:
-                        model.forget(voicing)
-
-                await self.engine.run(unload)
-            if voice.kind == "duplex" and voice.base_model in self._duplex_models():
-                from server.duplex.voices import unload_duplex_voice
-
-                await unload_duplex_voice(self, voice)
-            await anyio.to_thread.run_sync(self.registry.delete, key)
+            # What this process installed (another replica's voice not yet synced: nothing).
+            held = self.installed.get(key)
+            if held is not None or not self.shared:
+                await self._uninstall(held or voice)
+            await anyio.to_thread.run_sync(self._unregister, key)
             shutil.rmtree(self.voices_dir / key, ignore_errors=True)
             self.unavailable.pop(key, None)
             return voice
+
+
+def _same(held: Voice | None, registered: Voice | None) -> bool:
+    """The same registration (meta aside: it changes without reinstalling, e.g. a job's quality
+    notes); a voice deleted and made again under its name is another one."""
+    if held is None or registered is None:
+        return held is registered
+    fields = ("created_at", "base_model", "kind", "slot", "adapter", "ref_clip")
+    return all(getattr(held, f) == getattr(registered, f) for f in fields)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _restore_failure(exc: Exception) -> str:

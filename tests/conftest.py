@@ -135,3 +135,36 @@ def tiny_qwen3_q4(tiny_qwen3_base: Path, tmp_path_factory: pytest.TempPathFactor
     from finetune.families.qwen3_tts.quantize import quantize_checkpoint
 
     return quantize_checkpoint(tiny_qwen3_base, tmp_path_factory.mktemp("models") / "q4", 4)
+
+
+# PostgreSQL for the registry's tests: the server deploy/start-postgres.sh starts (`make test`
+# runs it), or VF_TEST_POSTGRES (a SQLAlchemy URL of a role that may create databases).
+POSTGRES_SERVER = "postgresql+psycopg://voicefoundry:voicefoundry@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh database on the test PostgreSQL server, dropped at the end of the session; its
+    URL. The server not answering is a failure, never a skip."""
+    import os
+    import uuid
+
+    import sqlalchemy as sa
+
+    server = sa.make_url(os.environ.get("VF_TEST_POSTGRES", POSTGRES_SERVER))
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"vf_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not running: bash deploy/start-postgres.sh ({exc.orig})",
+            pytrace=False,
+        )
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

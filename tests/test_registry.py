@@ -1,4 +1,8 @@
-"""Tests for server.registry: CRUD, names, slots, jobs, atomicity, crash survival, locking."""
+"""Tests for server.registry: CRUD, names, slots, jobs, atomicity, crash survival, locking.
+
+One suite, two backends: every test that takes `reg` or `open_registry` runs on SQLite (the
+embedded default) and on PostgreSQL (a fresh schema per test in the session's test database).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from server.db import migrate
 from server.registry import (
     InvalidVoiceName,
     JobNotFound,
@@ -32,11 +39,46 @@ from server.registry import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
+    """This test's database: None (SQLite under the data dir) or a PostgreSQL URL whose
+    search_path is a schema of its own."""
+    if request.param == "sqlite":
+        yield None
+        return
+    server = sa.make_url(request.getfixturevalue("postgres_url"))
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
 @pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    registry = Registry(tmp_path / "data" / "registry.sqlite3")
-    yield registry
-    registry.close()
+def open_registry(database: str | None, tmp_path: Path) -> Iterator[Callable[[], Registry]]:
+    """Opens a Registry on this test's database; each call is another "replica"."""
+    opened: list[Registry] = []
+
+    def factory() -> Registry:
+        registry = Registry(tmp_path / "data" / "registry.sqlite3", database_url=database)
+        opened.append(registry)
+        return registry
+
+    yield factory
+    for registry in opened:
+        registry.close()
+
+
+@pytest.fixture
+def reg(open_registry: Callable[[], Registry]) -> Registry:
+    return open_registry()
 
 
 def _voice(name: str, base: str = "qwen3-0.6b", **fields) -> Voice:
@@ -124,8 +166,8 @@ def test_names_are_unique_and_case_insensitive(reg: Registry) -> None:
     assert reg.get("CaRoL").name == "carol"
     assert [v.name for v in reg.list()] == ["carol"]
     # Stored lower-case in the database itself.
-    with sqlite3.connect(reg.path) as raw:
-        assert raw.execute("SELECT name FROM voices").fetchall() == [("carol",)]
+    with reg.transaction() as conn:
+        assert conn.execute(sa.text("SELECT name FROM voices")).all() == [("carol",)]
     with pytest.raises(InvalidVoiceName):
         reg.get("../carol")
 
@@ -165,28 +207,33 @@ def test_used_slots_and_slot_clash(reg: Registry) -> None:
     assert reg.used_slots("qwen3-0.6b") == {3000, 3002}
 
 
-def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
-    path = tmp_path / "r.sqlite3"
-    with Registry(path) as first:
-        first.add(_voice("eve", meta={"a": 1}))
-    with Registry(path) as second:
-        assert second.get("eve").meta == {"a": 1}
-        with sqlite3.connect(path) as raw:
+def test_reopen_keeps_data_and_schema(open_registry: Callable[[], Registry]) -> None:
+    first = open_registry()
+    first.add(_voice("eve", meta={"a": 1}))
+    first.close()
+    second = open_registry()
+    assert second.get("eve").meta == {"a": 1}
+    with second.transaction() as conn:
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).all() == [(1,)]
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
+            (migrate.head(),)
+        ]
+    if second.dialect == "sqlite":
+        with sqlite3.connect(second.path) as raw:
             assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-            assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "r.sqlite3"
-    Registry(path).close()
-    with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(RegistryError, match="schema 99"):
-        Registry(path)
+def test_unknown_newer_revision_is_refused(open_registry: Callable[[], Registry]) -> None:
+    registry = open_registry()
+    with registry.transaction() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    registry.close()
+    with pytest.raises(RegistryError, match=r"'9999'.*newer version"):
+        open_registry()
 
 
-def test_closed_registry_raises(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "r.sqlite3")
+def test_closed_registry_raises(open_registry: Callable[[], Registry]) -> None:
+    registry = open_registry()
     registry.close()
     registry.close()
     with pytest.raises(RegistryError, match="closed"):
@@ -210,20 +257,20 @@ def test_transaction_rolls_back_every_write_on_error(reg: Registry) -> None:
     assert reg.exists("fay") and reg.get_job("j1").state == "succeeded"
 
 
-def _run_child(db: Path, body: str) -> subprocess.Popen[str]:
+def _run_child(db: Path, url: str | None, body: str) -> subprocess.Popen[str]:
     script = textwrap.dedent(
         """
         import os, signal, sys, time
         from pathlib import Path
         from server.registry import Registry, Voice
-        reg = Registry(Path(sys.argv[1]))
+        reg = Registry(Path(sys.argv[1]), database_url=sys.argv[2] or None)
         def voice(name):
             return Voice(name=name, base_model="m", kind="adapter", meta={"pad": "x" * 5000})
         """
     ) + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [sys.executable, "-c", script, str(db)],
+        [sys.executable, "-c", script, str(db), url or ""],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
@@ -231,10 +278,13 @@ def _run_child(db: Path, body: str) -> subprocess.Popen[str]:
     )
 
 
-def test_commit_survives_sigkill(tmp_path: Path) -> None:
-    db = tmp_path / "r.sqlite3"
+def test_commit_survives_sigkill(
+    tmp_path: Path, database: str | None, open_registry: Callable[[], Registry]
+) -> None:
+    db = tmp_path / "data" / "registry.sqlite3"
     child = _run_child(
         db,
+        database,
         """
         reg.add(voice("kept"))
         reg.put_job("job1", "kept", "succeeded", {"step": 7})
@@ -242,16 +292,19 @@ def test_commit_survives_sigkill(tmp_path: Path) -> None:
         """,
     )
     assert child.wait(timeout=30) == -signal.SIGKILL
-    with Registry(db) as reg:
-        assert reg.get("kept").meta["pad"] == "x" * 5000
-        assert reg.get_job("job1").payload == {"step": 7}
+    reg = open_registry()
+    assert reg.get("kept").meta["pad"] == "x" * 5000
+    assert reg.get_job("job1").payload == {"step": 7}
 
 
-def test_sigkill_mid_transaction_leaves_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "r.sqlite3"
-    Registry(db).close()
+def test_sigkill_mid_transaction_leaves_nothing(
+    tmp_path: Path, database: str | None, open_registry: Callable[[], Registry]
+) -> None:
+    db = tmp_path / "data" / "registry.sqlite3"
+    open_registry().close()
     child = _run_child(
         db,
+        database,
         """
         reg.add(voice("before"))
         with reg.transaction():
@@ -269,10 +322,10 @@ def test_sigkill_mid_transaction_leaves_nothing(tmp_path: Path) -> None:
     finally:
         if child.poll() is None:
             child.kill()
-    with Registry(db) as reg:
-        assert [v.name for v in reg.list()] == ["before"]
-        reg.add(_voice("after"))  # the dead writer left no lock behind
-        assert [v.name for v in reg.list()] == ["after", "before"]
+    reg = open_registry()
+    assert [v.name for v in reg.list()] == ["before"]
+    reg.add(_voice("after"))  # the dead writer left no lock behind
+    assert [v.name for v in reg.list()] == ["after", "before"]
 
 
 # ---- threads and locks ----------------------------------------------------------------------
@@ -399,3 +452,128 @@ def test_jobs_round_trip(reg: Registry) -> None:
         reg.update_job("nope", state="x")
     with pytest.raises(ValueError, match="created_at"):
         reg.update_job("j1", created_at="2020-01-01T00:00:00Z")
+
+
+# ---- replicas: two Registry objects on one database ------------------------------------------
+
+
+def _lowest_free(start: int, calls: list[int]) -> Callable[[set[int]], int | None]:
+    def choose(taken: set[int]) -> int | None:
+        calls.append(1)
+        return next(slot for slot in range(start, start + 10_000) if slot not in taken)
+
+    return choose
+
+
+def test_two_replicas_racing_for_slots_never_share_one(
+    open_registry: Callable[[], Registry],
+) -> None:
+    replicas = [open_registry(), open_registry()]
+    per_replica = 15
+    barrier = threading.Barrier(len(replicas))
+    won: dict[str, int] = {}
+    calls: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        registry = replicas[index]
+        try:
+            barrier.wait()
+            for i in range(per_replica):
+                name = f"r{index}-v{i}"
+                slot = registry.allocate_slot("qwen3-0.6b", name, _lowest_free(3000, calls))
+                assert slot is not None
+                won[name] = slot
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(replicas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert len(won) == 2 * per_replica
+    assert len(set(won.values())) == len(won)  # never one row for two voices
+    assert set(won.values()) == set(range(3000, 3000 + len(won)))  # and none skipped
+    # Every reservation becomes its voice's row through either replica.
+    for name, slot in won.items():
+        replicas[slot % 2].add(_voice(name, kind="baked", slot=slot))
+    assert replicas[0].used_slots("qwen3-0.6b") == set(won.values())
+    with replicas[1].transaction() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM slot_reservations")).scalar() == 0
+    print(f"{replicas[0].dialect}: {len(calls)} choices for {len(won)} rows")
+
+
+def test_allocate_slot_reserves_until_add_or_release(reg: Registry) -> None:
+    calls: list[int] = []
+    reg.add(_voice("old", kind="baked", slot=3000))
+    slot = reg.allocate_slot("qwen3-0.6b", "New", _lowest_free(3000, calls))
+    assert slot == 3001
+    assert reg.allocate_slot("qwen3-0.6b", "new", _lowest_free(3000, calls)) == 3001  # kept
+    assert reg.used_slots("qwen3-0.6b") == {3000, 3001}
+    with pytest.raises(SlotInUse, match="'new'"):  # reserved for another voice
+        reg.add(_voice("other", kind="baked", slot=3001))
+    other = reg.allocate_slot("qwen3-0.6b", "other", _lowest_free(3000, calls))
+    assert other == 3002
+    reg.release_slot("qwen3-0.6b", "other")
+    assert reg.used_slots("qwen3-0.6b") == {3000, 3001}
+    assert reg.allocate_slot("qwen3-0.6b", "x", lambda taken: None) is None
+    with pytest.raises(ValueError, match="taken"):
+        reg.allocate_slot("qwen3-0.6b", "y", lambda taken: 3000)
+    reg.add(_voice("new", kind="baked", slot=3001))
+    assert reg.used_slots("qwen3-0.6b") == {3000, 3001}
+    assert reg.allocate_slot("qwen3-1.7b", "new", _lowest_free(3000, calls)) == 3000
+
+
+def test_stale_reservations_expire(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.registry as registry_module
+
+    assert reg.allocate_slot("m", "dead", lambda taken: 7) == 7  # its replica never adds it
+    monkeypatch.setattr(registry_module, "SLOT_RESERVATION_TTL_S", -1.0)
+    assert reg.used_slots("m") == {7}  # until an allocation expires it
+    assert reg.allocate_slot("m", "alive", lambda taken: min({7, 8} - taken)) == 7
+
+
+def test_two_replicas_adding_one_name_exactly_one_wins(
+    open_registry: Callable[[], Registry],
+) -> None:
+    replicas = [open_registry() for _ in range(4)]
+    barrier = threading.Barrier(len(replicas))
+    outcomes: list[str] = []
+
+    def work(registry: Registry) -> None:
+        barrier.wait()
+        try:
+            registry.add(_voice("same", kind="baked", slot=3000))
+            outcomes.append("added")
+        except VoiceExists:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["added"] + ["exists"] * (len(replicas) - 1)
+
+
+def test_two_replicas_one_slot_by_direct_adds(open_registry: Callable[[], Registry]) -> None:
+    replicas = [open_registry() for _ in range(4)]
+    barrier = threading.Barrier(len(replicas))
+    outcomes: list[str] = []
+
+    def work(index: int) -> None:
+        barrier.wait()
+        try:
+            replicas[index].add(_voice(f"v{index}", kind="baked", slot=3000))
+            outcomes.append("added")
+        except SlotInUse:
+            outcomes.append("slot")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(replicas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["added"] + ["slot"] * (len(replicas) - 1)

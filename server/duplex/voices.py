@@ -56,7 +56,7 @@ def voicing_of(registry: Registry, engine: DuplexEngine, voice: Voice) -> Duplex
         )
 
     def path(stored: str | None) -> Path | None:
-        return None if stored is None else registry.data_dir / stored
+        return None if stored is None else registry.artifacts_dir / stored
 
     return DuplexVoicing(
         model=voice.base_model,
@@ -96,10 +96,10 @@ async def install_duplex_package(
         await engine.run(check)
     if prompt is not None and prompt_name is not None:
         await anyio.to_thread.run_sync(_check_prompt, prompt, prompt_name)
-    target = service.voices_dir / name
+    target = service.voices_dir / name  # claimed (empty) by the caller: staged goes over it
     staging.rename(target)
     try:
-        rel = target.relative_to(service.registry.data_dir)
+        rel = target.relative_to(service.registry.artifacts_dir)
         voice = Voice(
             name=name,
             base_model=model_name,
@@ -114,7 +114,7 @@ async def install_duplex_package(
                 "text_prompt": fields.text_prompt,
             },
         )
-        return await anyio.to_thread.run_sync(service.registry.add, voice)
+        return await service.commit(voice)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
@@ -151,8 +151,8 @@ def _check_prompt(path: Path, name: str) -> None:
 async def unload_duplex_voice(service: Any, voice: Voice) -> None:
     engine: DuplexEngine = service.duplex
     model = engine.models[voice.base_model]
-    adapter = None if voice.adapter is None else service.registry.data_dir / voice.adapter
-    prompt = None if voice.ref_clip is None else service.registry.data_dir / voice.ref_clip
+    adapter = None if voice.adapter is None else service.registry.artifacts_dir / voice.adapter
+    prompt = None if voice.ref_clip is None else service.registry.artifacts_dir / voice.ref_clip
 
     def unload() -> None:
         if adapter is not None:

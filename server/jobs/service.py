@@ -25,7 +25,9 @@ from finetune.progress import Phase, ProgressEvent, Quality, Step
 from finetune.quality import preview_name
 
 import anyio
+import sqlalchemy as sa
 
+from server.artifacts import Artifacts
 from server.errors import Conflict, NotFound
 from server.jobs.events import JobEvents, PublicEvent, preview_url, public_progress, public_state
 from server.jobs.intake import Intake, JobRequest
@@ -37,6 +39,7 @@ from server.uploads import Upload
 from server.voices import VoiceService
 
 ACTIVE = ("queued", "preparing", "training", "baking")
+INCOMING_AGE_S = 6 * 3600.0  # replicas: an upload folder this old is a crash's leftover
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 # The job state each trainer phase means.
@@ -53,7 +56,7 @@ class JobService:
         self.registry = registry
         self.voices = voices
         self.settings = settings
-        self.root = settings.data_path / "jobs"
+        self.root = Artifacts.of(settings).jobs  # job folders and uploads in flight
         self.root.mkdir(parents=True, exist_ok=True)
         self.events = JobEvents()
         self.intake = Intake(self._models_for, self._check_name_free, settings)
@@ -66,12 +69,21 @@ class JobService:
         self._names = threading.Lock()
         # Told each trainer process's wall time when it exits (per-key usage: server/usage.py).
         self.on_trained: Callable[[str, float], None] | None = None
+        # Replicas sharing the registry (server/replicas.py): this one's id. It runs and resumes
+        # only the jobs it accepted; the others' rows and uploads in flight are left alone.
+        self.replica: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        for stale in self.root.glob(".incoming-*"):  # uploads cut off by a crash
-            shutil.rmtree(stale, ignore_errors=True)
+        # Uploads cut off by a crash (replicas: only old ones; young ones may be in flight).
+        cutoff = time.time() - (INCOMING_AGE_S if self.replica is not None else 0.0)
+        for stale in self.root.glob(".incoming-*"):
+            with contextlib.suppress(OSError):
+                if stale.stat().st_mtime <= cutoff:
+                    shutil.rmtree(stale, ignore_errors=True)
         for job in self.registry.list_jobs():
+            if self.replica is not None and job.payload.get("replica") != self.replica:
+                continue  # another replica's job: its pid is not ours to stop
             if job.state in ACTIVE or job.state == "interrupted":
                 await anyio.to_thread.run_sync(stop_orphan, job.payload.get("pid"))
                 self._set(job.id, "queued", note="resumed after a server restart")
@@ -135,9 +147,16 @@ class JobService:
 
     def create(self, request: JobRequest, folder: Path) -> Job:
         """The job's row and folder; the name is reserved from here until the job ends."""
-        with self._names:
+        shared = self.replica is not None  # PostgreSQL: one name at a time across replicas
+        guard = self.registry.transaction() if shared else contextlib.nullcontext()
+        with self._names, guard as conn:
+            if conn is not None:
+                key = f"voicefoundry-job-name:{request.name}"
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
             self._check_name_free(request.name)
-            return self._create(request, folder)
+            job = self._create(request, folder)
+        self._queue.put_nowait(job.id)  # after the commit: the runner reads the row
+        return job
 
     def _create(self, request: JobRequest, folder: Path) -> Job:
         job_id = uuid.uuid4().hex[:12]
@@ -161,10 +180,9 @@ class JobService:
             "hyper": request.hyper,
             "ref_clip": str(ref_clip),
             "quality": [],
+            "replica": self.replica,
         }
-        job = self.registry.put_job(job_id, request.name, "queued", payload)
-        self._queue.put_nowait(job_id)
-        return job
+        return self.registry.put_job(job_id, request.name, "queued", payload)
 
     # --- reading ------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import data as data_lib
+from finetune import distributed
 from finetune.audio import load_audio
 from finetune.config import QWEN3_CODE_PREDICTOR_TARGETS, TrainConfig
 from finetune.families.qwen3_tts.checkpoint import LoadedQwen3TTS, load_qwen3_tts
@@ -33,7 +34,13 @@ from finetune.families.qwen3_tts.languages import (
     attach_language_rows,
     new_languages,
 )
-from finetune.families.qwen3_tts.layout import PackedBatch, build_sequence, chat_text, pack
+from finetune.families.qwen3_tts.layout import (
+    IGNORE,
+    PackedBatch,
+    build_sequence,
+    chat_text,
+    pack,
+)
 from finetune.families.qwen3_tts.quality import quality_hook
 from finetune.identity import weights_identity
 from finetune.lora import LoRAConfig, apply_lora, save_adapters
@@ -137,6 +144,20 @@ def make_loss_fn(sub_weight: float, label_smoothing: float):
         return parts.total, {"main": parts.main, "sub": parts.sub}
 
     return loss_fn
+
+
+def loss_terms(sub_weight: float) -> distributed.LossTerms:
+    """`qwen3_tts_loss` as data-parallel weighting sees it: `main` is a mean over the labelled
+    positions, `sub` over the frames the code predictor is trained on (x 15 codebooks)."""
+
+    def counts(batch: Qwen3Batch) -> dict[str, float]:
+        packed = batch.packed
+        return {
+            "main": float((packed.labels != IGNORE).sum()),
+            "sub": float(len(packed.sub_positions)),
+        }
+
+    return distributed.LossTerms(coefficients={"main": 1.0, "sub": sub_weight}, counts=counts)
 
 
 def lora_config(config: TrainConfig) -> LoRAConfig:
@@ -299,9 +320,13 @@ def prepare_run(
     collate = Collator(model, speakers)
     tcfg = config.trainer
     plan = data_lib.BatchPlan(train, tcfg.batch_size, seed=tcfg.seed)
+    group = distributed.launched_group()  # None: one process
 
-    def batches(epoch: int, index: int) -> Iterator[tuple[int, int, Qwen3Batch]]:
-        source = ((e, i, collate(exs)) for e, i, exs in plan.iterate(epoch, index))
+    def batches(epoch: int, index: int) -> Iterator[tuple[int, int, Any]]:
+        source = (
+            (e, i, distributed.shard_batch(collate, exs, group))
+            for e, i, exs in plan.iterate(epoch, index)
+        )
         return data_lib.prefetch(source, tcfg.prefetch) if tcfg.prefetch > 0 else source
 
     val_batches = []
@@ -332,6 +357,8 @@ def prepare_run(
         on_checkpoint=quality_hook(
             config, loaded, train_clips, progress, voice=conditioning, speaker=voice_vector
         ),
+        group=group,
+        loss_terms=loss_terms(tcfg.sub_talker_weight),
     )
     if resume is not None:
         trainer.resume(resume)
