@@ -26,6 +26,12 @@ deploy-checks:
 test: install postgres
 	$(PY) -m pytest -q
 
+# The long end-to-end proofs (each overfits voices through real jobs on a real server, then
+# checks that /speak serves them exactly as trained; every layout and variant trained and served):
+# minutes each, so their own group, which .ci/run runs after `make test`.
+e2e: install
+	$(PY) -m pytest -q tests/e2e
+
 # Beyond one process: PostgreSQL-backed servers, replicas, data-parallel training over
 # mx.distributed, the deploy files checked by their own tools. Its own group (like parity and
 # browser) because each test starts several processes; .ci/run runs it.
