@@ -200,3 +200,11 @@ def test_cancelled_job_makes_watch_exit_1(server: Server, tmp_path: Path) -> Non
     assert watched.returncode == 1
     assert f"job {job_id} cancelled" in watched.stderr.decode()
     assert json.loads(watched.stdout)["state"] == "cancelled"
+
+
+def test_say_offers_every_format_the_server_encodes() -> None:
+    from voicefoundry_client.cli import FORMATS
+
+    from server.audio_formats import FORMATS as SERVER_FORMATS
+
+    assert sorted(FORMATS) == sorted(SERVER_FORMATS)

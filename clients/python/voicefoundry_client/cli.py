@@ -26,7 +26,7 @@ from voicefoundry_client.models import Job, Voice
 
 Handler = Callable[[argparse.Namespace], int]
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".oga", ".opus")
-FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
+FORMATS = ("wav", "flac", "pcm", "mp3", "opus", "aac")  # what the server encodes
 EXIT_FAILED = 1  # the server refused, or the job failed
 EXIT_USAGE = 2  # a bad local input: missing file, mismatched transcripts
 CLI_TIMEOUT_S = 600.0
