@@ -10,9 +10,9 @@ the package is set up as a bare namespace over the installed files and only `mos
 
 from __future__ import annotations
 
-import _thread
 import importlib.util
 import os
+import signal
 import sys
 import threading
 import types
@@ -31,11 +31,17 @@ def main() -> None:
     sys.modules["sounddevice"] = fake_sounddevice
     from moshi import client
 
-    stop = threading.Timer(float(os.environ["FAKE_SD_SECONDS"]), _press_ctrl_c)
-    stop.start()
+    seconds = float(os.environ["FAKE_SD_SECONDS"])
+    # The user presses Ctrl-C, and once more if the client has not gone after a while (as
+    # people do): its first interrupt cancels the conversation, a second one ends asyncio.run.
+    presses = [threading.Timer(at, _press_ctrl_c) for at in (seconds, seconds + 15)]
+    for press in presses:
+        press.daemon = True
+        press.start()
     sys.argv = ["moshi-client", *sys.argv[1:]]
     client.main()
-    stop.cancel()  # the server ended the conversation first
+    for press in presses:
+        press.cancel()  # the server ended the conversation first, or the client has gone
     recorded = fake_sounddevice.RECORDED
     np.save(os.environ["FAKE_SD_OUT"], np.concatenate(recorded) if recorded else np.zeros(0))
 
@@ -49,7 +55,9 @@ def _press_ctrl_c() -> None:
     send on the closing socket and it then prints "Lost connection" itself)."""
     sys.stderr.write(CTRL_C_MARK + "\n")
     sys.stderr.flush()
-    _thread.interrupt_main()
+    # A real SIGINT, as the terminal sends: unlike _thread.interrupt_main it also wakes a main
+    # thread blocked in a system call (the event loop's wait).
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 if __name__ == "__main__":
