@@ -10,6 +10,7 @@ the package is set up as a bare namespace over the installed files and only `mos
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import signal
@@ -38,12 +39,33 @@ def main() -> None:
     for press in presses:
         press.daemon = True
         press.start()
+    # The client's own teardown after Ctrl-C has been seen to hang (in full-suite runs only):
+    # past this, the harness shows every thread's stack and ends it, keeping what was played.
+    watchdog = threading.Timer(seconds + 25, _end_hung_client)
+    watchdog.daemon = True
+    watchdog.start()
     sys.argv = ["moshi-client", *sys.argv[1:]]
     client.main()
-    for press in presses:
-        press.cancel()  # the server ended the conversation first, or the client has gone
+    for timer in (*presses, watchdog):
+        timer.cancel()  # the server ended the conversation first, or the client has gone
+    _save_recording()
+
+
+HUNG_MARK = "[harness] the client is still running after Ctrl-C; its threads:"
+
+
+def _save_recording() -> None:
     recorded = fake_sounddevice.RECORDED
     np.save(os.environ["FAKE_SD_OUT"], np.concatenate(recorded) if recorded else np.zeros(0))
+
+
+def _end_hung_client() -> None:
+    sys.stderr.write(HUNG_MARK + "\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    _save_recording()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 CTRL_C_MARK = "[harness] the user presses Ctrl-C"
