@@ -92,3 +92,32 @@ def wait_for_job(
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} stuck in {job['state']}: {job}")
+
+
+JobClips = tuple[list[Path], dict[str, str], Path]  # clip paths, transcripts by file name, ref
+
+
+def job_clips(folder: Path, count: int = 8, seed: int = 7) -> JobClips:
+    """A synthetic speaker's clips for `POST /voices`, with their transcripts and a ref clip."""
+    from finetune.data import synthetic_dataset
+
+    train = synthetic_dataset(folder, count, seed=seed, with_ref=True)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    paths = [train.parent / r["audio"] for r in rows]
+    texts = {p.name: r["text"] for p, r in zip(paths, rows, strict=True)}
+    return paths, texts, train.parent / "ref.wav"
+
+
+def job_form(clips: JobClips, name: str, **fields: str) -> tuple[list, dict]:
+    """The multipart files and fields of a small speaker job over `clips` (`fields` override)."""
+    paths, texts, ref = clips
+    files = [("clips", (p.name, p.read_bytes(), "audio/wav")) for p in paths]
+    files.append(("ref", ("ref.wav", ref.read_bytes(), "audio/wav")))
+    data = {
+        "name": name,
+        "strategy": "speaker",
+        "transcripts": json.dumps(texts),
+        "max_steps": "4",
+        **fields,
+    }
+    return files, data

@@ -9,42 +9,26 @@ import subprocess
 import time
 from pathlib import Path
 
-from finetune.data import synthetic_dataset
-
 import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.service_helpers import server_process, wait_for_job, wav_samples
+from tests.service_helpers import (
+    JobClips,
+    job_clips,
+    job_form,
+    server_process,
+    wait_for_job,
+    wav_samples,
+)
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory) -> tuple[list[Path], dict[str, str], Path]:
-    train = synthetic_dataset(tmp_path_factory.mktemp("upload"), 8, seed=7, with_ref=True)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    paths = [train.parent / r["audio"] for r in rows]
-    return (
-        paths,
-        {p.name: r["text"] for p, r in zip(paths, rows, strict=True)},
-        train.parent / "ref.wav",
-    )
-
-
-def _form(clips, name: str, **fields) -> tuple[list, dict]:
-    paths, texts, ref = clips
-    files = [("clips", (p.name, p.read_bytes(), "audio/wav")) for p in paths]
-    files.append(("ref", ("ref.wav", ref.read_bytes(), "audio/wav")))
-    data = {
-        "name": name,
-        "strategy": "speaker",
-        "transcripts": json.dumps(texts),
-        "max_steps": "4",
-        **fields,
-    }
-    return files, data
+def clips(tmp_path_factory) -> JobClips:
+    return job_clips(tmp_path_factory.mktemp("upload"))
 
 
 def _server_pid(url: str) -> int:
@@ -67,7 +51,7 @@ def test_upload_trains_in_another_process_and_the_new_voice_speaks(
     tmp_path, tiny_qwen3_base, clips
 ):
     with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
-        files, data = _form(clips, "Newvoice")
+        files, data = job_form(clips, "Newvoice")
         created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
         assert created.status_code == 202, created.text
         job = created.json()
@@ -113,7 +97,7 @@ def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips)
         def post(files, data):
             return httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
 
-        files, data = _form(clips, "ok")
+        files, data = job_form(clips, "ok")
         cases = [
             (files, {**data, "name": "Bad Name!"}, 422, "name"),
             (files, {**data, "base_model": "missing"}, 422, "unknown speech base model"),
@@ -162,7 +146,7 @@ def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips)
 def test_upload_over_the_size_limit_is_413(tmp_path, tiny_qwen3_base, clips):
     settings = {**_settings(tmp_path / "data", tiny_qwen3_base), "max_upload_bytes": 100_000}
     with server_process(settings) as url:
-        files, data = _form(clips, "big")
+        files, data = job_form(clips, "big")
         response = httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
         assert response.status_code == 413
     assert list((tmp_path / "data" / "jobs").iterdir()) == []
@@ -170,7 +154,7 @@ def test_upload_over_the_size_limit_is_413(tmp_path, tiny_qwen3_base, clips):
 
 def test_cancel_and_kill_are_never_silent(tmp_path, tiny_qwen3_base, clips):
     with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
-        files, data = _form(clips, "cancelme", max_steps="5000")
+        files, data = job_form(clips, "cancelme", max_steps="5000")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
         running = wait_for_job(url, job["id"], {"training"})
         while running.get("step", 0) < 1:
@@ -183,7 +167,7 @@ def test_cancel_and_kill_are_never_silent(tmp_path, tiny_qwen3_base, clips):
         assert cancelled["state"] == "cancelled"
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
-        files, data = _form(clips, "killme", max_steps="5000")
+        files, data = job_form(clips, "killme", max_steps="5000")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
         wait_for_job(url, job["id"], {"training"})
         os.kill(_trainer_pid(job["id"]), signal.SIGKILL)
@@ -211,7 +195,7 @@ def _zombie(pid: int) -> bool:
 def test_a_server_restart_mid_job_resumes_and_finishes(tmp_path, tiny_qwen3_base, clips):
     settings = _settings(tmp_path / "data", tiny_qwen3_base)
     with server_process(settings) as url:
-        files, data = _form(clips, "survivor", max_steps="60")
+        files, data = job_form(clips, "survivor", max_steps="60")
         job = httpx.post(f"{url}/voices", files=files, data=data, timeout=60).json()
         running = wait_for_job(url, job["id"], {"training"})
         while running.get("step", 0) < 2:
@@ -265,7 +249,7 @@ def test_a_job_reports_its_quality_curve_previews_and_final_similarity(
     tmp_path, tiny_qwen3_base, clips
 ):
     with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
-        files, data = _form(clips, "measured", max_steps="2")
+        files, data = job_form(clips, "measured", max_steps="2")
         created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]

@@ -4,40 +4,23 @@ follows the job's state as the API reports it."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
-
-from finetune.data import synthetic_dataset
 
 import httpx
 import pytest
 from playwright.sync_api import Page, Route, expect
 
 from tests.browser.conftest import open_page
-from tests.service_helpers import wait_for_job
+from tests.service_helpers import JobClips, job_clips, job_form, wait_for_job
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], dict[str, str], Path]:
-    train = synthetic_dataset(tmp_path_factory.mktemp("job-clips"), 8, seed=7, with_ref=True)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    paths = [train.parent / r["audio"] for r in rows]
-    texts = {p.name: r["text"] for p, r in zip(paths, rows, strict=True)}
-    return paths, texts, train.parent / "ref.wav"
+def clips(tmp_path_factory: pytest.TempPathFactory) -> JobClips:
+    return job_clips(tmp_path_factory.mktemp("job-clips"))
 
 
-def submit(demo_url: str, clips, name: str) -> dict:
-    paths, texts, ref = clips
-    files = [("clips", (p.name, p.read_bytes(), "audio/wav")) for p in paths]
-    files.append(("ref", ("ref.wav", ref.read_bytes(), "audio/wav")))
-    data = {
-        "name": name,
-        "strategy": "speaker",
-        "base_model": "qwen3-tiny",
-        "transcripts": json.dumps(texts),
-        "max_steps": "2",
-    }
+def submit(demo_url: str, clips: JobClips, name: str) -> dict:
+    files, data = job_form(clips, name, base_model="qwen3-tiny", max_steps="2")
     created = httpx.post(f"{demo_url}/voices", files=files, data=data, timeout=120)
     assert created.status_code == 202, created.text
     return created.json()
