@@ -100,6 +100,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="fail instead of writing a checkpoint that leaves less free disk space than this",
     )
+    job.add_argument(
+        "--lock-wait-s",
+        type=float,
+        default=300.0,
+        help="how long to wait for another trainer of this job (one whose supervisor died, "
+        "checkpointing before it stops) before refusing to run",
+    )
     job.set_defaults(handler=_guard(_run_job))
 
 
@@ -295,11 +302,14 @@ def _bake(args: argparse.Namespace) -> int:
 
 def _run_job(args: argparse.Namespace) -> int:
     from finetune.job import run_job
+    from finetune.job_guard import stop_when_orphaned, trainer_lock
     from finetune.progress import Failed, ProgressWriter
 
     progress = ProgressWriter(stream=sys.stdout)
+    stop_when_orphaned()
     try:
-        return run_job(args.spec, progress, args.min_free_bytes)
+        with trainer_lock(Path(args.spec).resolve().parent, args.lock_wait_s):
+            return run_job(args.spec, progress, args.min_free_bytes)
     except Exception as exc:  # reported to the server as one line, then handled as before
         progress.emit(Failed(reason=f"{type(exc).__name__}: {exc}"))
         raise

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server import db_cli
 
     db_cli.register(subparsers)  # db upgrade | current: the registry's migrations
+    from server import worker_cli
+
+    worker_cli.register(subparsers)  # worker: trains the jobs replicas queue
     try:
         from voicefoundry_client import cli as client_cli
     except ImportError:  # the SDK is its own distribution (clients/python)

@@ -64,6 +64,14 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if settings.api_keys == "database":
+        from server.keystore_db import preflight
+
+        try:
+            preflight(settings)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not settings.models and not settings.demo:
         print(
             "error: no models configured (add `models:` to --config, or use --demo)",

@@ -1,15 +1,22 @@
-"""`voicefoundry keys`: create, list, revoke, rotate API keys and set their limits.
+"""`voicefoundry keys`: create, list, revoke, rotate API keys and set their limits; `import`
+moves a key file's keys into the registry's database.
 
-Every edit rewrites the key file atomically (server/keyfile.py); a running server re-reads it on
-its next request, so none of these needs a restart. Only `create` and `rotate` print a secret
-(once: the file keeps its hash); `list` never does.
+Where the keys are: `--file F` is a key file. Otherwise the settings (`--config`, the
+VOICEFOUNDRY_* environment, `--data-dir`, `--database-url`) say: with `api_keys: database` or
+an explicit `--database-url` the registry's database (server/keystore_db.py), else their
+`api_keys_file`. A key file edit rewrites it atomically (server/keyfile.py) and a running server
+re-reads it on its next request; a database edit is one transaction and every server sharing the
+database picks it up within a second. None needs a restart. Only `create` and `rotate` print a
+secret (once: only its hash is kept); `list` never does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="With no subcommand: create a key (as `keys create`).",
     )
     keys.add_argument("--file", type=Path, help="the key file (api_keys_file)")
+    keys.add_argument("--config", type=Path, help="the server's settings file (YAML or JSON)")
+    keys.add_argument("--data-dir", help="the data dir (its registry.sqlite3)")
+    keys.add_argument("--database-url", help="the registry's database: keys kept there")
     keys.add_argument("--scope", choices=("speak", "admin"), default="speak")
     keys.add_argument("--label", default="")
     keys.set_defaults(handler=_create)
@@ -59,10 +69,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             _limit_options(command)
         command.set_defaults(handler=handler)
 
+    moving = commands.add_parser(
+        "import",
+        help="copy a key file's keys into the registry's database (hashes: no secret needed)",
+    )
+    moving.add_argument("--file", type=Path, required=True, help="the key file to copy")
+    _settings_options(moving)
+    moving.set_defaults(handler=_import)
+
 
 def _file_option(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: `keys --file F list` and `keys list --file F` both work.
     parser.add_argument("--file", type=Path, default=argparse.SUPPRESS)
+    _settings_options(parser)
+
+
+def _settings_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="the server's settings file"
+    )
+    parser.add_argument("--data-dir", default=argparse.SUPPRESS, help="its registry.sqlite3")
+    parser.add_argument(
+        "--database-url", default=argparse.SUPPRESS, help="the registry's database: keys there"
+    )
 
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:
@@ -94,10 +123,58 @@ def _limits(args: argparse.Namespace, current: KeyLimits) -> KeyLimits:
     return KeyLimits(**values)
 
 
-def _key_file(args: argparse.Namespace) -> Path:
-    if args.file is None:
-        raise KeyError("--file is required (the server's api_keys_file)")
-    return Path(args.file)
+def _target(args: argparse.Namespace, *, database_only: bool = False) -> Path | str:
+    """The key file, or the database URL (a str), the command edits; KeyError: none given."""
+    if args.file is not None and not database_only:
+        return Path(args.file)
+    from server.keystore_db import database_url
+    from server.settings import load_settings
+
+    settings = load_settings(args.config, data_dir=args.data_dir, database_url=args.database_url)
+    if args.database_url is not None or settings.api_keys == "database":
+        return database_url(settings)
+    if database_only:
+        raise KeyError(
+            "import copies keys into the registry's database: give --database-url, or a "
+            "--config whose settings say api_keys: database"
+        )
+    if settings.api_keys_file is not None:
+        return Path(settings.api_keys_file)
+    raise KeyError(
+        "--file is required (the server's api_keys_file), or --config / --database-url for "
+        "keys in the registry's database"
+    )
+
+
+@contextlib.contextmanager
+def _editing(target: Path | str) -> Iterator[Any]:
+    if isinstance(target, Path):
+        from server.keyfile import edit_key_file
+
+        with edit_key_file(target) as store:
+            yield store
+        return
+    from server.keystore_db import cli_engine, edit_key_table
+
+    engine = cli_engine(target)
+    try:
+        with edit_key_table(engine) as store:
+            yield store
+    finally:
+        engine.dispose()
+
+
+def _failed(exc: BaseException) -> int:
+    import sqlalchemy as sa
+
+    if isinstance(exc, KeyError):
+        message = exc.args[0]
+    elif isinstance(exc, sa.exc.SQLAlchemyError):
+        message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    else:
+        message = str(exc)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -105,17 +182,15 @@ def _print(data: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace, action: Any) -> int:
-    from server.keyfile import edit_key_file
+    import sqlalchemy as sa
+
+    from server.db.migrate import MigrationError
 
     try:
-        with edit_key_file(_key_file(args)) as store:
+        with _editing(_target(args)) as store:
             result = action(store)
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (KeyError, OSError, ValueError, sa.exc.SQLAlchemyError, MigrationError) as exc:
+        return _failed(exc)
     _print(result)
     return 0
 
@@ -132,17 +207,27 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from server.auth import KeyStore
+    import sqlalchemy as sa
 
+    from server.auth import ApiKey, KeyStore
+    from server.db.migrate import MigrationError
+
+    keys: tuple[ApiKey, ...]
     try:
-        store = KeyStore.load(_key_file(args))
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for key in store.keys:  # never the secret (not stored) nor its hash
+        target = _target(args)
+        if isinstance(target, Path):
+            keys = KeyStore.load(target).keys
+        else:
+            from server.keystore_db import cli_engine, list_keys
+
+            engine = cli_engine(target)
+            try:
+                keys = list_keys(engine)
+            finally:
+                engine.dispose()
+    except (KeyError, OSError, ValueError, sa.exc.SQLAlchemyError, MigrationError) as exc:
+        return _failed(exc)
+    for key in keys:  # never the secret (not stored) nor its hash
         _print({"id": key.id, "scope": key.scope, "label": key.label, **_limits_out(key.limits)})
     return 0
 
@@ -178,6 +263,28 @@ def _limit(args: argparse.Namespace) -> int:
         return {"id": key.id, **_limits_out(key.limits)}
 
     return _run(args, action)
+
+
+def _import(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from server.auth import KeyStore
+    from server.db.migrate import MigrationError
+    from server.keystore_db import cli_engine, import_keys
+
+    try:
+        url = _target(args, database_only=True)
+        assert isinstance(url, str)
+        source = KeyStore.load(args.file)
+        engine = cli_engine(url)
+        try:
+            imported, present = import_keys(engine, source)
+        finally:
+            engine.dispose()
+    except (KeyError, OSError, ValueError, sa.exc.SQLAlchemyError, MigrationError) as exc:
+        return _failed(exc)
+    _print({"imported": imported, "already_there": present})
+    return 0
 
 
 def _limits_out(limits: KeyLimits) -> dict[str, Any]:

@@ -16,8 +16,9 @@ of a small model), and usually within tens of milliseconds of the commit. Names 
 the database, so a deleted voice is refused (404) by every replica as soon as the delete commits;
 a new one answers 503 + Retry-After on a replica that has not installed it yet.
 
-Not shared here: fine-tune jobs run in the replica that accepted them (their folders are on the
-artifacts dir); API keys are each replica's own file; usage windows are per process.
+Job events: the same connection LISTENs on server/jobs/broadcast.py's channel, so a job's events
+reach `/jobs/{id}/events` on every replica, whichever process (replica or `voicefoundry worker`)
+changed the job. Usage windows are per process.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import sqlalchemy as sa
 
+from server.jobs import broadcast
+from server.jobs.events import PublicEvent
 from server.registry import Voice
 from server.voices import VoiceService
 
@@ -71,10 +75,15 @@ class ReplicaSync:
     """Keeps this replica's installed voices equal to the shared registry. See the module
     docstring for how and the bound."""
 
-    def __init__(self, voices: VoiceService, database_url: str, poll_s: float) -> None:
+    def __init__(
+        self, voices: VoiceService, database_url: str, poll_s: float, origin: str = ""
+    ) -> None:
         self.voices = voices
         self.url = libpq_url(database_url)
         self.poll_s = poll_s
+        self.origin = origin  # this replica's id: its own job events are not handed back
+        # Where other processes' job events go (the job service's listeners).
+        self.on_job_event: Callable[[str, PublicEvent], None] | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         voices.shared = True
@@ -116,6 +125,14 @@ class ReplicaSync:
             except Exception:  # the registry down a moment: the next round tries again
                 log.exception("replica sync failed; retried in %.1f s", self.poll_s)
 
+    def _job_event(self, payload: str) -> None:
+        message = broadcast.decode(payload)
+        if message is None or self.on_job_event is None:
+            return
+        origin, job_id, event = message
+        if origin != self.origin:
+            self.on_job_event(job_id, event)
+
     async def _listen(self) -> None:
         import psycopg
 
@@ -124,10 +141,14 @@ class ReplicaSync:
             try:
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {broadcast.CHANNEL}")
                     wait = RECONNECT_S[0]
                     self._wake.set()  # anything sent while not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
+                    async for note in conn.notifies():
+                        if note.channel == broadcast.CHANNEL:
+                            self._job_event(note.payload)
+                        else:
+                            self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 log.warning("replica notifications: %s; polling every %.1f s", exc, self.poll_s)
             await asyncio.sleep(wait)

@@ -49,10 +49,23 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Replicas (database_url set): how often each one reconciles the voices it has installed
     # with the registry, besides the PostgreSQL notifications (server/replicas.py).
     replica_poll_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 2.0
+    # Who trains fine-tune jobs: "server" (each server runs the jobs it accepted, as a child
+    # process) or "workers" (`voicefoundry worker` processes claim them from the PostgreSQL
+    # task queue; server/jobs/queue.py). "workers" needs a postgresql database_url.
+    job_runner: Literal["server", "workers"] = "server"
+    # Workers: jobs one worker trains at once; how often it tells the database it is alive; how
+    # long silent before another worker takes its jobs back (from their last checkpoint).
+    worker_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    worker_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    worker_stalled_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     demo: bool = False
     models: dict[str, ModelSpec] = {}
     # None (left out): no auth. A file that is missing, unreadable or holds no keys: no start.
     api_keys_file: str | None = None
+    # Where the API keys live: "file" (api_keys_file, above) or "database" (the registry's
+    # database, one set for every replica: server/keystore_db.py; auth always on, and a
+    # database without keys: no start).
+    api_keys: Literal["file", "database"] = "file"
     metrics_auth: RouteAuth = "speak"
     schema_auth: RouteAuth = "speak"
     readyz_auth: RouteAuth = "none"  # load balancers probe it without a key
@@ -112,6 +125,20 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # session step's text token) to this JSON-lines file.
     codes_log: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.job_runner == "workers" and not _is_postgresql(self.database_url):
+            raise ValueError(
+                "job_runner: workers needs a PostgreSQL database_url (the workers' task queue "
+                "lives there); the embedded SQLite registry runs jobs in the server"
+            )
+        if self.worker_stalled_s <= self.worker_heartbeat_s:
+            raise ValueError("worker_stalled_s must be longer than worker_heartbeat_s")
+        if self.api_keys == "database" and self.api_keys_file is not None:
+            raise ValueError(
+                "api_keys: database keeps the keys in the registry's database; remove "
+                "api_keys_file (move its keys with voicefoundry keys import --file FILE)"
+            )
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
@@ -121,6 +148,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.artifacts_dir is None:
             return self.data_path
         return Path(self.artifacts_dir).expanduser().resolve()
+
+
+def _is_postgresql(url: str | None) -> bool:
+    return url is not None and url.split(":", 1)[0].split("+", 1)[0] == "postgresql"
 
 
 class SettingsError(ValueError):

@@ -22,6 +22,7 @@ from server.engine.worker import Engine
 from server.hub import Downloads, HubError, fetch, split_models
 from server.jobs import JobService
 from server.keyfile import KeyFile
+from server.keystore_db import DatabaseKeys
 from server.package_archive import ArchiveLimits
 from server.registry import Registry
 from server.settings import DEMO_MODEL, ModelSpec, Settings
@@ -35,6 +36,7 @@ log = logging.getLogger("voicefoundry")
 async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[None]:
     # No key file configured: no auth, explicitly. A configured one must load and hold keys.
     # A key file is re-read when it changes (server/keyfile.py): keys CLI edits need no restart.
+    keys: KeyStore | KeyFile | DatabaseKeys
     keys = KeyFile(settings.api_keys_file) if settings.api_keys_file is not None else KeyStore()
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,12 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         database_url=settings.database_url,
         artifacts_dir=artifacts.root,
     )
+    if settings.api_keys == "database":  # one set for every replica, polled: server/keystore_db.py
+        try:
+            keys = DatabaseKeys(registry.url)
+        except BaseException:
+            registry.close()
+            raise
     engine = Engine(
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
@@ -89,10 +97,17 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
     jobs = JobService(registry, voices, settings)
     replicas = None
     if registry.dialect == "postgresql":  # replicas may share it: server/replicas.py
+        from server.jobs.broadcast import JobBroadcast
         from server.replicas import ReplicaSync, replica_id
 
-        replicas = ReplicaSync(voices, registry.url, settings.replica_poll_s)
         jobs.replica = replica_id(data)
+        replicas = ReplicaSync(voices, registry.url, settings.replica_poll_s, jobs.replica)
+        replicas.on_job_event = jobs.events.publish
+        jobs.broadcast = JobBroadcast(registry, origin=jobs.replica)
+        if settings.job_runner == "workers":
+            from server.jobs.queue import JobQueue
+
+            jobs.queue = JobQueue(settings, jobs.replica)
     usage = UsageMeter(registry)
     flusher: asyncio.Task[None] | None = None
     starting: asyncio.Task[None] | None = None
@@ -166,6 +181,8 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         engine.stop(settings.shutdown_grace_s)
         duplex.stop(settings.shutdown_grace_s)
         registry.close()
+        if isinstance(keys, DatabaseKeys):
+            keys.close()
 
 
 async def _download_then(

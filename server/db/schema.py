@@ -32,3 +32,20 @@ slot_reservations = sa.Table(
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("reserved_at", sa.Text, nullable=False),
 )
+
+# Revision 0004: API keys when `api_keys: database` (server/keystore_db.py). `edit_seq` is the
+# number of the edit that last touched the row, unique and growing (revoked rows are kept).
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("limits", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+    sa.Column("revoked_at", sa.Text, nullable=True),
+    sa.Column("edit_seq", sa.Integer, nullable=False),
+    sa.Index("api_keys_edit_seq", "edit_seq", unique=True),
+)

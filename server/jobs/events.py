@@ -13,7 +13,9 @@ from finetune.progress import ProgressEvent, Quality
 import msgspec
 
 # What job events never show a client: the trainer's pid and paths on this server.
-PRIVATE_EVENT_FIELDS = frozenset({"pid", "ref_clip", "path", "checkpoint", "package_dir"})
+PRIVATE_EVENT_FIELDS = frozenset(
+    {"pid", "ref_clip", "path", "checkpoint", "package_dir", "package", "task_id", "worker"}
+)
 
 PublicEvent = dict[str, Any]
 

@@ -18,10 +18,9 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.families import get_family
-from finetune.progress import Phase, ProgressEvent, Quality, Step
 from finetune.quality import preview_name
 
 import anyio
@@ -29,26 +28,22 @@ import sqlalchemy as sa
 
 from server.artifacts import Artifacts
 from server.errors import Conflict, NotFound
-from server.jobs.events import JobEvents, PublicEvent, preview_url, public_progress, public_state
+from server.jobs.events import JobEvents, PublicEvent
 from server.jobs.intake import Intake, JobRequest
-from server.jobs.runner import Outcome, TrainerRun, stop_orphan
+from server.jobs.runner import stop_orphan
 from server.jobs.spec import PREVIEWS, write_job_files
+from server.jobs.training import ACTIVE, TERMINAL, Trainings
 from server.registry import Job, JobNotFound, Registry, VoiceNotFound
 from server.settings import Settings
 from server.uploads import Upload
 from server.voices import VoiceService
 
-ACTIVE = ("queued", "preparing", "training", "baking")
-INCOMING_AGE_S = 6 * 3600.0  # replicas: an upload folder this old is a crash's leftover
-TERMINAL = ("succeeded", "failed", "cancelled")
+if TYPE_CHECKING:
+    from server.jobs.queue import JobQueue
 
-# The job state each trainer phase means.
-PHASE_STATES: dict[str, str] = {
-    "validate": "preparing",
-    "preprocess": "preparing",
-    "training": "training",
-    "baking": "baking",
-}
+__all__ = ["ACTIVE", "TERMINAL", "JobService", "quality_meta"]
+
+INCOMING_AGE_S = 6 * 3600.0  # replicas: an upload folder this old is a crash's leftover
 
 
 class JobService:
@@ -60,21 +55,46 @@ class JobService:
         self.root.mkdir(parents=True, exist_ok=True)
         self.events = JobEvents()
         self.intake = Intake(self._models_for, self._check_name_free, settings)
+        self.trainings = Trainings(
+            registry,
+            self.root,
+            self._publish,
+            self._register,
+            min_free_bytes=settings.min_free_bytes,
+        )
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._runs: dict[str, TrainerRun] = {}
-        self._cancelled: set[str] = set()
         self._workers: list[asyncio.Task[None]] = []
-        self._stopping = False
         # Held from the name check to the job's row: two uploads of one name cannot both pass.
         self._names = threading.Lock()
-        # Told each trainer process's wall time when it exits (per-key usage: server/usage.py).
-        self.on_trained: Callable[[str, float], None] | None = None
-        # Replicas sharing the registry (server/replicas.py): this one's id. It runs and resumes
-        # only the jobs it accepted; the others' rows and uploads in flight are left alone.
+        # Replicas sharing the registry (server/replicas.py): this one's id. With the server as
+        # job runner it runs and resumes only the jobs it accepted; the others' rows and uploads
+        # in flight are left alone.
         self.replica: str | None = None
+        # job_runner "workers": the task queue the jobs go to (workers train them; this server
+        # registers the voices they make). None: this server trains its own jobs.
+        self.queue: JobQueue | None = None
+        # Where this process's job events also go (the replicas' notifications), besides its
+        # own listeners.
+        self.broadcast: Callable[[str, PublicEvent], None] | None = None
+
+    @property
+    def on_trained(self) -> Callable[[str, float], None] | None:
+        return self.trainings.on_trained
+
+    @on_trained.setter
+    def on_trained(self, hook: Callable[[str, float], None] | None) -> None:
+        self.trainings.on_trained = hook
+
+    def _publish(self, job_id: str, event: PublicEvent) -> None:
+        self.events.publish(job_id, event)
+        if self.broadcast is not None:
+            self.broadcast(job_id, event)
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        if self.queue is not None:  # the workers train; this server registers what they make
+            await self.queue.start(self)
+            return
         # Uploads cut off by a crash (replicas: only old ones; young ones may be in flight).
         cutoff = time.time() - (INCOMING_AGE_S if self.replica is not None else 0.0)
         for stale in self.root.glob(".incoming-*"):
@@ -86,7 +106,7 @@ class JobService:
                 continue  # another replica's job: its pid is not ours to stop
             if job.state in ACTIVE or job.state == "interrupted":
                 await anyio.to_thread.run_sync(stop_orphan, job.payload.get("pid"))
-                self._set(job.id, "queued", note="resumed after a server restart")
+                self.trainings.set(job.id, "queued", note="resumed after a server restart")
                 self._queue.put_nowait(job.id)
         await anyio.to_thread.run_sync(self.sweep)
         self._workers = [
@@ -112,12 +132,9 @@ class JobService:
         return removed
 
     async def stop(self) -> None:
-        self._stopping = True
-        runs = list(self._runs.values())
-        for run in runs:
-            run.terminate()  # the trainer checkpoints and exits
-        for run in runs:
-            await run.wait_or_kill(self.settings.shutdown_grace_s)
+        if self.queue is not None:
+            await self.queue.stop()
+        await self.trainings.stop(self.settings.shutdown_grace_s)
         for task in self._workers:
             task.cancel()
 
@@ -155,7 +172,11 @@ class JobService:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
             self._check_name_free(request.name)
             job = self._create(request, folder)
-        self._queue.put_nowait(job.id)  # after the commit: the runner reads the row
+        # After the commit: the runner reads the row.
+        if self.queue is not None:
+            self.queue.submit(job.id)
+        else:
+            self._queue.put_nowait(job.id)
         return job
 
     def _create(self, request: JobRequest, folder: Path) -> Job:
@@ -213,92 +234,38 @@ class JobService:
         job = self.get(job_id)
         if job.state in TERMINAL:
             raise Conflict(f"job {job_id} already {job.state}")
-        self._cancelled.add(job_id)
-        run = self._runs.get(job_id)
-        if run is not None:
-            run.terminate()
+        if self.queue is not None:
+            return await self.queue.cancel(job)
+        self.trainings.cancelled.add(job_id)
+        if self.trainings.terminate(job_id):
             return self.get(job_id)
-        return self._set(job_id, "cancelled", note="cancelled before it started")
+        return self.trainings.set(job_id, "cancelled", note="cancelled before it started")
 
     # --- running ------------------------------------------------------------------------
     async def _worker(self) -> None:
         while True:
             job_id = await self._queue.get()
-            if job_id in self._cancelled or self.get(job_id).state in TERMINAL:
+            if job_id in self.trainings.cancelled or self.get(job_id).state in TERMINAL:
                 continue
             try:
-                await self._run(job_id)
+                await self.trainings.run(job_id)
             except Exception as exc:  # a job failure never stops the worker
-                self._set(job_id, "failed", reason=f"{type(exc).__name__}: {exc}")
+                self.trainings.set(job_id, "failed", reason=f"{type(exc).__name__}: {exc}")
             await anyio.to_thread.run_sync(self.sweep)
 
-    async def _run(self, job_id: str) -> None:
-        self._set(job_id, "preparing")
-        run = TrainerRun(
-            job_id,
-            self.root / job_id,
-            lambda event: self._on_event(job_id, event),
-            min_free_bytes=self.settings.min_free_bytes,
-        )
-        pid = await run.start()
-        started = time.monotonic()
-        self._runs[job_id] = run
-        try:
-            self._set(job_id, None, pid=pid)
-            outcome = await run.supervise()
-        finally:
-            self._runs.pop(job_id, None)
-            if self.on_trained is not None:
-                self.on_trained(job_id, time.monotonic() - started)
-        await self._finish(job_id, outcome)
-
-    async def _finish(self, job_id: str, outcome: Outcome) -> None:
-        tail = outcome.tail
-        if job_id in self._cancelled:
-            self._set(job_id, "cancelled", log_tail=tail)
-        elif outcome.code == 0 and outcome.package is not None:
-            await self._register(job_id, Path(outcome.package), tail)
-        elif outcome.code == 0 and outcome.stopped and self._stopping:
-            self._set(
-                job_id,
-                "interrupted",
-                log_tail=tail,
-                note="the server stopped; the job resumes from its checkpoint",
-            )
-        else:
-            self._set(job_id, "failed", reason=outcome.reason(), log_tail=tail)
-
-    def _on_event(self, job_id: str, event: ProgressEvent) -> None:
-        """A trainer's progress event: the job's row follows it, listeners see it."""
-        if isinstance(event, Phase):
-            self._set(job_id, PHASE_STATES.get(event.phase))
-        elif isinstance(event, Step):
-            self._set(
-                job_id,
-                "training",
-                step=event.step,
-                total_steps=event.total_steps,
-                losses=event.losses(),
-                eta_s=event.eta_s,
-            )
-        elif isinstance(event, Quality):
-            self._record_quality(job_id, event)
-        self.events.publish(job_id, public_progress(job_id, event))
-
-    def _record_quality(self, job_id: str, event: Quality) -> None:
-        """One point of the similarity curve (a report for a step already seen replaces it)."""
-        step = event.step
-        point: dict[str, Any] = {
-            "step": step,
-            "similarity": event.similarity,
-            "preview": preview_url(job_id, step) if event.preview else None,
-        }
-        if event.reason:
-            point["reason"] = event.reason
-        curve = [q for q in self.get(job_id).payload.get("quality", []) if q["step"] != step]
-        self._set(job_id, None, quality=sorted([*curve, point], key=lambda q: q["step"]))
+    async def register_trained(self, job_id: str) -> None:
+        """A worker's finished job (job_runner "workers"): its package becomes a voice here."""
+        job = await anyio.to_thread.run_sync(self.get, job_id)
+        if job.state in TERMINAL:
+            return
+        package = job.payload.get("package")
+        if not package:
+            self.trainings.set(job_id, "failed", reason="the worker reported no voice package")
+            return
+        await self._register(job_id, Path(package), list(job.payload.get("log_tail") or []))
 
     async def _register(self, job_id: str, package: Path, tail: list[str]) -> None:
+        """The trained voice's package becomes a served voice (or the job fails saying why)."""
         job = self.get(job_id)
         payload = job.payload
         ref = Path(payload["ref_clip"]).read_bytes() if payload.get("ref_clip") else None
@@ -307,7 +274,7 @@ class JobService:
                 package, name=job.name, base_model=payload["base_model"], ref_clip=ref
             )
         except Exception as exc:
-            self._set(
+            self.trainings.set(
                 job_id,
                 "failed",
                 reason=f"the trained voice did not load: {exc}",
@@ -321,16 +288,8 @@ class JobService:
                     current = self.registry.get(voice.name)
                     meta = {**current.meta, **quality}
                     self.registry.replace(dataclasses.replace(current, meta=meta))
-        self._set(job_id, "succeeded", voice=voice.name, log_tail=tail)
+        self.trainings.set(job_id, "succeeded", voice=voice.name, log_tail=tail)
         shutil.rmtree(self.root / job_id / "run", ignore_errors=True)  # previews/ stays
-
-    def _set(self, job_id: str, state: str | None, **fields: Any) -> Job:
-        job = self.registry.get_job(job_id)
-        payload = {**job.payload, **fields}
-        updated = self.registry.update_job(job_id, state=state or job.state, payload=payload)
-        if (state is not None and state != job.state) or fields:
-            self.events.publish(job_id, public_state(updated.state, fields))
-        return updated
 
 
 def quality_meta(curve: list[dict[str, Any]]) -> dict[str, Any]:

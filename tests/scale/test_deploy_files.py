@@ -105,13 +105,13 @@ def test_compose_file_is_valid_and_wires_replicas_and_balancer():
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(done.stdout)
     services = config["services"]
-    # No training worker yet: jobs run in the replica that accepted them (README "Deploying").
-    assert set(services) == {"postgres", "api-a", "api-b", "nginx"}
+    assert set(services) == {"postgres", "api-a", "api-b", "worker", "nginx"}
     assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
 
-    a, b = services["api-a"], services["api-b"]
+    a, b, worker = services["api-a"], services["api-b"], services["worker"]
     env = a["environment"]
-    assert env == b["environment"]
+    assert env == b["environment"] == worker["environment"]
+    assert env["VOICEFOUNDRY_JOB_RUNNER"] == "workers"  # the replicas queue, the worker trains
     assert env["VOICEFOUNDRY_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert "@postgres:5432/" in env["VOICEFOUNDRY_DATABASE_URL"]
     # load_settings ignores an environment variable that names no setting: none may be a typo.
@@ -121,14 +121,15 @@ def test_compose_file_is_valid_and_wires_replicas_and_balancer():
     assert not unknown, f"not Settings fields (yet?): {unknown}"
     artifacts = f"artifacts:{env['VOICEFOUNDRY_ARTIFACTS_DIR']}:rw"
     assert env["VOICEFOUNDRY_ARTIFACTS_DIR"].startswith("/")
-    for service in (a, b):
+    for service in (a, b, worker):
         assert artifacts in service["volumes"]
         assert service["stop_signal"] == "SIGTERM"
         assert service["stop_grace_period"] == f"{_timeout_stop_s():g}s"
         assert service["depends_on"] == {"postgres": {"condition": "service_healthy"}}
         _parses(service["command"])
     assert a["command"][0] == b["command"][0] == "serve"
-    assert a["volumes"] != b["volumes"]  # own data dirs, one artifacts volume
+    assert worker["command"][0] == "worker"
+    assert len({str(s["volumes"]) for s in (a, b, worker)}) == 3  # own data dirs, one artifacts
     for replica in (a, b):
         assert "/readyz" in replica["healthcheck"]["test"][-1]
     assert services["nginx"]["depends_on"] == {
@@ -197,7 +198,7 @@ def test_nginx_conf_passes_nginx_t_and_matches_the_server(tmp_path):
 
 
 # --- systemd and launchd ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["voicefoundry.service"])
+@pytest.mark.parametrize("name", ["voicefoundry.service", "voicefoundry-worker.service"])
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path, name):
     """Verified as a copy whose ExecStart names this venv's `voicefoundry`: verify refuses a
     binary that does not exist, and /opt/voicefoundry is where a host installs it."""
@@ -226,20 +227,22 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path, name):
     argv = shlex.split(service["ExecStart"])
     assert argv[0] == UNIT_BIN
     _parses(argv[1:])
+    assert argv[1] == ("worker" if "worker" in name else "serve")
     # The longest graceful stop: requests in flight, a running job, then each engine finishing
     # its batch and its cancelled work, each bounded by shutdown_grace_s (server/startup.py).
     assert float(service["TimeoutStopSec"]) > 6 * Settings().shutdown_grace_s
 
 
-def test_launchd_plist_parses_and_runs_the_real_command():
-    path = DEPLOY / "launchd" / "com.voicefoundry.server.plist"
+@pytest.mark.parametrize("command", ["server", "worker"])
+def test_launchd_plist_parses_and_runs_the_real_command(command):
+    path = DEPLOY / "launchd" / f"com.voicefoundry.{command}.plist"
     with path.open("rb") as f:
         plist = plistlib.load(f)
     assert plist["Label"] == path.stem
     program = plist["ProgramArguments"]
     assert Path(program[0]).name == "voicefoundry" and Path(program[0]).is_absolute()
     _parses(program[1:])
-    assert program[1] == "serve"
+    assert program[1] == {"server": "serve", "worker": "worker"}[command]
     assert plist["KeepAlive"] == {"SuccessfulExit": False}  # a SIGTERM stop (exit 0) stays down
     assert plist["ExitTimeOut"] == _timeout_stop_s()
 

@@ -11,6 +11,8 @@ Revises: 0002
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import op
 
 revision = "0003"
@@ -26,14 +28,14 @@ def upgrade() -> None:
     from procrastinate.schema import SchemaManager
 
     # psycopg runs a query without parameters as it is: several statements, `%` and `:=` intact.
-    bind.connection.driver_connection.execute(SchemaManager.get_schema())
+    _psycopg(bind).execute(SchemaManager.get_schema())
 
 
 def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    raw = bind.connection.driver_connection
+    raw = _psycopg(bind)
     tables = raw.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
         "AND tablename LIKE 'procrastinate%'"
@@ -54,3 +56,10 @@ def downgrade() -> None:
     ).fetchall()
     for (type_name,) in types:
         raw.execute(f'DROP TYPE IF EXISTS "{type_name}" CASCADE')
+
+
+def _psycopg(bind: Any) -> Any:
+    """The psycopg connection under SQLAlchemy's."""
+    raw = bind.connection.driver_connection
+    assert raw is not None
+    return raw
