@@ -34,7 +34,7 @@ from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
 
 REPETITION_CONTEXT = 64
 
-__all__ = ["Qwen3BatchGenerator", "Qwen3Prompter", "Row"]
+__all__ = ["Qwen3BatchGenerator", "Qwen3DecodeBatch", "Qwen3Prompter", "Row"]
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     key: mx.array | None = None
+    steps: int = 0  # decode steps this row has taken
 
     def __post_init__(self) -> None:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -127,61 +128,19 @@ class Qwen3BatchGenerator:
 
     def run(self, rows: list[Row]) -> None:
         """Generate until every row hit codec_eos, its max_tokens, or was cancelled."""
-        active = [r for r in rows if not r.cancel.is_set()]
-        if not active:
-            return
-        lengths = [r.prompt.shape[0] for r in active]
-        longest = max(lengths)
-        mask = None
-        if len(set(lengths)) > 1:
-            width = active[0].prompt.shape[1]
-            padded = [
-                mx.concatenate([mx.zeros((longest - n, width), r.prompt.dtype), r.prompt])
-                for r, n in zip(active, lengths, strict=True)
-            ]
-            embeds = mx.stack(padded)
-            mask = mx.array([[0] * (longest - n) + [1] * n for n in lengths])
-        else:
-            embeds = mx.stack([r.prompt for r in active])
-        cache = self.talker.make_cache()
-        code_cache = self.talker.code_predictor.make_cache()
-        self.set_rows([r.slot for r in active])
+        batch = Qwen3DecodeBatch(self)
         try:
-            logits, hidden = self.talker(embeds, cache=cache, attention_mask=mask)
-            step = 0
-            while active:
-                tokens = mx.concatenate(
-                    [
-                        self._sample(logits[i : i + 1, -1], r, first=True)
-                        for i, r in enumerate(active)
-                    ]
-                )  # [B, 1]
-                codes = self._predict_codes(tokens, hidden[:, -1:, :], active, code_cache)
-                next_embeds = self.tts_pad + self._codec_embeds(codes)
-                mx.eval(codes, next_embeds)
-                step += 1
-                keep = self._record(active, np.array(codes), step)
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    index = mx.array(keep)
-                    for c in cache:
-                        c.keys, c.values = c.keys[index], c.values[index]
-                    next_embeds = next_embeds[index]
-                    hidden = hidden[index]
-                    if mask is not None:
-                        mask = mask[index]
-                    active = [active[i] for i in keep]
-                    self.set_rows([r.slot for r in active])
-                if mask is not None:
-                    mask = mx.concatenate([mask, mx.ones((mask.shape[0], 1), mask.dtype)], 1)
-                logits, hidden = self.talker(next_embeds, cache=cache, attention_mask=mask)
+            batch.admit(rows)
+            while batch.rows:
+                batch.step()
         finally:
-            self.set_rows(None)
+            batch.close()
 
-    def _record(self, active: list[Row], codes: np.ndarray, step: int) -> list[int]:
+    def _record(self, active: list[Row], codes: np.ndarray) -> list[int]:
+        """Each row's new frame; the indices of the rows that go on."""
         keep = []
         for i, row in enumerate(active):
+            row.steps += 1
             token = int(codes[i, 0])
             if token == self.eos:
                 row.finished = True
@@ -192,7 +151,7 @@ class Qwen3BatchGenerator:
                 row.frames.append(codes[i])
                 if row.on_frames is not None:
                     row.on_frames(codes[i : i + 1])
-                if step < row.sampling.max_tokens:
+                if row.steps < row.sampling.max_tokens:
                     keep.append(i)
         return keep
 
@@ -252,3 +211,177 @@ class Qwen3BatchGenerator:
             logits = apply_top_k(logits, opts.top_k)
         logits = _apply_probability_filters(logits, opts.top_p, 0.0)
         return mx.random.categorical(logits, key=row.next_key())[:, None]
+
+
+class Qwen3DecodeBatch:
+    """Iteration-level decoding: rows join (`admit`) and leave (`step` returns them) between
+    decode steps, so a request never waits for a whole batch to finish.
+
+    The running rows share one dense KV cache [B, heads, T, dim] per layer and an attention mask
+    [B, T] (1: a real position). Newcomers are prefilled together (left-padded among themselves),
+    then their cache is merged in: the shorter side is left-padded with masked zeros to the
+    longer one's length. Positions come from each row's own mask (mlx-audio's talker numbers them
+    cumsum(mask) - 1), so a row's positions, keys and sampled keys are the same as alone; masked
+    positions add exact zeros to attention. A row that leaves is dropped from the batch; columns
+    every remaining row has as padding are cut off (grown, then compacted).
+    """
+
+    def __init__(self, generator: Qwen3BatchGenerator) -> None:
+        self.gen = generator
+        self.talker = generator.talker
+        self.rows: list[Row] = []
+        self._cache: list[Any] = []
+        self._mask: mx.array | None = None  # [B, T]
+        self._pads: list[int] = []  # each row's leading masked columns
+        self._logits: mx.array | None = None  # [B, V]: each row's next-token logits
+        self._hidden: mx.array | None = None  # [B, 1, H]
+        self._code_cache = self.talker.code_predictor.make_cache()
+        self._slots_changed = True
+
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill `rows` (those not cancelled) and add them to the running batch."""
+        rows = [r for r in rows if not r.cancel.is_set()]
+        if not rows:
+            return
+        lengths = [r.prompt.shape[0] for r in rows]
+        longest = max(lengths)
+        width = rows[0].prompt.shape[1]
+        embeds = mx.stack(
+            [
+                mx.concatenate([mx.zeros((longest - n, width), r.prompt.dtype), r.prompt])
+                if n < longest
+                else r.prompt
+                for r, n in zip(rows, lengths, strict=True)
+            ]
+        )
+        pads = [longest - n for n in lengths]
+        mask = mx.array([[0] * p + [1] * n for p, n in zip(pads, lengths, strict=True)])
+        cache = self.talker.make_cache()
+        self.gen.set_rows([r.slot for r in rows])
+        self._slots_changed = True
+        # One prompt alone or of equal lengths: no mask, as mlx-audio's own generate runs it.
+        logits, hidden = self.talker(
+            embeds, cache=cache, attention_mask=mask if any(pads) else None
+        )
+        logits, hidden = logits[:, -1], hidden[:, -1:, :]
+        if not self.rows:
+            self.rows, self._cache, self._mask, self._pads = list(rows), cache, mask, pads
+            self._logits, self._hidden = logits, hidden
+            return
+        self._merge(rows, cache, mask, pads, logits, hidden)
+
+    def _merge(
+        self,
+        rows: list[Row],
+        cache: list[Any],
+        mask: mx.array,
+        pads: list[int],
+        logits: mx.array,
+        hidden: mx.array,
+    ) -> None:
+        assert self._mask is not None and self._logits is not None and self._hidden is not None
+        running, joining = self._mask.shape[1], mask.shape[1]
+        length = max(running, joining)
+        for old, new in zip(self._cache, cache, strict=True):
+            keys = mx.concatenate(
+                [
+                    _left_pad(old.keys[..., :running, :], length),
+                    _left_pad(new.keys[..., :joining, :], length),
+                ]
+            )
+            values = mx.concatenate(
+                [
+                    _left_pad(old.values[..., :running, :], length),
+                    _left_pad(new.values[..., :joining, :], length),
+                ]
+            )
+            old.keys, old.values, old.offset = keys, values, length
+        self._mask = mx.concatenate(
+            [_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)]
+        )
+        self._pads = [p + length - running for p in self._pads] + [
+            p + length - joining for p in pads
+        ]
+        self._logits = mx.concatenate([self._logits, logits])
+        self._hidden = mx.concatenate([self._hidden, hidden])
+        self.rows.extend(rows)
+        mx.eval([c.keys for c in self._cache], [c.values for c in self._cache], self._mask)
+
+    def step(self) -> list[Row]:
+        """One decode step of every running row; the rows that ended (eos, max_tokens,
+        cancelled), removed from the batch."""
+        if not self.rows:
+            return []
+        assert self._logits is not None and self._hidden is not None and self._mask is not None
+        gen = self.gen
+        if self._slots_changed:
+            gen.set_rows([r.slot for r in self.rows])
+            self._slots_changed = False
+        tokens = mx.concatenate(
+            [gen._sample(self._logits[i : i + 1], r, first=True) for i, r in enumerate(self.rows)]
+        )  # [B, 1]
+        codes = gen._predict_codes(tokens, self._hidden, self.rows, self._code_cache)
+        next_embeds = gen.tts_pad + gen._codec_embeds(codes)
+        mx.eval(codes, next_embeds)
+        keep = gen._record(self.rows, np.array(codes))
+        going_on = set(keep)
+        ended = [r for i, r in enumerate(self.rows) if i not in going_on]
+        if ended:
+            self._keep(keep)
+            next_embeds = next_embeds[mx.array(keep)] if keep else next_embeds[:0]
+        if not self.rows:
+            self._clear()
+            return ended
+        mask = mx.concatenate([self._mask, mx.ones((self._mask.shape[0], 1), self._mask.dtype)], 1)
+        self._mask = mask
+        plain = not any(self._pads)
+        logits, hidden = self.talker(
+            next_embeds, cache=self._cache, attention_mask=None if plain else mask
+        )
+        self._logits, self._hidden = logits[:, -1], hidden[:, -1:, :]
+        return ended
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only rows `keep` (indices) go on; columns that are padding for all of them go."""
+        assert self._mask is not None and self._logits is not None and self._hidden is not None
+        self.rows = [self.rows[i] for i in keep]
+        self._pads = [self._pads[i] for i in keep]
+        self._slots_changed = True
+        if not keep:
+            return
+        index = mx.array(keep)
+        cut = min(self._pads)
+        for c in self._cache:
+            c.keys = c.keys[index, :, cut : c.offset, :]
+            c.values = c.values[index, :, cut : c.offset, :]
+            c.offset -= cut
+        self._mask = self._mask[index, cut:]
+        self._pads = [p - cut for p in self._pads]
+        self._logits = self._logits[index]
+        self._hidden = self._hidden[index]
+
+    def _clear(self) -> None:
+        self._cache, self._mask, self._pads = [], None, []
+        self._logits = self._hidden = None
+
+    def close(self) -> None:
+        """Drop every row and the adapter rows they selected."""
+        self.rows = []
+        self._clear()
+        self.gen.set_rows(None)
+
+
+def _left_pad(array: mx.array, length: int) -> mx.array:
+    """[B, H, T, D] -> [B, H, length, D], zeros on the left."""
+    missing = length - array.shape[2]
+    if missing <= 0:
+        return array
+    shape = (array.shape[0], array.shape[1], missing, array.shape[3])
+    return mx.concatenate([mx.zeros(shape, array.dtype), array], axis=2)
+
+
+def _left_pad_mask(mask: mx.array, length: int) -> mx.array:
+    missing = length - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return mx.concatenate([mx.zeros((mask.shape[0], missing), mask.dtype), mask], axis=1)
