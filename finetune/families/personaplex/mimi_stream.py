@@ -15,7 +15,8 @@ mlx-audio's own first-step arithmetic. The Mimi transformers run here rather tha
 mlx-audio's `Transformer`, whose attention takes one rotary offset and one cache for the whole
 batch: their linears run once for the batch, and attention runs per row over that session's own
 `WindowKVCache` (their lengths differ between sessions that started at different times), with a
-vector of rotary offsets. The work stays lazy; the caller evaluates a tick at once.
+vector of rotary offsets. The work stays lazy but for SEANet's ELUs, which numpy computes
+(`host_elu`: MLX's CPU exp is the slowest part of a tick otherwise); the caller evaluates the rest.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ class _Side:
     context: int = 0
 
 
-def streaming_twin(mimi: Any) -> Any:
+def streaming_twin(mimi: Any, *, fast: bool = True) -> Any:
     """A Mimi sharing `mimi`'s weight arrays, with row-exact convs and codebooks (see
-    `install_row_exact_modules`): a session's codes and PCM do not depend on its batch."""
+    `install_row_exact_modules`): a session's codes and PCM do not depend on its batch.
+    `fast`: SEANet's ELUs on the host (`install_host_elu`); False keeps MLX's."""
     from mlx_audio.codec.models.mimi.mimi import Mimi
     from mlx_audio.codec.models.mimi.modules import ConvTranspose1d, EuclideanCodebook
 
@@ -75,13 +77,15 @@ def streaming_twin(mimi: Any) -> Any:
         if isinstance(module, (EuclideanCodebook, ConvTranspose1d)):
             module.update_in_place()
     install_row_exact_modules(twin)
+    if fast:
+        install_host_elu(twin)
     twin.eval()
     return twin
 
 
 class MimiStreamer:
-    def __init__(self, mimi: Any) -> None:
-        twin = streaming_twin(mimi)
+    def __init__(self, mimi: Any, *, fast: bool = True) -> None:
+        twin = streaming_twin(mimi, fast=fast)
         self.mimi = twin
         context = int(twin.cfg.transformer.context)
         layers = int(twin.cfg.transformer.num_layers)
@@ -383,6 +387,88 @@ def _row_exact_classes() -> dict[type, type]:
         mimi_conv.ConvTranspose1d: RowExactConvTranspose1d,
         EuclideanCodebook: RowExactCodebook,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# SEANet's ELUs on the host
+# ---------------------------------------------------------------------------------------------
+# MLX's CPU `exp` is a scalar polynomial with a libm `fmaf` call per term (~25 ns an element
+# here), and a streamed tick runs ~270k ELU elements per session through SEANet: the largest
+# single cost of a duplex tick. numpy's SIMD `expm1` is ~20x faster. It is applied element by
+# element the same way whatever the array's length (SIMD body and masked tail share one kernel),
+# so a row's result does not depend on its batch. Its values are `expm1`'s, as PyTorch's ELU
+# (Kyutai's Mimi) computes them, rather than MLX's `exp(x) - 1`: within an ulp or two.
+
+
+def host_elu(xs: mx.array) -> mx.array:
+    """ELU (alpha 1) of float32 `xs`, computed by numpy (evaluates `xs`)."""
+    if xs.dtype != mx.float32:
+        return nn.elu(xs, alpha=1.0)
+    values = np.ascontiguousarray(np.array(xs, dtype=np.float32))
+    # x > 0: max(x, expm1(0)) = x; x <= 0: expm1(x) >= x.
+    np.maximum(values, np.expm1(np.minimum(values, np.float32(0.0))), out=values)
+    return mx.array(values)
+
+
+def _host_elu_classes() -> dict[type, type]:
+    from mlx_audio.codec.models.mimi.modules import seanet
+
+    class HostEluResnetBlock(seanet.SeanetResnetBlock):
+        def step(self, xs: mx.array) -> mx.array:
+            residual = xs
+            for block in self.block:
+                xs = block.step(host_elu(xs))
+            shortcut = residual if self.shortcut is None else self.shortcut.step(residual)
+            return self.streaming_add.step(xs, shortcut)
+
+    class HostEluEncoderLayer(seanet.EncoderLayer):
+        def step(self, xs: mx.array) -> mx.array:
+            for residual in self.residuals:
+                xs = residual.step(xs)
+            return self.downsample.step(host_elu(xs))
+
+    class HostEluDecoderLayer(seanet.DecoderLayer):
+        def step(self, xs: mx.array) -> mx.array:
+            xs = self.upsample.step(host_elu(xs))
+            for residual in self.residuals:
+                xs = residual.step(xs)
+            return xs
+
+    class HostEluEncoder(seanet.SeanetEncoder):
+        def step(self, xs: mx.array) -> mx.array:
+            xs = self.init_conv1d.step(xs)
+            for layer in self.layers:
+                xs = layer.step(xs)
+            return self.final_conv1d.step(host_elu(xs))
+
+    class HostEluDecoder(seanet.SeanetDecoder):
+        def step(self, xs: mx.array) -> mx.array:
+            xs = self.init_conv1d.step(xs)
+            for layer in self.layers:
+                xs = layer.step(xs)
+            return self.final_conv1d.step(host_elu(xs))
+
+    return {
+        seanet.SeanetResnetBlock: HostEluResnetBlock,
+        seanet.EncoderLayer: HostEluEncoderLayer,
+        seanet.DecoderLayer: HostEluDecoderLayer,
+        seanet.SeanetEncoder: HostEluEncoder,
+        seanet.SeanetDecoder: HostEluDecoder,
+    }
+
+
+def install_host_elu(mimi: Any) -> int:
+    """Re-class `mimi`'s SEANet blocks so their streaming steps take `host_elu`; returns how
+    many (their one-shot `__call__` is untouched)."""
+    table = _host_elu_classes()
+    swapped = 0
+    for _, module in mimi.named_modules():
+        for base, twin in table.items():
+            if type(module) is base:
+                module.__class__ = twin
+                swapped += 1
+                break
+    return swapped
 
 
 def install_row_exact_modules(mimi: Any) -> int:

@@ -72,13 +72,20 @@ UNPENALISED = frozenset({TEXT_PAD_ID, TEXT_EPAD_ID})  # the model's silence is n
 
 class PersonaPlexRuntime:
     def __init__(
-        self, loaded: Any, set_rows: Callable[[list[int] | None], None] | None = None
+        self,
+        loaded: Any,
+        set_rows: Callable[[list[int] | None], None] | None = None,
+        *,
+        fast: bool = True,
     ) -> None:
+        """`fast=False` keeps the tick as it was before its speed-ups (MLX's ELU in Mimi, a
+        full sort for top-k): only there for tests/bench/bench_duplex.py to measure against."""
         self.loaded = loaded
         self.lm = loaded.lm
         self.cfg = loaded.lm_config
         self.tokenizer = loaded.text_tokenizer
-        self.mimi = MimiStreamer(loaded.mimi)
+        self.fast = fast
+        self.mimi = MimiStreamer(loaded.mimi, fast=fast)
         self.set_rows = set_rows
         self.agent = STREAM_CODEBOOKS
         self.delays = [0, *self.cfg.audio_delays]
@@ -275,14 +282,15 @@ class PersonaPlexRuntime:
         audio_temp = mx.array([p.audio_temperature for p in params], dtype=mx.float32)
         audio_top_k = mx.array([p.audio_top_k for p in params], dtype=mx.int32)
 
-        text = sample_top_k(text_logits, text_temp, text_top_k, text_noise)
+        text = sample_top_k(text_logits, text_temp, text_top_k, text_noise, not self.fast)
         forced = np.stack([p.forced for p in prepared])
         target = np.stack([p.target for p in prepared])
         next_text = mx.where(mx.array(forced[:, 0]), mx.array(target[:, 0], mx.int32), text)
         agent = slice(1, 1 + self.agent)
 
         def sample_audio(logits: mx.array, codebook: int) -> mx.array:
-            return sample_top_k(logits, audio_temp, audio_top_k, audio_noise[:, codebook])
+            noise = audio_noise[:, codebook]
+            return sample_top_k(logits, audio_temp, audio_top_k, noise, not self.fast)
 
         audio = depformer_sample(
             lm,

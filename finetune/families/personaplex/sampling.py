@@ -120,18 +120,47 @@ def bias_text_logits(
 
 
 def sample_top_k(
-    logits: mx.array, temperature: mx.array, top_k: mx.array, uniform: mx.array
+    logits: mx.array,
+    temperature: mx.array,
+    top_k: mx.array,
+    uniform: mx.array,
+    sort: bool = False,
 ) -> mx.array:
-    """Tokens [B] from logits [B, V]; per-row temperature [B] (0: greedy) and top_k [B] (0: all)."""
-    vocab = logits.shape[-1]
+    """Tokens [B] from logits [B, V]; per-row temperature [B] (0: greedy) and top_k [B] (0: all).
+    `sort`: find the top-k threshold by a full sort, as before (the same value, slower)."""
     logits = logits.astype(mx.float32)
     greedy = temperature <= 0.0
     scaled = logits / mx.where(greedy, 1.0, temperature)[:, None]
-    k = mx.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(mx.int32)
-    ascending = mx.sort(scaled, axis=-1)
-    threshold = mx.take_along_axis(ascending, (vocab - k)[:, None], axis=-1)
+    threshold = _kth_largest_sorted(scaled, top_k) if sort else _kth_largest(scaled, top_k)
     masked = mx.where(scaled >= threshold, scaled, -mx.inf)
     tiny = 1e-20
     gumbel = -mx.log(-mx.log(mx.clip(uniform, tiny, 1.0 - 1e-7)))
     sampled = mx.argmax(masked + gumbel, axis=-1)
     return mx.where(greedy, mx.argmax(logits, axis=-1), sampled).astype(mx.int32)
+
+
+def _kth_largest(scaled: mx.array, top_k: mx.array) -> mx.array:
+    """[B, 1]: each row's top_k-th largest value (top_k <= 0 or > V: its smallest).
+
+    A partition per distinct k instead of a full sort (the text vocabulary is 32000 wide): the
+    element a partition puts at index V - k is the one a sort would, so the value is the same.
+    `top_k` is built from host lists, so reading it back costs no evaluation of the graph.
+    """
+    vocab = scaled.shape[-1]
+    ks = [vocab if k <= 0 or k > vocab else k for k in np.array(top_k).reshape(-1).tolist()]
+    threshold: mx.array | None = None
+    for k in sorted(set(ks)):
+        value = mx.partition(scaled, vocab - k, axis=-1)[:, vocab - k : vocab - k + 1]
+        if threshold is None:
+            threshold = value
+        else:
+            threshold = mx.where(mx.array([[r == k] for r in ks]), value, threshold)
+    assert threshold is not None
+    return threshold
+
+
+def _kth_largest_sorted(scaled: mx.array, top_k: mx.array) -> mx.array:
+    vocab = scaled.shape[-1]
+    k = mx.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(mx.int32)
+    ascending = mx.sort(scaled, axis=-1)
+    return mx.take_along_axis(ascending, (vocab - k)[:, None], axis=-1)
