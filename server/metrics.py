@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import Any
 
 from server.limits import Limiter
 from server.usage import Usage
@@ -178,11 +179,13 @@ class Metrics:
             "# HELP voicefoundry_queue_depth Requests waiting or running.",
             "# TYPE voicefoundry_queue_depth gauge",
             f"voicefoundry_queue_depth {engine.queue_depth}",
-            "# HELP voicefoundry_batch_size_total Batches run, by size.",
+            "# HELP voicefoundry_batch_size_total Batches run, by size (continuous scheduling: "
+            "running rows after each admission).",
             "# TYPE voicefoundry_batch_size_total counter",
         ]
         for size, n in sorted(engine.stats.batch_sizes.items()):
             lines.append(f'voicefoundry_batch_size_total{{size="{size}"}} {n}')
+        lines += _engine_step_lines(engine.stats)
         lines += [
             "# HELP voicefoundry_engine_rounds_total Engine rounds (one segment of each job "
             "in a batch).",
@@ -203,3 +206,44 @@ class Metrics:
                     f'voicefoundry_adapter_cache_total{{model="{name}",event="{event}"}} {n}'
                 )
         return "\n".join(lines) + "\n"
+
+
+def _quantiles(values: list[float]) -> list[tuple[str, float]]:
+    ordered = sorted(values)
+    if not ordered:
+        return []
+    return [
+        (q, ordered[min(len(ordered) - 1, int(float(q) * len(ordered)))]) for q in ("0.5", "0.95")
+    ]
+
+
+def _engine_step_lines(stats: Any) -> list[str]:
+    """Iteration-level scheduling: batch occupancy per decode step, queue wait, time to first
+    audio, and the real-time factor of each family."""
+    lines = [
+        "# HELP voicefoundry_engine_step_rows_total Decode steps, by running rows in the step.",
+        "# TYPE voicefoundry_engine_step_rows_total counter",
+    ]
+    for rows, n in sorted(stats.step_rows.items()):
+        lines.append(f'voicefoundry_engine_step_rows_total{{rows="{rows}"}} {n}')
+    for name, values, what in (
+        ("queue_wait_seconds", list(stats.queue_wait_s), "arrival to first admission"),
+        ("first_audio_seconds", list(stats.first_audio_s), "arrival to first audio"),
+    ):
+        lines += [
+            f"# HELP voicefoundry_{name} Seconds from a request's {what} (last 1024).",
+            f"# TYPE voicefoundry_{name} summary",
+        ]
+        for q, value in _quantiles(values):
+            lines.append(f'voicefoundry_{name}{{quantile="{q}"}} {value:.6f}')
+        lines.append(f"voicefoundry_{name}_count {len(values)}")
+    lines += [
+        "# HELP voicefoundry_family_real_time_factor Wall time of finished requests over the "
+        "audio they made, by family.",
+        "# TYPE voicefoundry_family_real_time_factor gauge",
+    ]
+    for family, audio in sorted(stats.family_audio_s.items()):
+        if audio > 0:
+            rtf = stats.family_wall_s.get(family, 0.0) / audio
+            lines.append(f'voicefoundry_family_real_time_factor{{family="{family}"}} {rtf:.6f}')
+    return lines

@@ -72,6 +72,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cors_origins: list[str] = []
     max_queue: int = 64
     max_batch: int = 8
+    # How the speech engine batches (server/engine/worker.py): "continuous" (a request joins the
+    # running batch at the next decode step) or "rounds" (one segment of a batch at a time; kept
+    # to measure against).
+    engine_scheduler: Literal["continuous", "rounds"] = "continuous"
     batch_window_ms: float = 10.0
     max_text_chars: int = 5000
     max_tokens_per_sentence: int = 1024

@@ -74,6 +74,7 @@ async def start_services(app: Litestar, settings: Settings) -> AsyncIterator[Non
         codes_log=Path(settings.codes_log) if settings.codes_log else None,
         max_audio_s=settings.max_request_audio_seconds,
         max_wall_s=settings.max_request_wall_seconds,
+        scheduler=settings.engine_scheduler,
     )
     engine.start()
     duplex = DuplexEngine(

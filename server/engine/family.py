@@ -101,6 +101,25 @@ class SpeechRow(Protocol):
     on_frames: Callable[[np.ndarray], None] | None
 
 
+class DecodeBatch(Protocol):
+    """A model's running batch under iteration-level scheduling (`open_batch`): rows join
+    between decode steps and leave when they end."""
+
+    rows: list[Any]
+
+    def admit(self, rows: list[Any]) -> None:
+        """Prefill `rows` and add them to the running ones (cancelled rows are left out)."""
+        ...
+
+    def step(self) -> list[Any]:
+        """One decode step of every running row; the rows that ended, no longer running."""
+        ...
+
+    def close(self) -> None:
+        """Drop every row (and what they selected, e.g. adapter rows)."""
+        ...
+
+
 class SpeechModel(Protocol):
     name: str
     family: str
@@ -137,6 +156,9 @@ class SpeechModel(Protocol):
     def run(self, rows: list[SpeechRow]) -> None:
         """Generate every row until it ends, hits its frame budget, or is cancelled."""
         ...
+
+    # A family that decodes step by step also has `open_batch() -> DecodeBatch` (a new, empty
+    # running batch); the engine then schedules it per step (server/engine/worker.py).
 
     def decode_chunk(self, row: SpeechRow, start: int, end: int) -> np.ndarray:
         """Audio of frames [start, end) of `row`. Called with consecutive ranges from 0, while

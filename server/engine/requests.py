@@ -66,6 +66,9 @@ class SpeakJob:
     queued_round: int = 0
     deadline: float | None = None
     budget_error: BaseException | None = None
+    # perf_counter times: first admitted into a batch, first audio sent (metrics).
+    admitted: float | None = None
+    first_audio: float | None = None
 
     def send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)

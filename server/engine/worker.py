@@ -1,13 +1,25 @@
 """ONE thread owns every MLX call. Requests are queued with a cancel event each, batched per
 base model, and their audio handed back to the event loop as it is made.
 
-Fairness, at segment granularity: the engine works in rounds, each running ONE segment of up to
-`max_batch` jobs of one base model. Runnable jobs wait in one queue ordered by when they last
-ran; a round takes the job at its head and the next jobs of the same model in queue order. A
-new request joins the queue at the next round boundary, ahead of the jobs that just ran, which
-go to the back. So no job waits more than about (jobs ahead of it / max_batch) + 1 rounds for its
-next segment, whatever their length or model: a long request never holds the engine for more
-than one segment at a time, and other models' jobs alternate with the running model's.
+Scheduling (`scheduler`, default "continuous"): iteration-level. Each base model whose family
+decodes step by step (`SpeechModel.open_batch`) keeps one running batch; a request's segment
+joins it at the next decode step and leaves when it ends, so nobody waits for a whole batch.
+Every turn of the loop, for each model with work in turn: the waiting segments of that model are
+admitted (prefilled together, up to `max_batch` running rows; queue order), then the running rows
+take ONE decode step. So a newcomer waits at most one decode step of the running rows (plus its
+own prefill), and running rows wait at most one prefill between two of their steps: neither
+starves. A job with more segments goes to the back of the queue when one ends. Adapters are
+installed into the bank at admission, between steps. Families without step-wise decoding run as
+below, one round per turn of the loop, alternating with the others.
+
+"rounds" (kept to measure against): fairness at segment granularity: the engine works in
+rounds, each running ONE segment of up to `max_batch` jobs of one base model. Runnable jobs wait
+in one queue ordered by when they last ran; a round takes the job at its head and the next jobs
+of the same model in queue order. A new request joins the queue at the next round boundary,
+ahead of the jobs that just ran, which go to the back. So no job waits more than about (jobs
+ahead of it / max_batch) + 1 rounds for its next segment, whatever their length or model: a
+long request never holds the engine for more than one segment at a time, and other models'
+jobs alternate with the running model's.
 
 Budgets: a request making more than `max_audio_s` of audio, or still unfinished `max_wall_s`
 after it was queued, is stopped (checked at every frame and every round) and ends with
@@ -31,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from server.engine.bank import AdapterTensors, BankFull
-from server.engine.family import SpeechModel, SpeechRow
+from server.engine.family import DecodeBatch, SpeechModel, SpeechRow
 from server.engine.requests import ContextClip, Done, Sampling, SpeakJob, Voicing
 
 
@@ -40,6 +52,7 @@ class QueueFull(RuntimeError):
 
 
 Budget = Literal["audio", "time"]
+Scheduler = Literal["continuous", "rounds"]
 
 
 class BudgetExceeded(RuntimeError):
@@ -55,11 +68,28 @@ class EngineStats:
         self.batch_sizes: dict[int, int] = {}
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
-        self.rounds = 0  # batches started; a job's wait is counted in these
+        # Batches started (continuous: admissions, each a prefill joining the running rows); a
+        # job's wait is counted in these.
+        self.rounds = 0
         self.budget_exceeded: dict[str, int] = {}
+        # Continuous scheduling: running rows at each decode step, by count.
+        self.step_rows: dict[int, int] = {}
+        # Seconds from a request's arrival to its first admission, and to its first audio.
+        self.queue_wait_s: deque[float] = deque(maxlen=1024)
+        self.first_audio_s: deque[float] = deque(maxlen=1024)
+        # Per family: audio made and the wall time of the requests that made it (RTF).
+        self.family_audio_s: dict[str, float] = {}
+        self.family_wall_s: dict[str, float] = {}
 
     def batch(self, size: int) -> None:
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+    def step(self, rows: int) -> None:
+        self.step_rows[rows] = self.step_rows.get(rows, 0) + 1
+
+    def finished(self, family: str, audio_s: float, wall_s: float) -> None:
+        self.family_audio_s[family] = self.family_audio_s.get(family, 0.0) + audio_s
+        self.family_wall_s[family] = self.family_wall_s.get(family, 0.0) + wall_s
 
     def over_budget(self, budget: Budget) -> None:
         self.budget_exceeded[budget] = self.budget_exceeded.get(budget, 0) + 1
@@ -75,8 +105,10 @@ class Engine:
         codes_log: Path | None = None,
         max_audio_s: float | None = None,
         max_wall_s: float | None = None,
+        scheduler: Scheduler = "continuous",
     ) -> None:
         self.max_queue = max_queue
+        self.scheduler = scheduler
         self.max_audio_s = max_audio_s
         self.max_wall_s = max_wall_s
         # Debugging aid (settings.codes_log): every finished segment's codec codes, as JSON lines.
@@ -92,6 +124,8 @@ class Engine:
         self._current: list[SpeakJob] = []
         # Runnable jobs in the order they get their next segment (touched on the MLX thread only).
         self._ready: deque[SpeakJob] = deque()
+        # Continuous scheduling: each model's running batch and the job of each of its rows.
+        self._running: dict[str, _Running] = {}
         self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
 
     # --- lifecycle (called from the event loop) -------------------------------------------
@@ -103,7 +137,7 @@ class Engine:
         self._stop.set()
         self._inbox.put((lambda: None, Future()))
         self._thread.join(timeout)
-        for job in self._current:
+        for job in [*self._current, *self._running_jobs()]:
             job.cancel.set()
         self._thread.join(timeout)
         while True:
@@ -141,6 +175,12 @@ class Engine:
         self._inbox.put(job)
 
     def _run(self) -> None:
+        if self.scheduler == "continuous":
+            self._run_continuous()
+        else:
+            self._run_rounds()
+
+    def _run_rounds(self) -> None:
         while not self._stop.is_set():
             if not self._ready and not self._idle_wait():
                 continue
@@ -157,6 +197,141 @@ class Engine:
             self._ready.extend(again)
         while self._ready:
             self._finish(self._ready.popleft(), RuntimeError("server shutting down"))
+
+    # --- continuous scheduling ----------------------------------------------------------------
+    def _run_continuous(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            if not self._ready and not self._running and not self._idle_wait():
+                continue
+            self._drain()
+            self._expire()
+            names = sorted({job.voicing.model for job in self._ready} | set(self._running))
+            if not names:
+                continue
+            turn += 1
+            start = turn % len(names)  # which model goes first rotates
+            for name in names[start:] + names[:start]:
+                self._serve_model(name)
+        for running in list(self._running.values()):
+            for job, row in list(running.rows.values()):
+                running.model.bank.release(row.slot)
+                self._finish(job, RuntimeError("server shutting down"))
+            running.batch.close()
+        self._running.clear()
+        while self._ready:
+            self._finish(self._ready.popleft(), RuntimeError("server shutting down"))
+
+    def _serve_model(self, name: str) -> None:
+        """One turn of model `name`: admit its waiting segments, then one decode step (or, for a
+        family without step-wise decoding, one round of its waiting segments)."""
+        started = time.perf_counter()
+        model = self.models.get(name)
+        waiting = [job for job in self._ready if job.voicing.model == name]
+        if model is None:
+            self._take_ready(waiting)
+            for job in waiting:
+                self._finish(job, KeyError(f"model {name!r} is not loaded"))
+            return
+        running = self._running.get(name)
+        if running is None:
+            batch = self._open_batch(model)
+            if batch is None:  # this family runs a segment at a time: one round
+                jobs = waiting[: self.max_batch]
+                self._take_ready(jobs)
+                self.stats.rounds += 1
+                self._current = jobs
+                again = self._speak(jobs)
+                self._current = []
+                self._drain()
+                self._ready.extend(again)
+                return
+            running = self._running[name] = _Running(model, batch)
+        room = self.max_batch - len(running.rows)
+        if waiting and room > 0:
+            self._admit(running, waiting[:room])
+        if running.rows:
+            self._step(running)
+        if not running.rows:
+            running.batch.close()
+            del self._running[name]
+        self.stats.busy_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _open_batch(model: SpeechModel) -> DecodeBatch | None:
+        # Families that decode step by step have `open_batch`; the others run whole segments.
+        opener = getattr(model, "open_batch", None)
+        return opener() if opener is not None else None
+
+    def _take_ready(self, jobs: list[SpeakJob]) -> None:
+        taken = {id(job) for job in jobs}
+        self._ready = deque(job for job in self._ready if id(job) not in taken)
+
+    def _admit(self, running: _Running, jobs: list[SpeakJob]) -> None:
+        self._take_ready(jobs)
+        model = running.model
+        rows: list[tuple[SpeakJob, SpeechRow]] = []
+        now = time.perf_counter()
+        for job in jobs:
+            if job.cancel.is_set():
+                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+                continue
+            try:
+                rows.append((job, self._row(model, job)))
+            except Exception as exc:  # a bad voice fails its own request, never the worker
+                self._finish(job, exc)
+                continue
+            if job.next_segment == 0 and job.admitted is None:
+                job.admitted = now
+                self.stats.queue_wait_s.append(now - job.started)
+        if not rows:
+            return
+        try:
+            running.batch.admit([row for _, row in rows])
+        except Exception as exc:  # a prompt the model cannot take fails its own requests
+            for job, row in rows:
+                model.bank.release(row.slot)
+                self._finish(job, exc)
+            return
+        for job, row in rows:
+            running.rows[id(row)] = (job, row)
+        self.stats.rounds += 1
+        self.stats.batch(len(running.rows))
+
+    def _step(self, running: _Running) -> None:
+        model = running.model
+        self.stats.step(len(running.rows))
+        try:
+            ended = running.batch.step()
+        except Exception as exc:  # the whole step failed: every row of it fails
+            for job, row in list(running.rows.values()):
+                model.bank.release(row.slot)
+                self._finish(job, exc)
+            running.rows.clear()
+            running.batch.close()
+            return
+        for row in ended:
+            job, _ = running.rows.pop(id(row))
+            self._end_segment(model, job, row)
+
+    def _end_segment(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
+        model.bank.release(row.slot)
+        if job.cancel.is_set():
+            self._finish(job, job.budget_error or RuntimeError("cancelled"))
+            return
+        try:
+            self._deliver(model, job, row)
+        except Exception as exc:
+            self._finish(job, exc)
+            return
+        job.next_segment += 1
+        if job.next_segment < len(job.segments):
+            self._ready.append(job)
+        else:
+            self._finish(job, None, model)
+
+    def _running_jobs(self) -> list[SpeakJob]:
+        return [job for r in list(self._running.values()) for job, _ in list(r.rows.values())]
 
     def _idle_wait(self) -> bool:
         """With nothing runnable: wait for the next request, then a moment for companions
@@ -288,7 +463,7 @@ class Engine:
             if job.next_segment < len(job.segments):
                 again.append(job)
             else:
-                self._finish(job, None)
+                self._finish(job, None, model)
         self.stats.busy_seconds += time.perf_counter() - started
         return again
 
@@ -326,7 +501,7 @@ class Engine:
             elif job.deadline is not None and time.perf_counter() > job.deadline:
                 self._over_budget(job, "time")
             if job.stream and not job.cancel.is_set() and made - job.sent >= job.chunk_frames:
-                job.send(model.decode_chunk(row, job.sent, made))
+                self._send_audio(job, model.decode_chunk(row, job.sent, made))
                 job.sent = made
 
         return on_frames
@@ -340,9 +515,9 @@ class Engine:
             return
         if job.stream:
             if job.sent < len(row.frames):
-                job.send(model.decode_chunk(row, job.sent, len(row.frames)))
+                self._send_audio(job, model.decode_chunk(row, job.sent, len(row.frames)))
             return
-        job.send(model.decode_all(row))
+        self._send_audio(job, model.decode_all(row))
 
     def _log_codes(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         record = {
@@ -361,7 +536,9 @@ class Engine:
         with self.codes_log.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def _finish(self, job: SpeakJob, error: BaseException | None) -> None:
+    def _finish(
+        self, job: SpeakJob, error: BaseException | None, model: SpeechModel | None = None
+    ) -> None:
         with self._pending_lock:
             self._pending = max(self._pending - 1, 0)
         if error is not None:
@@ -369,7 +546,24 @@ class Engine:
         else:
             seconds = time.perf_counter() - job.started
             self.stats.audio_seconds += job.audio_seconds
+            if model is not None:
+                self.stats.finished(model.family, job.audio_seconds, seconds)
             job.send(Done(frames=job.frames_made, seconds=seconds))
+
+    def _send_audio(self, job: SpeakJob, audio: np.ndarray) -> None:
+        if job.first_audio is None and len(audio):
+            job.first_audio = time.perf_counter()
+            self.stats.first_audio_s.append(job.first_audio - job.started)
+        job.send(audio)
+
+
+class _Running:
+    """A model's running decode batch and, by row, the job each row belongs to."""
+
+    def __init__(self, model: SpeechModel, batch: DecodeBatch) -> None:
+        self.model = model
+        self.batch = batch
+        self.rows: dict[int, tuple[SpeakJob, SpeechRow]] = {}
 
 
 __all__ = [

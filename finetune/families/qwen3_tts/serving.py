@@ -332,6 +332,9 @@ class Qwen3DecodeBatch:
         if not self.rows:
             self._clear()
             return ended
+        if self._slots_changed:  # rows left: the adapter rows of those that stay
+            gen.set_rows([r.slot for r in self.rows])
+            self._slots_changed = False
         mask = mx.concatenate([self._mask, mx.ones((self._mask.shape[0], 1), self._mask.dtype)], 1)
         self._mask = mask
         plain = not any(self._pads)

@@ -26,7 +26,12 @@ from finetune.families.qwen3_tts.languages import (
     occupied_rows,
     write_row,
 )
-from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
+from finetune.families.qwen3_tts.serving import (
+    Qwen3BatchGenerator,
+    Qwen3DecodeBatch,
+    Qwen3Prompter,
+    Row,
+)
 from finetune.identity import same_base, weights_identity
 
 import mlx.core as mx
@@ -158,6 +163,9 @@ class Qwen3Model:
 
     def run(self, rows: list[Row]) -> None:
         self.generator.run(rows)
+
+    def open_batch(self) -> Qwen3DecodeBatch:
+        return Qwen3DecodeBatch(self.generator)
 
     def decode_chunk(self, row: Row, start: int, end: int) -> np.ndarray:
         """Frames [start, end) as audio, decoded with left context for continuity."""

@@ -1,0 +1,134 @@
+"""The speech engine's iteration-level scheduling, in process on the tiny Qwen3-TTS: a request
+that arrives while a long one decodes joins at the next step and finishes first (the round
+engine makes it wait the long one out), its audio equal to its audio alone; a cancelled row
+leaves at the next step and gives its adapter reference back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from finetune.sampling import Sampling
+
+import numpy as np
+import pytest
+
+from server.engine.families.qwen3 import Qwen3Model
+from server.engine.requests import Done, SpeakJob, Voicing
+from server.engine.worker import Engine
+
+LONG_FRAMES = 48
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_qwen3_base: Path) -> Iterator[dict[str, Engine]]:
+    """An engine of each scheduler, its model loaded on its own MLX thread (as the server does)."""
+    made = {}
+    for scheduler in ("continuous", "rounds"):
+        engine = Engine(max_queue=16, max_batch=4, scheduler=scheduler)  # type: ignore[arg-type]
+        engine.start()
+        engine.models["tiny"] = engine.call(
+            lambda: Qwen3Model.load(
+                "tiny", str(tiny_qwen3_base), slots=4, max_rank=16, max_bytes=1 << 26
+            )
+        ).result(120)
+        made[scheduler] = engine
+    yield made
+    for engine in made.values():
+        engine.stop()
+
+
+def _job(
+    text: str, seed: int, max_tokens: int, *, stream: bool = False, adapter: Path | None = None
+) -> SpeakJob:
+    return SpeakJob(
+        voicing=Voicing(model="tiny", adapter=adapter),
+        segments=[text],
+        language="english",
+        sampling=Sampling(temperature=0.9, max_tokens=max_tokens, repetition_penalty=1.0),
+        seed=seed,
+        stream=stream,
+        loop=asyncio.get_running_loop(),
+        out=asyncio.Queue(),
+        chunk_frames=8,
+    )
+
+
+async def _collect(job: SpeakJob) -> tuple[np.ndarray, float]:
+    """The job's audio and when it ended (perf_counter)."""
+    parts = []
+    while True:
+        item = await asyncio.wait_for(job.out.get(), 300)
+        if isinstance(item, Done):
+            return (
+                np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            ), time.perf_counter()
+        if isinstance(item, BaseException):
+            raise item
+        parts.append(item)
+
+
+async def _first_audio(job: SpeakJob) -> list[np.ndarray]:
+    item = await asyncio.wait_for(job.out.get(), 300)
+    assert isinstance(item, np.ndarray), item
+    return [item]
+
+
+async def _short_while_long(engine: Engine) -> tuple[np.ndarray, float, float]:
+    long = _job("A long request that keeps on speaking.", 1, LONG_FRAMES, stream=True)
+    engine.submit(long)
+    head = await _first_audio(long)  # the long one is decoding
+    short = _job("Short.", 2, 4)
+    engine.submit(short)
+    (short_audio, short_end), (long_rest, long_end) = await asyncio.gather(
+        _collect(short), _collect(long)
+    )
+    assert len(np.concatenate([*head, long_rest])) > 0
+    return short_audio, short_end, long_end
+
+
+def test_a_short_request_joins_a_running_long_one_and_is_not_blocked(
+    engines: dict[str, Engine],
+) -> None:
+    async def main() -> None:
+        alone = _job("Short.", 2, 4)
+        engines["continuous"].submit(alone)
+        alone_audio, _ = await _collect(alone)
+        short, short_end, long_end = await _short_while_long(engines["continuous"])
+        assert short_end < long_end, "the short request waited for the long one"
+        np.testing.assert_array_equal(short, alone_audio)  # joined mid-way: as alone
+        # The round engine, measured the same way: the short request waits the long one out.
+        _, short_end, long_end = await _short_while_long(engines["rounds"])
+        assert short_end >= long_end
+
+    asyncio.run(main())
+
+
+def test_cancel_frees_the_row_and_its_adapter_at_the_next_step(
+    engines: dict[str, Engine], voice_package: Path
+) -> None:
+    adapter = voice_package / "adapter"
+    engine = engines["continuous"]
+    model = engine.models["tiny"]
+
+    async def main() -> None:
+        cancelled = _job(
+            "Speak for a long time please.", 3, LONG_FRAMES, stream=True, adapter=adapter
+        )
+        other = _job("Another voice going on.", 4, 30, stream=True)
+        engine.submit(cancelled)
+        engine.submit(other)
+        await _first_audio(cancelled)
+        slot = model.bank.slot_of(str(adapter))
+        assert slot and model.bank._slots[slot].in_use == 1
+        cancelled.cancel.set()
+        with pytest.raises(RuntimeError, match="cancelled"):
+            await _collect(cancelled)
+        assert model.bank._slots[slot].in_use == 0
+        await _collect(other)  # the other row went on
+        assert other.frames_made > 0
+        assert engine.stats.step_rows.get(2, 0) > 0  # they did share steps
+
+    asyncio.run(main())
