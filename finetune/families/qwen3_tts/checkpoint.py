@@ -21,6 +21,7 @@ from finetune.loading import (
     tail,
 )
 from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
+from finetune.runtime.quantized import install_cpu_quantized
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,6 +46,8 @@ class LoadedQwen3TTS:
 
 
 def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
+    from finetune.families.qwen3_tts.vocoder import use_sliding_window
+
     from mlx_audio.tts.utils import load_model
 
     path = resolve_model_path(name)
@@ -84,7 +87,10 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
         model.speech_tokenizer.decoder = decoder
         if model.speech_tokenizer.decoder is not decoder:
             raise RuntimeError("could not replace mlx-audio's compiled vocoder")
+    use_sliding_window(model)  # the decoder attends as the official one (vocoder.py)
     runtime = prepare_model(model)
+    if runtime.fast_cpu:  # after the fp32 cast: the copies use the fp32 scales
+        runtime.swapped.update(install_cpu_quantized(model))
     return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
 
 
