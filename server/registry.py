@@ -340,13 +340,13 @@ class Registry:
             except sa.exc.IntegrityError:
                 self._raise_conflict(conn, voice, inserting=True)  # another replica won a race
                 raise
-            if voice.slot is not None:
-                conn.execute(
-                    slot_reservations.delete().where(
-                        slot_reservations.c.base_model == voice.base_model,
-                        slot_reservations.c.name == voice.name,
-                    )
+            # Its rows' reservations are used up: the voice's row (and meta) holds them now.
+            conn.execute(
+                slot_reservations.delete().where(
+                    slot_reservations.c.base_model == voice.base_model,
+                    slot_reservations.c.name.in_([voice.name, _rows_holder(voice.name)]),
                 )
+            )
         return voice
 
     def get(self, name: str) -> Voice:
@@ -462,6 +462,64 @@ class Registry:
             f"{SLOT_ATTEMPTS} attempts lost to concurrent installs"
         )
 
+    def allocate_rows(
+        self,
+        base_model: str,
+        name: str,
+        count: int,
+        choose: Callable[[set[int]], builtins.list[int] | None],
+    ) -> builtins.list[int] | None:
+        """Reserve `count` more codec rows of `base_model` for the voice `name` being installed
+        (a new language's rows: they share the speakers' row space); the rows, or None when
+        `choose` finds too few. As `allocate_slot`, against every replica's voices and
+        reservations; `add` uses them up, `release_rows` gives them back."""
+        holder = _rows_holder(validate_name(name))
+        for _ in range(SLOT_ATTEMPTS):
+            with self.transaction() as conn:
+                self._expire_reservations(conn, base_model)
+                held = conn.execute(
+                    sa.select(slot_reservations.c.slot).where(
+                        slot_reservations.c.base_model == base_model,
+                        slot_reservations.c.name == holder,
+                    )
+                ).scalars()
+                rows = sorted(int(r) for r in held)
+                if rows:
+                    return rows
+                taken = self._taken(conn, base_model)
+                chosen = choose(set(taken))
+                if chosen is None:
+                    return None
+                if len(set(chosen)) != count or set(chosen) & taken:
+                    raise ValueError(f"choose() picked {chosen}: {count} free rows were asked")
+                try:
+                    with conn.begin_nested():
+                        stamp = utc_now()
+                        for row in chosen:
+                            conn.execute(
+                                slot_reservations.insert().values(
+                                    base_model=base_model, slot=row, name=holder, reserved_at=stamp
+                                )
+                            )
+                except sa.exc.IntegrityError:
+                    continue  # another replica reserved one of them meanwhile: choose again
+                return list(chosen)
+        raise RegistryError(
+            f"could not reserve {count} codec rows of {base_model!r} for {name!r}: "
+            f"{SLOT_ATTEMPTS} attempts lost to concurrent installs"
+        )
+
+    def release_rows(self, base_model: str, name: str) -> None:
+        """Give back the rows `allocate_rows` reserved for `name` (nothing if none)."""
+        holder = _rows_holder(validate_name(name))
+        with self.transaction() as conn:
+            conn.execute(
+                slot_reservations.delete().where(
+                    slot_reservations.c.base_model == base_model,
+                    slot_reservations.c.name == holder,
+                )
+            )
+
     def release_slot(self, base_model: str, name: str) -> None:
         """Give back the row `allocate_slot` reserved for `name` (nothing if none)."""
         canonical = validate_name(name)
@@ -493,7 +551,15 @@ class Registry:
             slot_reservations.c.base_model == base_model
         )
         rows = conn.execute(sa.union(voice_slots, reserved)).scalars()
-        return {int(slot) for slot in rows}
+        taken = {int(slot) for slot in rows}
+        # Rows voices hold beyond their slot (a new language's rows), kept in their meta.
+        metas = conn.execute(
+            sa.select(voices_table.c.meta).where(voices_table.c.base_model == base_model)
+        ).scalars()
+        for meta in metas:
+            for entry in (json.loads(meta or "{}") or {}).get("language_rows") or []:
+                taken.add(int(entry["row"]))
+        return taken
 
     # ---- voice rows ---------------------------------------------------------------------------
 
@@ -640,3 +706,9 @@ class Registry:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _rows_holder(name: str) -> str:
+    """The reservation name of a voice's extra rows: never a valid voice name, so never its
+    slot's reservation."""
+    return f"{name}#rows"

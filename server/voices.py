@@ -457,13 +457,28 @@ class VoiceService:
             )
             if slot is None:
                 raise Conflict(f"model {model_name!r} has no free speaker row left")
+        extra = model.extra_rows(fields)
         try:
+            if extra:
+                # Rows beyond the slot (a new language's): reserved in the registry as well.
+                rows = await anyio.to_thread.run_sync(
+                    self.registry.allocate_rows,
+                    model_name,
+                    name,
+                    extra,
+                    lambda taken: model.free_extra_rows(fields, taken),
+                )
+                if rows is None:
+                    raise Conflict(f"model {model_name!r} has no free codec row left")
+                fields["reserved_rows"] = rows
             return await self._load_and_register(
                 staging, meta, name, model, tensors, fields, embedding, slot, adapter_dir
             )
         except BaseException:
             if slot is not None:
                 await anyio.to_thread.run_sync(self.registry.release_slot, model_name, name)
+            if extra:
+                await anyio.to_thread.run_sync(self.registry.release_rows, model_name, name)
             raise
 
     async def _load_and_register(

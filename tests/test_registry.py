@@ -526,6 +526,36 @@ def test_allocate_slot_reserves_until_add_or_release(reg: Registry) -> None:
     assert reg.allocate_slot("qwen3-1.7b", "new", _lowest_free(3000, calls)) == 3000
 
 
+def test_language_rows_are_reserved_in_the_registry_with_the_slots(reg: Registry) -> None:
+    """A new language's rows share the speakers' row space: reserved like slots, held by the
+    voices' meta once added, so no replica gives one row to two voices."""
+    model = "qwen3-0.6b"
+    held = {"language_rows": [{"name": "hindi", "row": 2100}]}
+    reg.add(_voice("hindi-voice", meta=held))
+    reg.add(_voice("baked", kind="baked", slot=2101))
+    assert reg.allocate_slot(model, "pending", lambda taken: 2102) == 2102
+
+    def lowest(count: int) -> Callable[[set[int]], list[int] | None]:
+        return lambda taken: [r for r in range(2100, 2200) if r not in taken][:count]
+
+    rows = reg.allocate_rows(model, "Tamil", 2, lowest(2))
+    assert rows == [2103, 2104]  # not the other voice's language row, slot or reservation
+    assert reg.allocate_rows(model, "tamil", 2, lowest(2)) == rows  # kept for that voice
+    assert reg.allocate_rows(model, "other", 1, lowest(1)) == [2105]
+    assert {2103, 2104, 2105} <= reg.used_slots(model)  # a speaker slot never takes them
+    reg.release_rows(model, "other")
+    assert 2105 not in reg.used_slots(model)
+    with pytest.raises(ValueError, match="free rows"):
+        reg.allocate_rows(model, "clash", 1, lambda taken: [2100])
+    assert reg.allocate_rows(model, "none", 3, lambda taken: None) is None
+    meta = {"language_rows": [{"name": "tamil", "row": r} for r in rows]}
+    reg.add(_voice("tamil", meta=meta))  # its reservation is used up; its meta holds the rows
+    with reg.transaction() as conn:
+        names = conn.execute(sa.text("SELECT name FROM slot_reservations")).scalars().all()
+    assert names == ["pending"]
+    assert {2100, 2101, 2102, 2103, 2104} <= reg.used_slots(model)
+
+
 def test_stale_reservations_expire(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     import server.registry as registry_module
 

@@ -206,6 +206,17 @@ class SpeechModel(Protocol):
         """A free row for a baked speaker embedding (`wanted` if free), or None."""
         ...
 
+    def extra_rows(self, fields: dict[str, Any]) -> int:
+        """How many rows beyond its speaker slot the package's voice takes (e.g. new-language
+        rows); the server reserves them in the registry, so replicas never share one."""
+        ...
+
+    def free_extra_rows(self, fields: dict[str, Any], taken: set[int]) -> list[int] | None:
+        """`extra_rows(fields)` free rows, none of `taken` (rows the registry knows are held);
+        None when there are too few. The ones reserved reach `check_package` as
+        `fields["reserved_rows"]`."""
+        ...
+
     def restore_voice(self, meta: dict[str, Any], folder: Path) -> None:
         """At start, on the engine thread: put back what a registered voice installs into the
         model (beyond its baked row), from its registry `meta` and package `folder`."""

@@ -217,3 +217,64 @@ def test_a_row_written_without_a_notification_arrives_by_the_poll(pair: Pair) ->
     for url in (pair.a, pair.b):
         took, _ = until(lambda u=url: speak(u, "polled"), 200, BOUND_S)
         print(f"row without a notification -> served by {url} after {took:.3f} s")
+
+
+def _language_package(voice_package: Path, out: Path, row: int, seed: int) -> Path:
+    """`voice_package` plus a new language ("hindi") it wants at codec row `row`, with its own
+    vector: what a language job's package holds (voice.json language_rows + the adapter's
+    language_rows.weight)."""
+    import json
+
+    from finetune.families.qwen3_tts.languages import WEIGHT_KEY
+
+    shutil.copytree(voice_package, out)
+    weights_file = out / "adapter" / "adapters.safetensors"
+    weights = dict(load_arrays(weights_file))
+    width = 64  # the tiny talker's hidden size
+    vector = np.random.default_rng(seed).normal(size=(1, width)).astype(np.float32)
+    weights[WEIGHT_KEY] = mx.array(vector)
+    mx.save_safetensors(str(weights_file), {k: mx.array(v) for k, v in weights.items()})
+    meta = json.loads((out / "voice.json").read_text())
+    meta["language_rows"] = [{"name": "hindi", "row": row}]
+    (out / "voice.json").write_text(json.dumps(meta))
+    config_file = out / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["language_rows"] = [{"name": "hindi", "row": row}]
+    config["trained_tensors"] = [WEIGHT_KEY]
+    config_file.write_text(json.dumps(config))
+    return out
+
+
+def test_language_rows_made_at_once_on_two_replicas_get_different_rows(
+    pair: Pair, voice_package: Path, tmp_path: Path
+) -> None:
+    """Two new-language voices imported at once on A and B, both trained at row 2900: the
+    registry reserves the rows, so they get different rows and every replica installs both."""
+    packages = [
+        _language_package(voice_package, tmp_path / f"lang{i}", 2900, seed=i) for i in (0, 1)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(
+                lambda args: import_package(*args),
+                [(pair.a, packages[0], "hindi-a"), (pair.b, packages[1], "hindi-b")],
+            )
+        )
+    assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    registry = Registry(pair.data_a / "unused.sqlite3", database_url=pair.database_url)
+    try:
+        rows = {
+            name: [e["row"] for e in registry.get(name).meta["language_rows"]]
+            for name in ("hindi-a", "hindi-b")
+        }
+    finally:
+        registry.close()
+    assert len(rows["hindi-a"]) == len(rows["hindi-b"]) == 1
+    assert rows["hindi-a"] != rows["hindi-b"], rows
+    for url in (pair.a, pair.b):
+        for name in ("hindi-a", "hindi-b"):
+            body = {"speaker": name, "text": "Namaste.", "language": "hindi", "max_tokens": 4}
+            _, audio = until(
+                lambda u=url, b=body: httpx.post(f"{u}/speak", json=b, timeout=120), 200, BOUND_S
+            )
+            assert audio

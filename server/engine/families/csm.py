@@ -253,6 +253,12 @@ class CsmModel:
     def package_files(self, fields: dict[str, Any]) -> list[str]:
         return [clip["audio"] for clip in fields["context"]]
 
+    def extra_rows(self, fields: dict[str, Any]) -> int:
+        return 0  # a CSM voice takes no codec rows
+
+    def free_extra_rows(self, fields: dict[str, Any], taken: set[int]) -> list[int] | None:
+        return []
+
     def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
         """Encode each context clip once (on the engine thread) to prove it loads."""
         for clip in fields["context"]:

@@ -257,8 +257,36 @@ class Qwen3Model:
         return [(e.name.lower(), e.row, np.asarray(vectors[i])) for i, e in enumerate(entries)]
 
     def check_package(self, folder: Path, fields: dict[str, Any]) -> None:
-        """Install the voice's language rows (rolled back by `release_package`)."""
-        fields["installed_rows"] = self.install_language_rows(fields["language_rows"])
+        """Install the voice's language rows (rolled back by `release_package`), at the rows
+        the registry reserved for them when it did."""
+        rows = fields.get("language_rows") or []
+        reserved = fields.get("reserved_rows")
+        if reserved is not None:
+            placed = [(n, r, v) for (n, _, v), r in zip(rows, reserved, strict=True)]
+            fields["installed_rows"] = self.install_language_rows(placed, exact=True)
+        else:
+            fields["installed_rows"] = self.install_language_rows(rows)
+
+    def extra_rows(self, fields: dict[str, Any]) -> int:
+        return len(fields.get("language_rows") or [])
+
+    def free_extra_rows(self, fields: dict[str, Any], taken: set[int]) -> list[int] | None:
+        """Each new language at its trained row when that is free here and in the registry,
+        else at the next free row of the languages' region."""
+        talker = self.model.config.talker_config
+        busy = set(taken) | occupied_rows(talker) | set(self.language_rows)
+        chosen: list[int] = []
+        for _, wanted, _ in fields.get("language_rows") or []:
+            if FIRST_SPEAKER_ROW <= wanted < talker.vocab_size and wanted not in busy:
+                row = wanted
+            else:
+                try:
+                    row = free_rows(talker, 1, also_taken=busy)[0]
+                except ValueError:
+                    return None
+            busy.add(row)
+            chosen.append(row)
+        return chosen
 
     def release_package(self, fields: dict[str, Any]) -> None:
         self.release_language_rows(fields.get("installed_rows", []))
