@@ -107,6 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how long to wait for another trainer of this job (one whose supervisor died, "
         "checkpointing before it stops) before refusing to run",
     )
+    spread = job.add_argument_group("several hosts (families that train data-parallel)")
+    spread.add_argument("--hosts", help="comma-separated hosts, one rank each (ssh + IP)")
+    spread.add_argument("--ranks", type=int, help="ranks per host")
+    spread.add_argument("--port", type=int, help="first TCP port of the ring (one per rank)")
+    spread.add_argument("--backend", choices=("ring", "mpi"), default="ring")
     job.set_defaults(handler=_guard(_run_job))
 
 
@@ -300,13 +305,48 @@ def _bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_run_job(args: argparse.Namespace) -> int | None:
+    """With --hosts / --ranks: the same `run-job` on every rank through mlx.launch (rank 0
+    reports, checkpoints and bakes; the others train their shards)."""
+    from finetune import distributed
+
+    if args.hosts is None and args.ranks is None:
+        return None
+    hosts = [h.strip() for h in (args.hosts or "127.0.0.1").split(",")]
+    ranks = args.ranks or 1
+    if ranks < 1 or not all(hosts):
+        raise CommandError("--ranks must be >= 1 and --hosts a list of host names or IPs")
+    if len(hosts) * ranks == 1:
+        return None
+    argv = ["run-job", "--spec", str(Path(args.spec).resolve())]
+    argv += ["--lock-wait-s", str(args.lock_wait_s)]
+    if args.min_free_bytes is not None:
+        argv += ["--min-free-bytes", str(args.min_free_bytes)]
+    try:
+        return distributed.launch(
+            argv,
+            hosts,
+            ranks_per_host=ranks,
+            port=args.port or distributed.DEFAULT_PORT,
+            backend=args.backend,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def _run_job(args: argparse.Namespace) -> int:
+    from finetune import distributed
     from finetune.job import run_job
     from finetune.job_guard import stop_when_orphaned, trainer_lock
     from finetune.progress import Failed, ProgressWriter
 
-    progress = ProgressWriter(stream=sys.stdout)
     stop_when_orphaned()
+    launched = _launch_run_job(args)
+    if launched is not None:
+        return launched
+    if not distributed.is_writer():  # another rank of a launched job: it trains its shards
+        return run_job(args.spec, distributed.Silent(), args.min_free_bytes)
+    progress = ProgressWriter(stream=sys.stdout)
     try:
         with trainer_lock(Path(args.spec).resolve().parent, args.lock_wait_s):
             return run_job(args.spec, progress, args.min_free_bytes)

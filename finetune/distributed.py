@@ -19,10 +19,12 @@ the global batch does not).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -295,4 +297,24 @@ def launch(
     content = hostfile(hosts, ranks_per_host, backend)
     with tempfile.TemporaryDirectory(prefix="vf-launch-") as folder:
         path = write_hostfile(Path(folder) / "hostfile.json", content)
-        return subprocess.run(launch_command(argv, path, port=port), check=False).returncode
+        # Its own process group (mlx.launch and the local ranks): a stop of this launcher
+        # (SIGTERM, Ctrl-C) reaches every rank, which checkpoints as a single process would.
+        proc = subprocess.Popen(launch_command(argv, path, port=port), start_new_session=True)
+
+        def forward(signum: int, frame: object) -> None:
+            del frame
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if proc.poll() is None:
+                forward(signal.SIGTERM, None)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    forward(signal.SIGKILL, None)

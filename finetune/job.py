@@ -55,9 +55,13 @@ def train_to_final(config: TrainConfig, progress: ProgressWriter) -> Path | None
 def run_job(spec_path: Path, progress: ProgressWriter, min_free_bytes: int | None = None) -> int:
     """`min_free_bytes`: the server's floor of free disk space when the job runs (not when it
     was made); a checkpoint that would go below it fails the job."""
+    from finetune import distributed
     from finetune.families import family_entry
 
     spec = msgspec.json.decode(Path(spec_path).read_bytes(), type=JobSpec)
     if min_free_bytes is not None:
         spec.config.trainer.min_free_bytes = min_free_bytes
+    if not distributed.is_writer():  # a launched job's other ranks: their shards, then done
+        train_to_final(spec.config, progress)
+        return 0
     return family_entry(spec.config.model.family).run_job(spec, spec.config, progress)

@@ -58,6 +58,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     worker_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     worker_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     worker_stalled_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # Workers: hosts each job of a data-parallel family trains on (mx.distributed ranks over
+    # mlx.launch, reached by ssh; empty: this worker's host alone), and ranks per host.
+    worker_hosts: list[str] = []
+    worker_ranks_per_host: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     demo: bool = False
     models: dict[str, ModelSpec] = {}
     # None (left out): no auth. A file that is missing, unreadable or holds no keys: no start.

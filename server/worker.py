@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 from pathlib import Path
+
+from finetune.families import get_family
 
 import anyio
 import procrastinate
@@ -35,6 +38,7 @@ from server.jobs.queue import (
     task_app,
     worker_options,
 )
+from server.jobs.spec import SPEC_FILE
 from server.jobs.training import TERMINAL, Trainings
 from server.registry import Registry
 from server.settings import Settings
@@ -64,6 +68,7 @@ class Worker:
             min_free_bytes=settings.min_free_bytes,
             interrupted_note=INTERRUPTED,
         )
+        self.trainings.trainer_args = self._spread
         self.app = task_app(settings.database_url)
         self._stop = asyncio.Event()
 
@@ -116,6 +121,17 @@ class Worker:
         if self.registry.get_job(job_id).state == "interrupted":  # this worker is stopping
             task_id = await defer(self.app, TRAIN_TASK, job_id)
             self.trainings.set(job_id, "queued", task_id=task_id)
+
+    def _spread(self, job_id: str) -> tuple[str, ...]:
+        """`run-job` arguments that put job `job_id` on `worker_hosts` (families that train
+        data-parallel only; the others train in this one process)."""
+        hosts, ranks = self.settings.worker_hosts, self.settings.worker_ranks_per_host
+        if max(len(hosts), 1) * ranks <= 1:
+            return ()
+        spec = json.loads((self.trainings.root / job_id / SPEC_FILE).read_text())
+        if not get_family(spec["config"]["model"]["family"]).data_parallel:
+            return ()
+        return ("--hosts", ",".join(hosts or ["127.0.0.1"]), "--ranks", str(ranks))
 
     async def _hand_over(self, job_id: str, package: Path, tail: list[str]) -> None:
         """A finished package: a replica installs it as the voice (the `register` task)."""

@@ -54,6 +54,9 @@ class Family:
     # The files a download from a model hub fetches (huggingface_hub allow-patterns: fnmatch
     # over repository paths, where `*` also matches `/`); empty: every file of the repository.
     hub_files: tuple[str, ...] = ()
+    # Its trainer shards batches over `mx.distributed` ranks (finetune/distributed.py): a job of
+    # it may run on several hosts (`run-job --hosts`, a worker's `worker_hosts`).
+    data_parallel: bool = False
 
     def __post_init__(self) -> None:
         problems = []

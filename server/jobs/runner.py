@@ -66,6 +66,7 @@ class TrainerRun:
         on_event: Callable[[ProgressEvent], None],
         command: tuple[str, ...] | None = None,
         min_free_bytes: int = 0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.job_id = job_id
         self.job_dir = job_dir
@@ -80,6 +81,7 @@ class TrainerRun:
             # The server's disk floor now (not when the job was made): checkpoints below it fail.
             "--min-free-bytes",
             str(min_free_bytes),
+            *extra_args,  # e.g. --hosts / --ranks: the job on several hosts
         )
         self.proc: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=LOG_TAIL)

@@ -55,6 +55,8 @@ class Trainings:
         self.stopping = False
         # Told each trainer process's wall time when it exits (per-key usage: server/usage.py).
         self.on_trained: Callable[[str, float], None] | None = None
+        # More `run-job` arguments for a job (a worker spreading jobs over hosts).
+        self.trainer_args: Callable[[str], tuple[str, ...]] = lambda job_id: ()
 
     async def run(self, job_id: str) -> None:
         """Train job `job_id` to its end (a trainer that resumes from the newest checkpoint)."""
@@ -64,6 +66,7 @@ class Trainings:
             self.root / job_id,
             lambda event: self.on_event(job_id, event),
             min_free_bytes=self.min_free_bytes,
+            extra_args=self.trainer_args(job_id),
         )
         pid = await run.start()
         started = time.monotonic()

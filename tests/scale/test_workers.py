@@ -41,10 +41,11 @@ class Cluster:
     settings: dict
 
     @contextlib.contextmanager
-    def worker(self, name: str) -> Iterator[subprocess.Popen[bytes]]:
-        """`python -m server worker` with the replicas' settings file."""
+    def worker(self, name: str, **extra: object) -> Iterator[subprocess.Popen[bytes]]:
+        """`python -m server worker` with the replicas' settings file (and `extra` settings)."""
         config = self.root / f"worker-{name}.json"
-        config.write_text(json.dumps({**self.settings, "data_dir": str(self.root / name)}))
+        settings = {**self.settings, "data_dir": str(self.root / name), **extra}
+        config.write_text(json.dumps(settings))
         log = open(self.root / f"worker-{name}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", "worker", "--config", str(config), "--name", name],
@@ -251,3 +252,32 @@ def test_a_stopped_worker_queues_its_job_again_for_the_next(
     assert done["state"] == "succeeded", done
     log = (cluster.root / "shared" / "jobs" / job_id / "job.log").read_text()
     assert '"event": "resume"' in log
+
+
+def test_a_worker_spreads_a_job_over_two_ranks(cluster: Cluster, clips: JobClips) -> None:
+    """worker_hosts / worker_ranks_per_host: the job's trainer runs as two mx.distributed ranks
+    (mlx.launch, ring over loopback); rank 0 reports and bakes, and the voice speaks."""
+    files, data = job_form(clips, "two-ranks", max_steps="6")
+    job_id = httpx.post(f"{cluster.a}/voices", files=files, data=data, timeout=120).json()["id"]
+    most = 0
+    with cluster.worker("w-ranks", worker_hosts=["127.0.0.1"], worker_ranks_per_host=2):
+        deadline = time.monotonic() + 400
+        while True:
+            found = subprocess.run(
+                ["pgrep", "-f", f"finetune run-job --spec .*{job_id}/spec.json"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            most = max(most, len(found))
+            state = httpx.get(f"{cluster.b}/jobs/{job_id}").json()["state"]
+            if state in ("succeeded", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+    done = httpx.get(f"{cluster.b}/jobs/{job_id}").json()
+    assert done["state"] == "succeeded", done
+    # The worker's run-job (the launcher) and the two ranks it started.
+    assert most >= 3, f"at most {most} run-job processes seen"
+    log = (cluster.root / "shared" / "jobs" / job_id / "job.log").read_text()
+    assert log.count('"event": "start"') == 1  # rank 0 alone reports
+    assert _speak(cluster.b, "two-ranks").status_code == 200

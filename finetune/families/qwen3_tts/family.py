@@ -17,7 +17,8 @@ FAMILY = Family(
     variants=("base", "custom_voice", "voice_design"),  # tiny.VARIANTS
     layouts=("official", "mlx-community"),  # the keys of tiny.LAYOUTS
     recipes={"speaker": "qwen3_tts_speaker.yaml", "language": "qwen3_tts_hindi.yaml"},
-    min_job_seconds={"language": 8.0},  # a new language needs more than a voice
+    min_job_seconds={"language": 8.0},
+    data_parallel=True,  # a new language needs more than a voice
     # mlx-audio's converter (quantize.py); its mixed_4_6 recipe does not apply to Qwen3-TTS
     quantized=("8", "4", "mxfp4"),
     # What a hub download fetches: both layouts (an mlx-community repo adds the index file),
