@@ -132,3 +132,50 @@ def test_cancel_frees_the_row_and_its_adapter_at_the_next_step(
         assert engine.stats.step_rows.get(2, 0) > 0  # they did share steps
 
     asyncio.run(main())
+
+
+def test_a_row_cancelled_while_it_is_admitted_ends_and_nothing_hangs(
+    engines: dict[str, Engine],
+) -> None:
+    """The cancel lands between the engine's check and the batch's prefill (the batch leaves the
+    row out): the request ends as cancelled and the engine goes on serving."""
+    engine = engines["continuous"]
+    model = engine.models["tiny"]
+    opened = model.open_batch
+
+    class CancelOnAdmit:
+        def __init__(self) -> None:
+            self.inner = opened()
+            self.first = True
+
+        @property
+        def rows(self) -> list:
+            return self.inner.rows
+
+        def admit(self, rows: list) -> None:
+            if self.first:
+                self.first = False
+                rows[0].cancel.set()
+            self.inner.admit(rows)
+
+        def step(self) -> list:
+            return self.inner.step()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    async def main() -> None:
+        model.open_batch = CancelOnAdmit  # type: ignore[method-assign]
+        try:
+            raced = _job("Cancelled on the way in.", 5, 8)
+            engine.submit(raced)
+            with pytest.raises(RuntimeError, match="cancelled"):
+                await _collect(raced)
+        finally:
+            del model.open_batch
+        after = _job("And the next one speaks.", 6, 4)
+        engine.submit(after)
+        audio, _ = await _collect(after)
+        assert len(audio) > 0
+
+    asyncio.run(main())

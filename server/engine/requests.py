@@ -69,6 +69,8 @@ class SpeakJob:
     # perf_counter times: first admitted into a batch, first audio sent (metrics).
     admitted: float | None = None
     first_audio: float | None = None
+    # Continuous scheduling: the round (turn) its current segment started in.
+    segment_round: int | None = None
 
     def send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)

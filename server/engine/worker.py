@@ -68,8 +68,8 @@ class EngineStats:
         self.batch_sizes: dict[int, int] = {}
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
-        # Batches started (continuous: admissions, each a prefill joining the running rows); a
-        # job's wait is counted in these.
+        # Batches started (continuous: turns of the loop that started segments, each a prefill
+        # joining a running batch); a job's wait is counted in these.
         self.rounds = 0
         self.budget_exceeded: dict[str, int] = {}
         # Continuous scheduling: running rows at each decode step, by count.
@@ -126,6 +126,7 @@ class Engine:
         self._ready: deque[SpeakJob] = deque()
         # Continuous scheduling: each model's running batch and the job of each of its rows.
         self._running: dict[str, _Running] = {}
+        self._admitted_this_turn = False
         self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
 
     # --- lifecycle (called from the event loop) -------------------------------------------
@@ -211,6 +212,7 @@ class Engine:
                 continue
             turn += 1
             start = turn % len(names)  # which model goes first rotates
+            self._admitted_this_turn = False
             for name in names[start:] + names[:start]:
                 self._serve_model(name)
         for running in list(self._running.values()):
@@ -239,7 +241,7 @@ class Engine:
             if batch is None:  # this family runs a segment at a time: one round
                 jobs = waiting[: self.max_batch]
                 self._take_ready(jobs)
-                self.stats.rounds += 1
+                self._mark_admitted(jobs)
                 self._current = jobs
                 again = self._speak(jobs)
                 self._current = []
@@ -295,8 +297,17 @@ class Engine:
             return
         for job, row in rows:
             running.rows[id(row)] = (job, row)
-        self.stats.rounds += 1
+        self._mark_admitted([job for job, _ in rows])
+        self._settle(running)  # a row cancelled meanwhile was left out: it ends now
         self.stats.batch(len(running.rows))
+
+    def _mark_admitted(self, jobs: list[SpeakJob]) -> None:
+        """These segments start in this turn: a round (counted at its first start)."""
+        if not self._admitted_this_turn:
+            self._admitted_this_turn = True
+            self.stats.rounds += 1
+        for job in jobs:
+            job.segment_round = self.stats.rounds
 
     def _step(self, running: _Running) -> None:
         model = running.model
@@ -313,6 +324,15 @@ class Engine:
         for row in ended:
             job, _ = running.rows.pop(id(row))
             self._end_segment(model, job, row)
+        self._settle(running)
+
+    def _settle(self, running: _Running) -> None:
+        """End the segments whose rows the batch no longer runs (left out or dropped without
+        being reported), so no job waits on a row that will never step again."""
+        live = {id(row) for row in running.batch.rows}
+        for key in [key for key in running.rows if key not in live]:
+            job, row = running.rows.pop(key)
+            self._end_segment(running.model, job, row)
 
     def _end_segment(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         model.bank.release(row.slot)
@@ -524,8 +544,9 @@ class Engine:
             "model": model.name,
             "request": job.id,
             "segment": job.next_segment,
-            # The round that made this segment, and the round running when the job was queued.
-            "round": self.stats.rounds,
+            # The round that made this segment (continuous: the turn it started in), and the
+            # round running when the job was queued.
+            "round": self.stats.rounds if job.segment_round is None else job.segment_round,
             "queued_round": job.queued_round,
             "text": job.text,
             "cancelled": job.cancel.is_set(),
