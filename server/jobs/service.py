@@ -92,15 +92,16 @@ class JobService:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        if self.queue is not None:  # the workers train; this server registers what they make
-            await self.queue.start(self)
-            return
         # Uploads cut off by a crash (replicas: only old ones; young ones may be in flight).
         cutoff = time.time() - (INCOMING_AGE_S if self.replica is not None else 0.0)
         for stale in self.root.glob(".incoming-*"):
             with contextlib.suppress(OSError):
                 if stale.stat().st_mtime <= cutoff:
                     shutil.rmtree(stale, ignore_errors=True)
+        if self.queue is not None:  # the workers train (and resume); this server registers
+            await anyio.to_thread.run_sync(self.sweep)
+            await self.queue.start(self)
+            return
         for job in self.registry.list_jobs():
             if self.replica is not None and job.payload.get("replica") != self.replica:
                 continue  # another replica's job: its pid is not ours to stop
