@@ -175,8 +175,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _launch_train(args: argparse.Namespace) -> int | None:
-    """With --hosts / --ranks: the same `train` on every rank through mlx.launch."""
+def _launch_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """With --hosts / --ranks: `python -m finetune <argv>` on every rank through mlx.launch, its
+    exit status; None for one rank (this process runs as it always did)."""
     from finetune import distributed
 
     if args.hosts is None and args.ranks is None:
@@ -186,7 +187,21 @@ def _launch_train(args: argparse.Namespace) -> int | None:
     if ranks < 1 or not all(hosts):
         raise CommandError("--ranks must be >= 1 and --hosts a list of host names or IPs")
     if len(hosts) * ranks == 1:
-        return None  # one rank: this process trains as it always did
+        return None
+    try:
+        return distributed.launch(
+            argv,
+            hosts,
+            ranks_per_host=ranks,
+            port=args.port or distributed.DEFAULT_PORT,
+            backend=args.backend,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _launch_train(args: argparse.Namespace) -> int | None:
+    """With --hosts / --ranks: the same `train` on every rank through mlx.launch."""
     argv = ["train", "--config", str(args.config.resolve())]
     flags = {
         "--resume": args.resume,
@@ -203,16 +218,7 @@ def _launch_train(args: argparse.Namespace) -> int | None:
             argv += [flag, str(value.resolve() if isinstance(value, Path) else value)]
     if args.smoke_test:
         argv.append("--smoke-test")
-    try:
-        return distributed.launch(
-            argv,
-            hosts,
-            ranks_per_host=ranks,
-            port=args.port or distributed.DEFAULT_PORT,
-            backend=args.backend,
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+    return _launch_ranks(args, argv)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -308,30 +314,11 @@ def _bake(args: argparse.Namespace) -> int:
 def _launch_run_job(args: argparse.Namespace) -> int | None:
     """With --hosts / --ranks: the same `run-job` on every rank through mlx.launch (rank 0
     reports, checkpoints and bakes; the others train their shards)."""
-    from finetune import distributed
-
-    if args.hosts is None and args.ranks is None:
-        return None
-    hosts = [h.strip() for h in (args.hosts or "127.0.0.1").split(",")]
-    ranks = args.ranks or 1
-    if ranks < 1 or not all(hosts):
-        raise CommandError("--ranks must be >= 1 and --hosts a list of host names or IPs")
-    if len(hosts) * ranks == 1:
-        return None
     argv = ["run-job", "--spec", str(Path(args.spec).resolve())]
     argv += ["--lock-wait-s", str(args.lock_wait_s)]
     if args.min_free_bytes is not None:
         argv += ["--min-free-bytes", str(args.min_free_bytes)]
-    try:
-        return distributed.launch(
-            argv,
-            hosts,
-            ranks_per_host=ranks,
-            port=args.port or distributed.DEFAULT_PORT,
-            backend=args.backend,
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+    return _launch_ranks(args, argv)
 
 
 def _run_job(args: argparse.Namespace) -> int:

@@ -368,3 +368,31 @@ class KeyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"keys": [key.to_dict() for key in self.keys]}, indent=2) + "\n"
         atomic_write_bytes(path, body.encode("utf-8"), mode=0o600)
+
+
+class ChangingKeys:
+    """`KeyStore`'s read side over keys that change while the server runs (a key file, the
+    registry database): always enabled, and `current()` says what holds now; None while the
+    keys are unusable, which refuses every key (fail closed, never auth off)."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        store = self.current()
+        return store.keys if store is not None else ()
+
+    def get(self, key_id: str) -> ApiKey | None:
+        store = self.current()
+        return store.get(key_id) if store is not None else None
+
+    def authenticate(self, secret: str | None, needed: Scope) -> ApiKey:
+        store = self.current()
+        if store is None:
+            raise Unauthorized("invalid API key")
+        return store.authenticate(secret, needed)
+
+    def current(self) -> KeyStore | None:
+        raise NotImplementedError

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.auth import ApiKey, KeyStore, Scope, Unauthorized
+from server.auth import ChangingKeys, KeyStore
 
 log = logging.getLogger("voicefoundry.auth")
 
@@ -36,7 +36,7 @@ def _stamp(path: Path) -> Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-class KeyFile:
+class KeyFile(ChangingKeys):
     """`KeyStore`'s read side over a file that may change; always enabled (a key file is
     configured). Raises ValueError at construction if the file cannot be used (no start)."""
 
@@ -46,25 +46,6 @@ class KeyFile:
         stamp = _stamp(self.path)
         self._store: KeyStore | None = KeyStore.load_configured(path)
         self._stamp = stamp
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-    @property
-    def keys(self) -> tuple[ApiKey, ...]:
-        store = self.current()
-        return store.keys if store is not None else ()
-
-    def get(self, key_id: str) -> ApiKey | None:
-        store = self.current()
-        return store.get(key_id) if store is not None else None
-
-    def authenticate(self, secret: str | None, needed: Scope) -> ApiKey:
-        store = self.current()
-        if store is None:
-            raise Unauthorized("invalid API key")
-        return store.authenticate(secret, needed)
 
     def current(self) -> KeyStore | None:
         """The keys as the file holds them now; None while the file is unusable."""

@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 import sqlalchemy as sa
 
-from server.auth import ApiKey, KeyStore, Scope, Unauthorized
+from server.auth import ApiKey, ChangingKeys, KeyStore
 from server.db.engine import READ_OPTION, make_engine, redacted, sqlite_url
 from server.db.schema import api_keys
 from server.limits import KeyLimits
@@ -140,7 +140,7 @@ def preflight(settings: Settings) -> None:
         engine.dispose()
 
 
-class DatabaseKeys:
+class DatabaseKeys(ChangingKeys):
     """`KeyStore`'s read side over the `api_keys` table; always enabled. Raises ValueError at
     construction if the table cannot be read or holds no keys (no start). `close` stops its
     polling thread."""
@@ -162,25 +162,6 @@ class DatabaseKeys:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="api-keys-poll", daemon=True)
         self._thread.start()
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-    @property
-    def keys(self) -> tuple[ApiKey, ...]:
-        store = self.current()
-        return store.keys if store is not None else ()
-
-    def get(self, key_id: str) -> ApiKey | None:
-        store = self.current()
-        return store.get(key_id) if store is not None else None
-
-    def authenticate(self, secret: str | None, needed: Scope) -> ApiKey:
-        store = self.current()
-        if store is None:
-            raise Unauthorized("invalid API key")
-        return store.authenticate(secret, needed)
 
     def current(self) -> KeyStore | None:
         """The keys as last read; None while they are unusable or older than `stale_s`."""

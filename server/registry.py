@@ -427,40 +427,13 @@ class Registry:
         returns that name's reservation.
         """
         canonical = validate_name(name)
-        for _ in range(SLOT_ATTEMPTS):
-            with self.transaction() as conn:
-                self._expire_reservations(conn, base_model)
-                held = conn.execute(
-                    sa.select(slot_reservations.c.slot).where(
-                        slot_reservations.c.base_model == base_model,
-                        slot_reservations.c.name == canonical,
-                    )
-                ).scalar_one_or_none()
-                if held is not None:
-                    return int(held)
-                taken = self._taken(conn, base_model)
-                slot = choose(set(taken))
-                if slot is None:
-                    return None
-                if slot in taken:
-                    raise ValueError(f"choose() picked slot {slot}, which is taken")
-                try:
-                    with conn.begin_nested():
-                        conn.execute(
-                            slot_reservations.insert().values(
-                                base_model=base_model,
-                                slot=slot,
-                                name=canonical,
-                                reserved_at=utc_now(),
-                            )
-                        )
-                except sa.exc.IntegrityError:
-                    continue  # another replica reserved it meanwhile: choose again
-                return slot
-        raise RegistryError(
-            f"could not reserve a speaker row of {base_model!r} for {canonical!r}: "
-            f"{SLOT_ATTEMPTS} attempts lost to concurrent installs"
-        )
+
+        def one(taken: set[int]) -> builtins.list[int] | None:
+            slot = choose(taken)
+            return None if slot is None else [slot]
+
+        rows = self._reserve(base_model, canonical, 1, one, "a speaker row")
+        return rows[0] if rows else None
 
     def allocate_rows(
         self,
@@ -474,6 +447,19 @@ class Registry:
         `choose` finds too few. As `allocate_slot`, against every replica's voices and
         reservations; `add` uses them up, `release_rows` gives them back."""
         holder = _rows_holder(validate_name(name))
+        return self._reserve(base_model, holder, count, choose, f"{count} codec rows")
+
+    def _reserve(
+        self,
+        base_model: str,
+        holder: str,
+        count: int,
+        choose: Callable[[set[int]], builtins.list[int] | None],
+        what: str,
+    ) -> builtins.list[int] | None:
+        """`count` rows of `base_model` reserved under `holder` (the ones it already holds, if
+        any): `choose` picks among the free ones; a row another replica reserved meanwhile
+        fails the insert (primary key (base_model, slot)) and this chooses again."""
         for _ in range(SLOT_ATTEMPTS):
             with self.transaction() as conn:
                 self._expire_reservations(conn, base_model)
@@ -491,7 +477,9 @@ class Registry:
                 if chosen is None:
                     return None
                 if len(set(chosen)) != count or set(chosen) & taken:
-                    raise ValueError(f"choose() picked {chosen}: {count} free rows were asked")
+                    raise ValueError(
+                        f"choose() picked {chosen}: {count} free rows were asked, none taken"
+                    )
                 try:
                     with conn.begin_nested():
                         stamp = utc_now()
@@ -505,7 +493,7 @@ class Registry:
                     continue  # another replica reserved one of them meanwhile: choose again
                 return list(chosen)
         raise RegistryError(
-            f"could not reserve {count} codec rows of {base_model!r} for {name!r}: "
+            f"could not reserve {what} of {base_model!r} for {holder!r}: "
             f"{SLOT_ATTEMPTS} attempts lost to concurrent installs"
         )
 

@@ -78,6 +78,28 @@ def server_process(
         log.close()
 
 
+@contextlib.contextmanager
+def postgres_schema(postgres_url: str, prefix: str) -> Iterator[str]:
+    """A schema of its own in the test database (`postgres_url`), dropped afterwards; the URL
+    (password shown) whose search path is that schema."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    url = sa.make_url(postgres_url)
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        scoped = url.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
 JOB_ENDS = frozenset({"succeeded", "failed", "cancelled"})
 
 

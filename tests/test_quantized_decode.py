@@ -10,7 +10,6 @@ which the layer test catches first)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.arrays import flat_items
@@ -24,6 +23,7 @@ from finetune.runtime.quantized import (
     dense_bytes,
     dequantised_weight,
 )
+from finetune.sampling import Sampling
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,13 +33,7 @@ import pytest
 TEXTS = ("Hello quantised world.", "A second, longer row of text to speak.")
 
 
-@dataclass
-class Greedy:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    max_tokens: int = 8
+GREEDY = Sampling(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_tokens=8)
 
 
 def _layers(model: nn.Module) -> list[CpuQuantizedLinear]:
@@ -108,7 +102,7 @@ def test_greedy_codes_equal_the_plain_quantised_path(loaded) -> None:
 
     def codes(quantised: bool, batch: list[mx.array]) -> list[np.ndarray]:
         _force_quantised(model, quantised)
-        rows = [Row(p, Greedy()) for p in batch]
+        rows = [Row(p, GREEDY) for p in batch]
         try:
             Qwen3BatchGenerator(model, lambda _: None).run(rows)
         finally:

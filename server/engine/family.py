@@ -157,8 +157,10 @@ class SpeechModel(Protocol):
         """Generate every row until it ends, hits its frame budget, or is cancelled."""
         ...
 
-    # A family that decodes step by step also has `open_batch() -> DecodeBatch` (a new, empty
-    # running batch); the engine then schedules it per step (server/engine/worker.py).
+    def open_batch(self) -> DecodeBatch:
+        """A new, empty running batch: the continuous scheduler (server/engine/worker.py) admits
+        rows into it and steps it."""
+        ...
 
     def decode_chunk(self, row: SpeechRow, start: int, end: int) -> np.ndarray:
         """Audio of frames [start, end) of `row`. Called with consecutive ranges from 0, while

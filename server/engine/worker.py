@@ -1,16 +1,15 @@
 """ONE thread owns every MLX call. Requests are queued with a cancel event each, batched per
 base model, and their audio handed back to the event loop as it is made.
 
-Scheduling (`scheduler`, default "continuous"): iteration-level. Each base model whose family
-decodes step by step (`SpeechModel.open_batch`) keeps one running batch; a request's segment
+Scheduling (`scheduler`, default "continuous"): iteration-level. Each base model keeps one running
+batch (`SpeechModel.open_batch`); a request's segment
 joins it at the next decode step and leaves when it ends, so nobody waits for a whole batch.
 Every turn of the loop, for each model with work in turn: the waiting segments of that model are
 admitted (prefilled together, up to `max_batch` running rows; queue order), then the running rows
 take ONE decode step. So a newcomer waits at most one decode step of the running rows (plus its
 own prefill), and running rows wait at most one prefill between two of their steps: neither
 starves. A job with more segments goes to the back of the queue when one ends. Adapters are
-installed into the bank at admission, between steps. Families without step-wise decoding run as
-below, one round per turn of the loop, alternating with the others.
+installed into the bank at admission, between steps.
 
 "rounds" (kept to measure against): fairness at segment granularity: the engine works in
 rounds, each running ONE segment of up to `max_batch` jobs of one base model. Runnable jobs wait
@@ -225,8 +224,7 @@ class Engine:
             self._finish(self._ready.popleft(), RuntimeError("server shutting down"))
 
     def _serve_model(self, name: str) -> None:
-        """One turn of model `name`: admit its waiting segments, then one decode step (or, for a
-        family without step-wise decoding, one round of its waiting segments)."""
+        """One turn of model `name`: admit its waiting segments, then one decode step."""
         started = time.perf_counter()
         model = self.models.get(name)
         waiting = [job for job in self._ready if job.voicing.model == name]
@@ -237,18 +235,7 @@ class Engine:
             return
         running = self._running.get(name)
         if running is None:
-            batch = self._open_batch(model)
-            if batch is None:  # this family runs a segment at a time: one round
-                jobs = waiting[: self.max_batch]
-                self._take_ready(jobs)
-                self._mark_admitted(jobs)
-                self._current = jobs
-                again = self._speak(jobs)
-                self._current = []
-                self._drain()
-                self._ready.extend(again)
-                return
-            running = self._running[name] = _Running(model, batch)
+            running = self._running[name] = _Running(model, model.open_batch())
         room = self.max_batch - len(running.rows)
         if waiting and room > 0:
             self._admit(running, waiting[:room])
@@ -258,12 +245,6 @@ class Engine:
             running.batch.close()
             del self._running[name]
         self.stats.busy_seconds += time.perf_counter() - started
-
-    @staticmethod
-    def _open_batch(model: SpeechModel) -> DecodeBatch | None:
-        # Families that decode step by step have `open_batch`; the others run whole segments.
-        opener = getattr(model, "open_batch", None)
-        return opener() if opener is not None else None
 
     def _take_ready(self, jobs: list[SpeakJob]) -> None:
         taken = {id(job) for job in jobs}

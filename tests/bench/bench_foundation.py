@@ -215,28 +215,14 @@ def child_format(path: Path, frames: int) -> None:
 
 
 # --- the official qwen-tts, in .venv-parity (torch; no MLX, no project imports) ---------------
-def _stand_in_torchaudio() -> None:
-    """As tests/parity/conftest.py: qwen_tts imports torchaudio.compliance.kaldi for the 25 Hz
-    tokenizer only; no torchaudio loads beside that torch, and the 12 Hz one never calls it."""
-    import importlib.machinery
-    import types
-
-    names = ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi")
-    modules = {}
-    for name in names:
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        modules[name] = module
-    modules["torchaudio"].compliance = modules["torchaudio.compliance"]  # type: ignore[attr-defined]
-    modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]  # type: ignore[attr-defined]
-    sys.modules.update(modules)
-
-
 def child_peer(path: Path, frames: int) -> None:
     import contextlib
     import io
 
-    _stand_in_torchaudio()
+    sys.path.insert(0, str(ROOT / "tests" / "parity"))
+    from torchaudio_stand_in import stand_in_torchaudio
+
+    stand_in_torchaudio()
     import numpy as np
     import soundfile as sf
     import torch

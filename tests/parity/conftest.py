@@ -9,37 +9,17 @@ pytest runs with --confcutdir=tests/parity so tests/conftest.py (which imports M
 
 from __future__ import annotations
 
-import importlib.machinery
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
+from torchaudio_stand_in import stand_in_torchaudio  # tests/parity, on pytest's path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUR_PYTHON = Path(os.environ.get("VF_OUR_PYTHON", ROOT / ".venv" / "bin" / "python"))
 
 
-def _stand_in_torchaudio() -> None:
-    """qwen_tts imports `torchaudio.compliance.kaldi` at package import, for the 25 Hz speech
-    tokenizer's fbank features only. No PyPI torchaudio loads beside torch 2.13 (its C++
-    extension fails to load), and the 12 Hz tokenizer these tests compare never calls it, so an
-    empty module stands in for that one import; any call into it raises AttributeError."""
-    if "torchaudio" in sys.modules:
-        return
-    names = ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi")
-    modules = {}
-    for name in names:
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        modules[name] = module
-    modules["torchaudio"].compliance = modules["torchaudio.compliance"]  # type: ignore[attr-defined]
-    modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]  # type: ignore[attr-defined]
-    sys.modules.update(modules)
-
-
-_stand_in_torchaudio()
+stand_in_torchaudio()
 
 
 @pytest.fixture(scope="session")

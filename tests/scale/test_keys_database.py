@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from server.keystore_db import (
 )
 from server.limits import KeyLimits
 from server.settings import SettingsError, load_settings
+from tests.service_helpers import postgres_schema
 
 POLL_S = 0.1  # the servers' poll here; the bound checked is that plus one query, with slack
 BOUND_S = 3.0
@@ -43,17 +43,8 @@ BOUND_S = 3.0
 @contextlib.contextmanager
 def _schema(postgres_url: str) -> Iterator[sa.URL]:
     """The session's PostgreSQL database with a schema of its own as the search path."""
-    server = sa.make_url(postgres_url)
-    schema = f"k_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield server.update_query_dict({"options": f"-csearch_path={schema}"})
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema(postgres_url, "k") as scoped:
+        yield sa.make_url(scoped)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -12,15 +12,13 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from tests.service_helpers import server_process
+from tests.service_helpers import postgres_schema, server_process
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -30,18 +28,8 @@ BOUND_S = 1.0 + 2.0
 
 @contextlib.contextmanager
 def _schema(postgres_url: str) -> Iterator[str]:
-    url = sa.make_url(postgres_url)
-    schema = f"ks_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        target = url.update_query_dict({"options": f"-csearch_path={schema}"})
-        yield target.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema(postgres_url, "ks") as scoped:
+        yield scoped
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

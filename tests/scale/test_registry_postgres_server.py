@@ -4,7 +4,6 @@ row in PostgreSQL, not in a SQLite file. One server start."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 from server.db import migrate
 from server.registry import Registry
 from server.voices import pack_directory
-from tests.service_helpers import server_process
+from tests.service_helpers import postgres_schema, server_process
 
 MODEL = "tiny"
 
@@ -21,20 +20,13 @@ MODEL = "tiny"
 def test_serve_on_postgresql_serves_voices_from_it(
     tmp_path: Path, postgres_url: str, tiny_qwen3_base: Path, voice_package: Path
 ) -> None:
-    url = sa.make_url(postgres_url)
-    schema = f"s_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    database_url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    plain = database_url.render_as_string(hide_password=False)
-    data = tmp_path / "data"
-    settings = {
-        "data_dir": str(data),
-        "database_url": plain,
-        "models": {MODEL: {"path": str(tiny_qwen3_base)}},
-    }
-    try:
+    with postgres_schema(postgres_url, "s") as plain:
+        data = tmp_path / "data"
+        settings = {
+            "data_dir": str(data),
+            "database_url": plain,
+            "models": {MODEL: {"path": str(tiny_qwen3_base)}},
+        }
         with server_process(settings) as base:
             listed = httpx.get(f"{base}/voices", timeout=30)
             assert listed.status_code == 200, listed.text
@@ -52,7 +44,3 @@ def test_serve_on_postgresql_serves_voices_from_it(
                     revision = conn.execute(sa.text("SELECT version_num FROM alembic_version"))
                     assert revision.all() == [(migrate.head(),)]
         assert not (data / "registry.sqlite3").exists()  # nothing went to SQLite
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()

@@ -13,7 +13,6 @@ import contextlib
 import io
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
-import sqlalchemy as sa
 
 from server.registry import Registry, Voice
 from server.voices import pack_directory
-from tests.service_helpers import server_process
+from tests.service_helpers import postgres_schema, server_process
 
 MODEL = "tiny"
 POLL_S = 5.0
@@ -53,13 +51,6 @@ def pair(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, tiny_qwen3_base: Path
 ) -> Iterator[Pair]:
     root = tmp_path_factory.mktemp("replicas")
-    url = sa.make_url(postgres_url)
-    schema = f"r_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    database_url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    plain = database_url.render_as_string(hide_password=False)
 
     def settings(name: str) -> dict:
         return {
@@ -70,20 +61,15 @@ def pair(
             "models": {MODEL: {"path": str(tiny_qwen3_base)}},
         }
 
-    try:
-        with contextlib.ExitStack() as stack:
-            # Both start at once (the migration takes an advisory lock): half the wall time.
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                starting = [
-                    pool.submit(stack.enter_context, server_process(settings(n), timeout=300))
-                    for n in ("a", "b")
-                ]
-                a, b = (f.result() for f in starting)
-            yield Pair(a, b, root / "shared", plain, root / "a")
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema(postgres_url, "r") as plain, contextlib.ExitStack() as stack:
+        # Both start at once (the migration takes an advisory lock): half the wall time.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            starting = [
+                pool.submit(stack.enter_context, server_process(settings(n), timeout=300))
+                for n in ("a", "b")
+            ]
+            a, b = (f.result() for f in starting)
+        yield Pair(a, b, root / "shared", plain, root / "a")
 
 
 def clip(seconds: float, seed: int) -> bytes:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.service_helpers import JobClips, job_clips, job_form, server_process, wait_for_job
+from tests.service_helpers import (
+    JobClips,
+    job_clips,
+    job_form,
+    postgres_schema,
+    server_process,
+    wait_for_job,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT_S = 1.0
@@ -83,37 +89,25 @@ def cluster(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, tiny_qwen3_base: Path
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("workers")
-    url = sa.make_url(postgres_url)
-    schema = f"w_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    database_url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    plain = database_url.render_as_string(hide_password=False)
-    settings = {
-        "artifacts_dir": str(root / "shared"),
-        "database_url": plain,
-        "job_runner": "workers",
-        "worker_heartbeat_s": HEARTBEAT_S,
-        "worker_stalled_s": STALLED_S,
-        "models": {"tiny": {"path": str(tiny_qwen3_base)}},
-    }
-    try:
-        with contextlib.ExitStack() as stack:
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                starting = [
-                    pool.submit(
-                        stack.enter_context,
-                        server_process({**settings, "data_dir": str(root / n)}, timeout=300),
-                    )
-                    for n in ("a", "b")
-                ]
-                a, b = (f.result() for f in starting)
-            yield Cluster(a, b, root, plain, settings)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema(postgres_url, "w") as plain, contextlib.ExitStack() as stack:
+        settings = {
+            "artifacts_dir": str(root / "shared"),
+            "database_url": plain,
+            "job_runner": "workers",
+            "worker_heartbeat_s": HEARTBEAT_S,
+            "worker_stalled_s": STALLED_S,
+            "models": {"tiny": {"path": str(tiny_qwen3_base)}},
+        }
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            starting = [
+                pool.submit(
+                    stack.enter_context,
+                    server_process({**settings, "data_dir": str(root / n)}, timeout=300),
+                )
+                for n in ("a", "b")
+            ]
+            a, b = (f.result() for f in starting)
+        yield Cluster(a, b, root, plain, settings)
 
 
 @pytest.fixture(scope="module")
