@@ -68,3 +68,4 @@ bench: install
 	$(PY) tests/bench/bench_foundation.py
 	$(PY) tests/bench/bench_finetune.py
 	$(PY) tests/bench/bench_service.py
+	$(PY) tests/bench/bench_vocoder.py

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.sampling import Sampling
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -98,7 +99,10 @@ def test_a_short_request_joins_a_running_long_one_and_is_not_blocked(
         alone_audio, _ = await _collect(alone)
         short, short_end, long_end = await _short_while_long(engines["continuous"])
         assert short_end < long_end, "the short request waited for the long one"
-        np.testing.assert_array_equal(short, alone_audio)  # joined mid-way: as alone
+        # Joined mid-way: its frames as alone, its audio within the vocoder's tolerance (its
+        # chunks may be decoded in one pass with the long row's).
+        assert short.shape == alone_audio.shape
+        assert np.abs(short - alone_audio).max() <= 1e-3
         # The round engine, measured the same way: the short request waits the long one out.
         _, short_end, long_end = await _short_while_long(engines["rounds"])
         assert short_end >= long_end
@@ -177,5 +181,74 @@ def test_a_row_cancelled_while_it_is_admitted_ends_and_nothing_hangs(
         engine.submit(after)
         audio, _ = await _collect(after)
         assert len(audio) > 0
+
+    asyncio.run(main())
+
+
+def test_a_response_is_its_stream_joined_and_the_stream_is_the_one_shot_decode(
+    engines: dict[str, Engine],
+) -> None:
+    """Streaming-first: a streamed request gets its audio chunk by chunk while its row decodes;
+    the same request not streamed gets exactly those chunks joined; both are the decoder's
+    one-shot decode of the row's frames within the stream's tolerance
+    (tests/test_qwen3_vocoder_stream.py)."""
+    engine = engines["continuous"]
+    model = engine.models["tiny"]
+    text, seed, frames = "Streamed and whole alike.", 7, 20
+
+    async def main() -> tuple[list[np.ndarray], np.ndarray, SpeakJob]:
+        streamed = _job(text, seed, frames, stream=True)
+        whole = _job(text, seed, frames)
+        engine.submit(streamed)
+        engine.submit(whole)
+        chunks: list[np.ndarray] = []
+        while not isinstance(item := await asyncio.wait_for(streamed.out.get(), 300), Done):
+            assert isinstance(item, np.ndarray), item
+            chunks.append(item)
+        audio, _ = await _collect(whole)
+        return chunks, audio, _job(text, seed, frames)
+
+    chunks, audio, again = asyncio.run(main())
+    assert len(chunks) >= 2, "the stream came in one piece"
+    np.testing.assert_array_equal(np.concatenate(chunks), audio)
+
+    def generate_and_decode() -> tuple[int, np.ndarray]:
+        row = model.make_row(again, slot=0)
+        model.run([row])
+        codes = mx.array(np.stack(row.frames))[None].transpose(0, 2, 1)
+        return len(row.frames), np.array(model.model.speech_tokenizer.decoder(codes)[0, 0])
+
+    made, one_shot = engine.call(generate_and_decode).result(120)
+    assert len(chunks) == -(-made // 8)  # chunk_frames 8: one chunk per 8 frames, then the rest
+    assert audio.shape == one_shot.shape
+    assert np.abs(audio - one_shot).max() <= 1e-3
+
+
+def test_a_row_whose_audio_fails_to_decode_fails_only_its_own_request(
+    engines: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows' chunks go to the vocoder together; when that call fails, each row is decoded
+    alone: the one that fails alone ends with the error, the other is served in full."""
+    engine = engines["continuous"]
+    model = engine.models["tiny"]
+    decode = model.decode_frames
+    broken_seed = 13
+
+    def flaky(parts: list) -> list[np.ndarray]:
+        if any(row.seed == broken_seed for row, _, _ in parts):
+            raise MemoryError("the vocoder ran out of memory")
+        return decode(parts)
+
+    monkeypatch.setattr(model, "decode_frames", flaky)
+
+    async def main() -> None:
+        broken = _job("This one cannot be heard.", broken_seed, 12, stream=True)
+        fine = _job("This one is heard.", 14, 12)
+        engine.submit(broken)
+        engine.submit(fine)
+        audio, _ = await _collect(fine)
+        assert fine.frames_made > 0 and len(audio) == fine.frames_made * 1920
+        with pytest.raises(MemoryError, match="out of memory"):
+            await _collect(broken)
 
     asyncio.run(main())

@@ -24,6 +24,11 @@ from tests.service_helpers import wav_samples
 pytestmark = pytest.mark.anyio
 MODEL = "tiny"
 
+# The server decodes audio as a stream of chunks: within 1e-3 of full scale of the one-shot
+# decode mlx-audio runs (tests/test_qwen3_vocoder_stream.py), i.e. 33 of 32767; the same frames
+# decoded either way. A different frame would be thousands off.
+STREAM_LSB = 33
+
 
 def _settings(data_dir: Path, model: Path, **extra) -> Settings:
     return Settings(data_dir=str(data_dir), models={MODEL: ModelSpec(path=str(model))}, **extra)
@@ -136,7 +141,7 @@ async def test_speak_equals_in_process_mlx_audio_generation(client, tiny_qwen3_b
     )
     expected = np.clip(np.round(np.array(result[0].audio) * 32767), -32768, 32767)
     assert served.shape == expected.shape
-    assert np.abs(served.astype(np.int32) - expected.astype(np.int32)).max() <= 2
+    assert np.abs(served.astype(np.int32) - expected.astype(np.int32)).max() <= STREAM_LSB
 
 
 async def test_import_list_get_delete_and_slot_reuse(client, voice_package, speaker_dataset):
@@ -252,7 +257,7 @@ async def test_adapter_bank_audio_equals_the_fused_model(
     )
     expected = np.clip(np.round(np.array(result[0].audio) * 32767), -32768, 32767)
     assert served.shape == expected.shape
-    assert np.abs(served.astype(np.int32) - expected.astype(np.int32)).max() <= 2
+    assert np.abs(served.astype(np.int32) - expected.astype(np.int32)).max() <= STREAM_LSB
 
 
 async def test_api_keys_and_scopes(tmp_path, tiny_qwen3_base, voice_package):

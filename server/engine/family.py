@@ -162,13 +162,12 @@ class SpeechModel(Protocol):
         rows into it and steps it."""
         ...
 
-    def decode_chunk(self, row: SpeechRow, start: int, end: int) -> np.ndarray:
-        """Audio of frames [start, end) of `row`. Called with consecutive ranges from 0, while
-        the row is generating (from `on_frames`) and once after `run` for the rest."""
-        ...
-
-    def decode_all(self, row: SpeechRow) -> np.ndarray:
-        """The whole segment's audio (non-streaming requests), after `run`."""
+    def decode_frames(self, parts: list[tuple[SpeechRow, int, int]]) -> list[np.ndarray]:
+        """Audio of frames [start, end) of each row, continuing the row's audio stream: a
+        row's calls come with consecutive ranges from 0, as its frames are made, and join
+        into its whole audio (a non-streaming response is that join). The rows of one call
+        are decoded together where the family can. A call that raises leaves every row's
+        stream as it was (the engine then decodes the rows one by one)."""
         ...
 
     def forget(self, voicing: Voicing) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from finetune.sampling import Sampling
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ContextClip:
@@ -58,14 +60,17 @@ class SpeakJob:
     next_segment: int = 0
     frames_made: int = 0
     audio_seconds: float = 0.0
-    sent: int = 0  # frames of the current segment already streamed
+    sent: int = 0  # frames of the current segment already decoded to audio
+    # The current segment's audio so far (a non-streaming job sends it joined at the end).
+    segment_audio: list[np.ndarray] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     # Set by the engine: its round count when the job was queued, when the job's wall-time
-    # budget runs out, and the budget it went over (it then ends with that error).
+    # budget runs out, and why it was stopped (a budget it went over, its audio failing to
+    # decode): it then ends with that error.
     queued_round: int = 0
     deadline: float | None = None
-    budget_error: BaseException | None = None
+    stop_error: BaseException | None = None
     # perf_counter times: first admitted into a batch, first audio sent (metrics).
     admitted: float | None = None
     first_audio: float | None = None

@@ -11,6 +11,12 @@ own prefill), and running rows wait at most one prefill between two of their ste
 starves. A job with more segments goes to the back of the queue when one ends. Adapters are
 installed into the bank at admission, between steps.
 
+Audio, streaming-first: after each step, every row with `chunk_frames` new frames (and every
+row that just ended) has them decoded in one `decode_frames` call, continuing each row's own
+audio stream; streamed jobs send the chunk, the others keep it and send the segment's chunks
+joined when it ends (the same audio either way). A chunk that fails to decode is retried row by
+row; a row that fails alone stops only its own request.
+
 "rounds" (kept to measure against): fairness at segment granularity: the engine works in
 rounds, each running ONE segment of up to `max_batch` jobs of one base model. Runnable jobs wait
 in one queue ordered by when they last ran; a round takes the job at its head and the next jobs
@@ -257,7 +263,7 @@ class Engine:
         now = time.perf_counter()
         for job in jobs:
             if job.cancel.is_set():
-                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+                self._finish(job, job.stop_error or RuntimeError("cancelled"))
                 continue
             try:
                 rows.append((job, self._row(model, job)))
@@ -302,8 +308,12 @@ class Engine:
             running.rows.clear()
             running.batch.close()
             return
-        for row in ended:
-            job, _ = running.rows.pop(id(row))
+        finished = [running.rows.pop(id(row)) for row in ended]
+        due = [(job, row) for job, row in running.rows.values() if self._audio_due(job, row)]
+        due += [(job, row) for job, row in finished if self._audio_due(job, row, ended=True)]
+        if due:  # every row's new chunk, running or just ended, in one vocoder call
+            self._vocode(model, due)
+        for job, row in finished:
             self._end_segment(model, job, row)
         self._settle(running)
 
@@ -318,7 +328,7 @@ class Engine:
     def _end_segment(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         model.bank.release(row.slot)
         if job.cancel.is_set():
-            self._finish(job, job.budget_error or RuntimeError("cancelled"))
+            self._finish(job, job.stop_error or RuntimeError("cancelled"))
             return
         try:
             self._deliver(model, job, row)
@@ -373,10 +383,10 @@ class Engine:
         waiting: deque[SpeakJob] = deque()
         for job in self._ready:
             if job.cancel.is_set():
-                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+                self._finish(job, job.stop_error or RuntimeError("cancelled"))
             elif job.deadline is not None and now > job.deadline:
                 self._over_budget(job, "time")
-                self._finish(job, job.budget_error)
+                self._finish(job, job.stop_error)
             else:
                 waiting.append(job)
         self._ready = waiting
@@ -398,7 +408,7 @@ class Engine:
 
     def _over_budget(self, job: SpeakJob, budget: Budget) -> None:
         """Stop `job` (its row ends at the next frame) with the budget it went over."""
-        if job.budget_error is not None:
+        if job.stop_error is not None:
             return
         if budget == "audio":
             detail = (
@@ -410,7 +420,7 @@ class Engine:
                 f"the request did not finish within {self.max_wall_s:g} s "
                 "(max_request_wall_seconds); retry later or send shorter text"
             )
-        job.budget_error = BudgetExceeded(budget, detail)
+        job.stop_error = BudgetExceeded(budget, detail)
         self.stats.over_budget(budget)
         job.cancel.set()
 
@@ -430,7 +440,7 @@ class Engine:
         model = self.models.get(jobs[0].voicing.model)
         for job in jobs:
             if job.cancel.is_set():
-                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+                self._finish(job, job.stop_error or RuntimeError("cancelled"))
                 continue
             if model is None:
                 self._finish(job, KeyError(f"model {job.voicing.model!r} is not loaded"))
@@ -453,7 +463,7 @@ class Engine:
         for job, row in live:
             model.bank.release(row.slot)
             if job.cancel.is_set():
-                self._finish(job, job.budget_error or RuntimeError("cancelled"))
+                self._finish(job, job.stop_error or RuntimeError("cancelled"))
                 continue
             try:
                 self._deliver(model, job, row)
@@ -487,13 +497,15 @@ class Engine:
         except BaseException:
             model.bank.release(slot)
             raise
-        job.sent = 0
+        job.sent, job.segment_audio = 0, []
         row.on_frames = self._on_frames(model, job, row)
         return row
 
     def _on_frames(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> Callable:
-        """Called by the family after every frame: budgets, then (streaming) audio out."""
+        """Called by the family after every frame: budgets; in rounds (where the model runs
+        the rows to their end inside one call), the row's audio chunk when one is due."""
         max_frames = None if self.max_audio_s is None else int(self.max_audio_s * model.frame_rate)
+        rounds = self.scheduler == "rounds"
 
         def on_frames(_: np.ndarray) -> None:
             made = len(row.frames)
@@ -501,24 +513,59 @@ class Engine:
                 self._over_budget(job, "audio")
             elif job.deadline is not None and time.perf_counter() > job.deadline:
                 self._over_budget(job, "time")
-            if job.stream and not job.cancel.is_set() and made - job.sent >= job.chunk_frames:
-                self._send_audio(job, model.decode_chunk(row, job.sent, made))
-                job.sent = made
+            if rounds and self._audio_due(job, row):
+                self._vocode(model, [(job, row)])
 
         return on_frames
 
+    @staticmethod
+    def _audio_due(job: SpeakJob, row: SpeechRow, *, ended: bool = False) -> bool:
+        """Whether the row's frames since its last chunk are decoded now: a chunk's worth
+        (`chunk_frames`), or the rest once the row ended."""
+        fresh = len(row.frames) - job.sent
+        if job.cancel.is_set() or fresh <= 0:
+            return False
+        return ended or fresh >= job.chunk_frames
+
+    def _vocode(self, model: SpeechModel, due: list[tuple[SpeakJob, SpeechRow]]) -> None:
+        """Decode each row's frames since its last chunk, all in one call, continuing each
+        row's audio stream; streamed out, or kept for the segment's end. Should the call
+        fail, each row is decoded alone: one that fails alone stops its own request."""
+        parts = [(row, job.sent, len(row.frames)) for job, row in due]
+        try:
+            audios: list[np.ndarray | BaseException] = list(model.decode_frames(parts))
+        except Exception:
+            audios = []
+            for part in parts:
+                try:
+                    audios.append(model.decode_frames([part])[0])
+                except Exception as exc:
+                    audios.append(exc)
+        for (job, _), (_, _, end), audio in zip(due, parts, audios, strict=True):
+            if isinstance(audio, BaseException):
+                if job.stop_error is None:
+                    job.stop_error = audio
+                job.cancel.set()  # its row ends at the next step
+                continue
+            job.sent = end
+            if job.stream:
+                self._send_audio(job, audio)
+            else:
+                job.segment_audio.append(audio)
+
     def _deliver(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
+        """A segment ended: its last chunk, then (non-streaming) its audio joined."""
         if self.codes_log is not None:
             self._log_codes(model, job, row)
+        if self._audio_due(job, row, ended=True):
+            self._vocode(model, [(job, row)])
+        if job.stop_error is not None:
+            raise job.stop_error
         job.frames_made += len(row.frames)
         job.audio_seconds += len(row.frames) / model.frame_rate
-        if not row.frames:
-            return
-        if job.stream:
-            if job.sent < len(row.frames):
-                self._send_audio(job, model.decode_chunk(row, job.sent, len(row.frames)))
-            return
-        self._send_audio(job, model.decode_all(row))
+        parts, job.segment_audio = job.segment_audio, []
+        if not job.stream and parts:
+            self._send_audio(job, np.concatenate(parts))
 
     def _log_codes(self, model: SpeechModel, job: SpeakJob, row: SpeechRow) -> None:
         record = {

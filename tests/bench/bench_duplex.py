@@ -1,10 +1,10 @@
 """Duplex serving: per-tick step time (p50 / p95) at 1, 4 and 8 concurrent sessions (budget:
 80 ms a tick), batched (one forward for all sessions) vs one session at a time, and the tick as it
 was before its speed-ups (`PersonaPlexRuntime(fast=False)`: MLX's ELU in Mimi, a full sort for
-top-k) vs today's, measured interleaved tick by tick in one run; sessions per 80 ms tick (the most
-sessions whose batched p95 fits 80 ms). On the tiny PersonaPlex and on a PersonaPlex-width slice
-(real widths: temporal 4096 / depformer 1024, few layers); then the time from connect to
-handshake through a real server and a real websockets client.
+top-k, noise over the whole vocabulary) vs today's, measured interleaved tick by tick in one run;
+sessions per 80 ms tick (the most sessions whose batched p95 fits 80 ms). On the tiny PersonaPlex
+and on a PersonaPlex-width slice (real widths: temporal 4096 / depformer 1024, few layers); then
+the time from connect to handshake through a real server and a real websockets client.
 
     python tests/bench/bench_duplex.py [--ticks 20] [--skip-width] [--skip-server]
         [--max-sessions 16]

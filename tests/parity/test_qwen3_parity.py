@@ -490,7 +490,7 @@ def test_decoded_audio_equals_the_references(voice, served, reference, our_pytho
     wavs, rate = tts.model.speech_tokenizer.decode([{"audio_codes": torch.from_numpy(codes)}])
     theirs = np.asarray(wavs[0], np.float32)
     assert rate == SR
-    # Our decoder on the same codes, in float (the server's decode_all).
+    # Our decoder on the same codes, in float, streamed as the server decodes.
     npy = served["work"] / f"codes-{voice}.npy"
     np.save(npy, codes)
     model = served["paths"][
@@ -523,17 +523,16 @@ _DECODE = """
 import sys
 import finetune
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
-import mlx.core as mx
+from finetune.families.qwen3_tts.vocoder_stream import StreamingVocoder
 import numpy as np
 
-model = load_qwen3_tts(sys.argv[1]).model
-codes = mx.array(np.load(sys.argv[2]))[None]
-audio, lengths = model.speech_tokenizer.decode(codes)
-audio = audio[0]
-valid = int(lengths[0])
-if 0 < valid < audio.shape[0]:
-    audio = audio[:valid]
-np.save(sys.argv[3], np.array(audio, dtype=np.float32))
+tokenizer = load_qwen3_tts(sys.argv[1]).model.speech_tokenizer
+codes = np.load(sys.argv[2]).astype(np.int32)
+# As the server decodes: a stream, in chunks of 6 frames (stream_chunk_frames).
+vocoder = StreamingVocoder(tokenizer.decoder, tokenizer.decode_upsample_rate)
+stream = vocoder.open()
+parts = [vocoder.decode([(stream, codes[i : i + 6])])[0] for i in range(0, len(codes), 6)]
+np.save(sys.argv[3], np.concatenate(parts))
 """
 
 

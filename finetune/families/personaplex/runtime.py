@@ -43,8 +43,12 @@ from finetune.families.personaplex.layout import (
 )
 from finetune.families.personaplex.mimi_stream import MimiStreamer
 from finetune.families.personaplex.sampling import (
+    CandidateDraw,
+    Draw,
+    FullVocabDraw,
     SamplingParams,
     bias_text_logits,
+    candidate_count,
     draw_noise,
     sample_top_k,
     stream_keys,
@@ -79,7 +83,8 @@ class PersonaPlexRuntime:
         fast: bool = True,
     ) -> None:
         """`fast=False` keeps the tick as it was before its speed-ups (MLX's ELU in Mimi, a
-        full sort for top-k): only there for tests/bench/bench_duplex.py to measure against."""
+        full sort for top-k, noise over the whole vocabulary): only there for
+        tests/bench/bench_duplex.py to measure against."""
         self.loaded = loaded
         self.lm = loaded.lm
         self.cfg = loaded.lm_config
@@ -268,29 +273,16 @@ class PersonaPlexRuntime:
                 exempt=UNPENALISED,
             )
 
-        noises = []
-        for session in sessions:
-            session.rng_key, noise = draw_noise(
-                session.rng_key, self.text_vocab, self.audio_card, self.agent
-            )
-            noises.append(noise)
         params = [s.sampling for s in sessions]
-        text_noise = mx.stack([n.text for n in noises])
-        audio_noise = mx.stack([n.audio for n in noises])
-        text_temp = mx.array([p.text_temperature for p in params], dtype=mx.float32)
-        text_top_k = mx.array([p.text_top_k for p in params], dtype=mx.int32)
-        audio_temp = mx.array([p.audio_temperature for p in params], dtype=mx.float32)
-        audio_top_k = mx.array([p.audio_top_k for p in params], dtype=mx.int32)
-
-        text = sample_top_k(text_logits, text_temp, text_top_k, text_noise, not self.fast)
+        text_draw, audio_draw = self._draws(sessions, params)
+        text = sample_top_k(text_logits, text_draw)
         forced = np.stack([p.forced for p in prepared])
         target = np.stack([p.target for p in prepared])
         next_text = mx.where(mx.array(forced[:, 0]), mx.array(target[:, 0], mx.int32), text)
         agent = slice(1, 1 + self.agent)
 
         def sample_audio(logits: mx.array, codebook: int) -> mx.array:
-            noise = audio_noise[:, codebook]
-            return sample_top_k(logits, audio_temp, audio_top_k, noise, not self.fast)
+            return sample_top_k(logits, audio_draw, codebook)
 
         audio = depformer_sample(
             lm,
@@ -310,6 +302,36 @@ class PersonaPlexRuntime:
             while len(session.recent_text) > session.sampling.repetition_context:
                 session.recent_text.popleft()
         return {row: (int(text_np[row]), audio_np[row]) for row in range(len(sessions))}
+
+    def _draws(
+        self, sessions: list[DuplexSession], params: list[SamplingParams]
+    ) -> tuple[Draw, Draw]:
+        """This tick's text and audio draws; advances every session's key once."""
+        noises = []
+        for session, p in zip(sessions, params, strict=True):
+            text_width, audio_width = self.text_vocab, self.audio_card
+            if self.fast:
+                text_width = candidate_count(p.text_top_k, self.text_vocab)
+                audio_width = candidate_count(p.audio_top_k, self.audio_card)
+            session.rng_key, noise = draw_noise(
+                session.rng_key, text_width, audio_width, self.agent
+            )
+            noises.append(noise)
+        text_temp = [p.text_temperature for p in params]
+        audio_temp = [p.audio_temperature for p in params]
+        text_k = [p.text_top_k for p in params]
+        audio_k = [p.audio_top_k for p in params]
+        text_noise = [n.text for n in noises]
+        audio_noise = [n.audio for n in noises]
+        if self.fast:
+            return (
+                CandidateDraw(text_temp, text_k, self.text_vocab, text_noise),
+                CandidateDraw(audio_temp, audio_k, self.audio_card, audio_noise),
+            )
+        return (
+            FullVocabDraw(text_temp, text_k, text_noise, sort=True),
+            FullVocabDraw(audio_temp, audio_k, audio_noise, sort=True),
+        )
 
     def _decode(
         self, sessions: list[DuplexSession], frames: list[np.ndarray | None]

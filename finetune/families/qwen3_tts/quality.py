@@ -25,6 +25,7 @@ from finetune.families.qwen3_tts.conditioning import (
     VoiceConditioning,
 )
 from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
+from finetune.families.qwen3_tts.vocoder_stream import StreamingVocoder
 from finetune.progress import ProgressWriter
 from finetune.quality import QualityReporter, mean_embedding, previews_dir
 from finetune.sampling import Sampling
@@ -70,13 +71,10 @@ class Qwen3Previewer:
         frames = self.frames()
         if not frames:
             return None
-        # The same decode and trim as the server (server/engine/families/qwen3.py decode_all).
-        audio, lengths = self.model.speech_tokenizer.decode(mx.array(np.stack(frames))[None])
-        audio = audio[0]
-        valid = int(lengths[0])
-        if 0 < valid < audio.shape[0]:
-            audio = audio[:valid]
-        return np.array(audio, dtype=np.float32)
+        # The server's decode (server/engine/families/qwen3.py): the row's frames as one stream.
+        tokenizer = self.model.speech_tokenizer
+        vocoder = StreamingVocoder(tokenizer.decoder, tokenizer.decode_upsample_rate)
+        return vocoder.decode([(vocoder.open(), np.stack(frames))])[0]
 
     def embed(self, audio: np.ndarray) -> np.ndarray:
         return speaker_embedding(self.model, audio)

@@ -25,6 +25,7 @@ from finetune.families.qwen3_tts.layout import (
     reference_chat_text,
     reference_text_ids,
 )
+from finetune.families.qwen3_tts.vocoder_stream import VocoderStream
 from finetune.sampling import Sampling
 
 import mlx.core as mx
@@ -54,6 +55,7 @@ class Row:
     finished: bool = False
     key: mx.array | None = None
     steps: int = 0  # decode steps this row has taken
+    audio: VocoderStream | None = None  # its vocoder stream, opened at its first audio chunk
 
     def __post_init__(self) -> None:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")

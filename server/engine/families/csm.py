@@ -215,11 +215,9 @@ class CsmModel:
             if row.on_frames is not None:
                 row.on_frames(frame[None])
 
-    def decode_chunk(self, row: CsmRow, start: int, end: int) -> np.ndarray:
-        return _join(row.pcm[start:end])
-
-    def decode_all(self, row: CsmRow) -> np.ndarray:
-        return _join(row.pcm)
+    def decode_frames(self, parts: list[tuple[CsmRow, int, int]]) -> list[np.ndarray]:
+        """Each frame was decoded through its row's own Mimi state as it was made."""
+        return [_join(row.pcm[start:end]) for row, start, end in parts]
 
     def debug_record(self, row: CsmRow) -> dict[str, Any]:
         return {}
