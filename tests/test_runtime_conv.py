@@ -152,3 +152,19 @@ def test_fast_module_takes_mlx_path_for_wide_short_inputs_and_still_matches():
     install_fast_modules(nn.Sequential(module))
     assert isinstance(module, FastConv1d)
     assert _max_diff(module(x), ref) < ATOL
+
+
+def test_the_snake_runs_on_the_host_and_matches_mlx_also_under_grad():
+    from finetune.runtime.accelerate import _square_snake
+
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal((2, 300, 16)).astype(np.float32) * 4)
+    alpha = mx.array(rng.standard_normal(16).astype(np.float32) * 0.3)
+    beta = mx.array(rng.standard_normal(16).astype(np.float32) * 0.3)
+
+    def snake(v: mx.array) -> mx.array:
+        return v + (1.0 / (mx.exp(beta) + 1e-9)) * mx.sin(v * mx.exp(alpha)) ** 2
+
+    assert _max_diff(_square_snake(x, alpha, beta, 1e-9), snake(x)) < 1e-5
+    grad = mx.grad(lambda v: _square_snake(v, alpha, beta, 1e-9).sum())(x)
+    assert _max_diff(grad, mx.grad(lambda v: snake(v).sum())(x)) < 1e-4

@@ -32,6 +32,7 @@ import numpy as np
 
 CHUNK_FRAMES = 300  # the reference's one-shot decode: chunks of this many frames,
 CHUNK_CONTEXT = 25  # each decoded after this many frames before it
+ROW_SPLIT_BYTES = 512 * 1024  # a batched pass goes on row by row past this much input a row
 
 BATCH_ENV = "VOICEFOUNDRY_VOCODER_BATCH"
 
@@ -131,13 +132,12 @@ class StreamingVocoder:
         for i, p in enumerate(passes):
             codes[i, : lengths[i]] = p.codes
         run = _Batch([p.stream for p in passes], lengths)
-        wav = run.forward(self.decoder, mx.array(codes).transpose(0, 2, 1))
-        mx.eval(wav, *run.pending_states())
+        wavs = run.forward(self.decoder, mx.array(codes).transpose(0, 2, 1))
+        mx.eval(*wavs, *run.pending_states())
         run.commit()
-        out = np.array(wav[..., 0], dtype=np.float32)
         return [
-            out[i, p.skip * self.upsample : lengths[i] * self.upsample]
-            for i, p in enumerate(passes)
+            np.array(wav[0, p.skip * self.upsample :, 0], dtype=np.float32)
+            for wav, p in zip(wavs, passes, strict=True)
         ]
 
 
@@ -154,23 +154,33 @@ class _Batch:
     def valid(self) -> list[int]:
         return [n * self.scale for n in self.lengths]
 
-    def forward(self, dec: Any, codes: mx.array) -> mx.array:
-        hidden = dec.quantizer.decode(codes).transpose(0, 2, 1)  # [B, T, codebook_dim]
-        hidden = self.padded("pre_conv", dec.pre_conv.conv, dec.pre_conv.padding, hidden)
-        hidden = self.transformer(dec.pre_transformer, hidden)
-        for i, (transpose, block) in enumerate(dec.upsample):
-            hidden = self.transposed(f"up{i}", transpose.conv, transpose.trim_right, hidden)
-            hidden = self.convnext(f"up{i}.block", block, hidden)
-        first = dec.decoder[0]
-        wav = self.padded("dec0", first.conv, first.kernel_size - 1, hidden)
-        for b, block in enumerate(dec.decoder[1:-2]):
-            snake, upsample, *units = block.block
-            wav = self.transposed(f"dec{b}.up", upsample.conv, upsample.trim_right, snake(wav))
-            for u, unit in enumerate(units):
-                wav = self.residual(f"dec{b}.res{u}", unit, wav)
-        last = dec.decoder[-1]
-        wav = self.padded("out", last.conv, last.kernel_size - 1, dec.decoder[-2](wav))
-        return mx.clip(wav, -1.0, 1.0)
+    def forward(self, dec: Any, codes: mx.array) -> list[mx.array]:
+        """Each row's audio [1, samples, 1] (its own length). The stages run on the whole
+        batch while a row's activations are small (the wide early stages read more weights
+        than activations: one pass for all rows reads them once); from the first stage whose
+        input passes ROW_SPLIT_BYTES a row, each row goes on alone, unpadded, evaluated before
+        the next (the narrow late stages are bound by their activations: one row's stay in
+        the cache; 8 rows at once ran 1.4-3.4x slower here)."""
+        stages = _stages(dec)
+        x = codes
+        for n, stage in enumerate(stages):
+            if n and len(self.streams) > 1 and x.shape[1] * x.shape[2] * 4 > ROW_SPLIT_BYTES:
+                return self._row_by_row(stages[n:], x)
+            x = stage(self, x)
+        return [x[i : i + 1, :n] for i, n in enumerate(self.valid())]
+
+    def _row_by_row(self, stages: list[_Stage], x: mx.array) -> list[mx.array]:
+        mx.eval(x)
+        out = []
+        for i, length in enumerate(self.valid()):
+            row = _Batch([self.streams[i]], [self.lengths[i]])
+            row.scale, row.new_states = self.scale, [self.new_states[i]]
+            h = x[i : i + 1, :length]
+            for stage in stages:
+                h = stage(row, h)
+            mx.eval(h, *row.pending_states())
+            out.append(h)
+        return out
 
     # --- stages ----------------------------------------------------------------------------
     def transformer(self, transformer: Any, hidden: mx.array) -> mx.array:
@@ -239,6 +249,53 @@ class _Batch:
         ):
             stream.carried.update(states)
             stream.cache = cache
+
+
+_Stage = Callable[["_Batch", mx.array], mx.array]
+
+
+def _stages(dec: Any) -> list[_Stage]:
+    """The decoder's stages in order, each (batch, input) -> output."""
+
+    def front(b: _Batch, codes: mx.array) -> mx.array:
+        hidden = dec.quantizer.decode(codes).transpose(0, 2, 1)  # [B, T, codebook_dim]
+        hidden = b.padded("pre_conv", dec.pre_conv.conv, dec.pre_conv.padding, hidden)
+        return b.transformer(dec.pre_transformer, hidden)
+
+    def upsample(i: int, transpose: Any, block: Any) -> _Stage:
+        def stage(b: _Batch, x: mx.array) -> mx.array:
+            x = b.transposed(f"up{i}", transpose.conv, transpose.trim_right, x)
+            return b.convnext(f"up{i}.block", block, x)
+
+        return stage
+
+    def first(b: _Batch, x: mx.array) -> mx.array:
+        conv = dec.decoder[0]
+        return b.padded("dec0", conv.conv, conv.kernel_size - 1, x)
+
+    def block(i: int, modules: Any) -> _Stage:
+        snake, up, *units = modules.block
+
+        def stage(b: _Batch, x: mx.array) -> mx.array:
+            x = b.transposed(f"dec{i}.up", up.conv, up.trim_right, snake(x))
+            for u, unit in enumerate(units):
+                x = b.residual(f"dec{i}.res{u}", unit, x)
+            return x
+
+        return stage
+
+    def last(b: _Batch, x: mx.array) -> mx.array:
+        conv = dec.decoder[-1]
+        x = b.padded("out", conv.conv, conv.kernel_size - 1, dec.decoder[-2](x))
+        return mx.clip(x, -1.0, 1.0)
+
+    return [
+        front,
+        *(upsample(i, t, c) for i, (t, c) in enumerate(dec.upsample)),
+        first,
+        *(block(i, m) for i, m in enumerate(dec.decoder[1:-2])),
+        last,
+    ]
 
 
 def _right_pad(x: mx.array, length: int) -> mx.array:
