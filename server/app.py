@@ -166,7 +166,7 @@ class Synthesis:
             instruct=instruct,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
-            chunk_frames=settings.stream_chunk_frames,
+            chunk_frames=settings.stream_chunk_frames if stream else settings.whole_chunk_frames,
         )
         self.started = time.perf_counter()
 

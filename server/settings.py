@@ -83,7 +83,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_window_ms: float = 10.0
     max_text_chars: int = 5000
     max_tokens_per_sentence: int = 1024
-    stream_chunk_frames: int = 6
+    # Frames a request's audio is decoded in: streamed requests send each chunk as it is made
+    # (the first audio is one prefill + this many frames away); a whole file is its chunks
+    # joined, in bigger chunks (fewer passes: the vocoder's early stages read their weights
+    # once a pass).
+    stream_chunk_frames: Annotated[int, msgspec.Meta(ge=1, le=300)] = 6
+    whole_chunk_frames: Annotated[int, msgspec.Meta(ge=1, le=300)] = 25
     # /speak/stream: text that has not ended a sentence is spoken after this long without a new
     # delta (a session may ask for less, never more: `flush_after_s` in its first message).
     speak_stream_flush_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
