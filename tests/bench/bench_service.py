@@ -306,6 +306,12 @@ def report(res: dict[str, Any], args: argparse.Namespace, start_load: str) -> No
     def row(label: str, cv: str, rv: str, goal: str = "") -> None:
         print(f"{label:46s} {cv:>16s} {rv:>16s}   {goal}")
 
+    def overhead_rows(direct: float, continuous: float, rounds: float) -> None:
+        row("  direct in-process", f"{direct:.3f} s", f"{direct:.3f} s")
+        row("  /speak (wav)", f"{continuous:.3f} s", f"{rounds:.3f} s")
+        ratios = f"{continuous / direct:.2f}", f"{rounds / direct:.2f}"
+        row("  server / direct", *ratios, "goal <= 1.10")
+
     print()
     print(f"at start: {start_load}")
     print(f"at end:   {load()}")
@@ -320,14 +326,7 @@ def report(res: dict[str, Any], args: argparse.Namespace, start_load: str) -> No
         f"server overhead, median of {args.repeats} (tiny, {args.frames} frames, "
         f"{tiny_audio:.1f} s of audio); direct = mlx-audio generate, adapter fused, in-process"
     )
-    row("  direct in-process", f"{d['tiny']:.3f} s", f"{d['tiny']:.3f} s")
-    row("  /speak (wav)", f"{c['tiny']:.3f} s", f"{r['tiny']:.3f} s")
-    row(
-        "  server / direct",
-        f"{c['tiny'] / d['tiny']:.2f}",
-        f"{r['tiny'] / d['tiny']:.2f}",
-        "goal <= 1.10",
-    )
+    overhead_rows(d["tiny"], c["tiny"], r["tiny"])
     print(
         f"  samples made: direct {d['tiny_samples']}, continuous {c['tiny_samples']}, "
         f"rounds {r['tiny_samples']}"
@@ -337,9 +336,7 @@ def report(res: dict[str, Any], args: argparse.Namespace, start_load: str) -> No
         "8 one-after-another requests of the next block, direct = median of 3"
     )
     c_w, r_w = statistics.median(c["seq_each"]), statistics.median(r["seq_each"])
-    row("  direct in-process", f"{d['wide']:.3f} s", f"{d['wide']:.3f} s")
-    row("  /speak (wav)", f"{c_w:.3f} s", f"{r_w:.3f} s")
-    row("  server / direct", f"{c_w / d['wide']:.2f}", f"{r_w / d['wide']:.2f}", "goal <= 1.10")
+    overhead_rows(d["wide"], c_w, r_w)
     print(
         f"  samples made: direct {d['wide_samples']}, continuous {c['seq_samples']}, "
         f"rounds {r['seq_samples']}; vocoder share of a direct request "

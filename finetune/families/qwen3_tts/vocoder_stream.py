@@ -69,8 +69,7 @@ class _Pass:
 
     stream: VocoderStream
     codes: np.ndarray  # [n, 16]
-    skip: int  # leading frames whose audio is dropped
-    restart: bool  # the state starts over (a 300-frame boundary): history primes it
+    skip: int  # leading frames whose audio is dropped (a lead's, or a restart's context)
 
 
 class StreamingVocoder:
@@ -109,9 +108,12 @@ class StreamingVocoder:
         return [np.concatenate(parts_) if parts_ else np.zeros(0, np.float32) for parts_ in audio]
 
     def _next_pass(self, stream: VocoderStream, queue: list[np.ndarray]) -> _Pass:
-        """Take from `queue` the frames up to the stream's next 300-frame boundary."""
+        """Take from `queue` the frames up to the stream's next 300-frame boundary; at the
+        boundary the stream's state starts over, primed by the frames before it."""
         at_boundary = stream.position > 0 and stream.position % CHUNK_FRAMES == 0
         restart = at_boundary and bool(stream.carried)
+        if restart:
+            stream.cache, stream.carried = None, {}
         room = CHUNK_FRAMES - stream.position % CHUNK_FRAMES
         taken = queue[:room]
         del queue[:room]
@@ -120,12 +122,9 @@ class StreamingVocoder:
         lead = stream.history[-CHUNK_CONTEXT:] if restart else []
         stream.position += len(taken)
         stream.history = [*stream.history, *taken][-CHUNK_CONTEXT:]
-        return _Pass(stream, np.stack([*lead, *taken]), skip + len(lead), restart)
+        return _Pass(stream, np.stack([*lead, *taken]), skip + len(lead))
 
     def _run(self, passes: list[_Pass]) -> list[np.ndarray]:
-        for p in passes:
-            if p.restart:
-                p.stream.cache, p.stream.carried = None, {}
         lengths = [len(p.codes) for p in passes]
         longest = max(lengths)
         codes = np.zeros((len(passes), longest, passes[0].codes.shape[1]), np.int32)
@@ -164,7 +163,7 @@ class _Batch:
         stages = _stages(dec)
         x = codes
         for n, stage in enumerate(stages):
-            if n and len(self.streams) > 1 and x.shape[1] * x.shape[2] * 4 > ROW_SPLIT_BYTES:
+            if n and len(self.streams) > 1 and x.nbytes // x.shape[0] > ROW_SPLIT_BYTES:
                 return self._row_by_row(stages[n:], x)
             x = stage(self, x)
         return [x[i : i + 1, :n] for i, n in enumerate(self.valid())]
