@@ -7,14 +7,20 @@ venv="${VF_VENV:-.venv}"
 python="${PYTHON:-python3}"
 
 if [[ "$(uname -s)" == "Linux" ]]; then
-  if ! compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null; then
+  # OpenBLAS, and a C compiler for the one small library the runtime builds on first use
+  # (finetune/runtime/csrc/decode_gemm.c: decode's few-row products; optional, but 1.6x and more).
+  missing=()
+  compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null \
+    || missing+=(libopenblas0-pthread)
+  command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+  if (( ${#missing[@]} )); then
     if command -v apt-get >/dev/null 2>&1; then
       sudo=""
       [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
       $sudo apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenblas0-pthread
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
     else
-      echo "warning: no apt-get; install OpenBLAS and set VOICEFOUNDRY_BLAS=/path/libopenblas.so.0" >&2
+      echo "warning: no apt-get; install ${missing[*]} (or set VOICEFOUNDRY_BLAS=/path/libopenblas.so.0)" >&2
     fi
   fi
 fi

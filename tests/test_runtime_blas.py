@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROBE = (
@@ -47,3 +51,202 @@ def test_doctor_reports_json():
     )
     info = json.loads(out.stdout)
     assert {"platform", "mlx_device", "blas_library", "fast_cpu_paths"} <= set(info)
+
+
+DECODE_PROBE = """
+import json, os, sys
+import finetune, mlx.core as mx, numpy as np
+from finetune.runtime import blas
+rng = np.random.default_rng(0)
+w, x, v = (rng.standard_normal(s).astype(np.float32) for s in ((96, 80), (1, 80), (96, 1)))
+many = rng.standard_normal((40, 80)).astype(np.float32)
+W, X, V, MANY = mx.array(w), mx.array(x), mx.array(v), mx.array(many)
+before = blas.decode_gemm_counts()
+got = {
+    "x@W.T": (X @ W.T, x @ w.T), "W@x.T": (W @ X.T, w @ x.T), "v.T@W": (V.T @ W, v.T @ w),
+    "W.T@v": (W.T @ V, w.T @ v), "batched": (mx.stack([X, X]) @ W.T, np.stack([x, x]) @ w.T),
+    "many": (MANY @ W.T, many @ w.T),
+}
+errors = {k: float(np.abs(np.array(a) - b).max()) for k, (a, b) in got.items()}
+after = blas.decode_gemm_counts()
+state = blas.state()
+child = None
+if after is not None:
+    # A forked child has none of the parent's worker threads: its products must still finish.
+    # (MLX itself does not run in a forked child; the child calls the global cblas_sgemm.)
+    import ctypes
+    sgemm = ctypes.CDLL(None).cblas_sgemm
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    big = rng.standard_normal((4096, 512)).astype(np.float32)
+    ones, out = np.ones((3, 512), np.float32), np.zeros((3, 4096), np.float32)
+    def product():
+        sgemm(101, 111, 112, 3, 4096, 512, 1.0, ones.ctypes.data, 512, big.ctypes.data, 512,
+              0.0, out.ctypes.data, 4096)
+        return np.allclose(out, big.sum(axis=1)[None], atol=1e-2)
+    product()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if product() else 1)
+    child = os.waitpid(pid, 0)[1]
+print(json.dumps({"before": before, "after": after, "errors": errors, "child": child,
+                  "path": state.decode_gemm, "problem": state.decode_gemm_problem}))
+"""
+
+
+def _decode_probe(**env: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE_PROBE],
+        env={**os.environ, "VOICEFOUNDRY_FAST_CPU": "1", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+def test_decode_products_go_to_the_few_row_kernel_and_agree_with_numpy(tmp_path):
+    state = _decode_probe(VOICEFOUNDRY_NATIVE_DIR=str(tmp_path))
+    assert state["problem"] is None and str(tmp_path) in state["path"], state
+    done = {k: state["after"][k] - state["before"][k] for k in state["after"]}
+    # x @ W.T of one and of two rows (MLX folds the shared-weight batch into two rows): the
+    # kernel; the one-column and other-layout one-row products: sgemv; 40 rows: sgemm.
+    assert done["few_rows"] >= 2 and done["sgemv"] >= 3 and done["sgemm"] >= 1, state
+    assert max(state["errors"].values()) < 1e-4, state
+    assert state["child"] == 0, state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+def test_decode_gemm_can_be_turned_off_and_needs_a_compiler(tmp_path):
+    off = _decode_probe(VOICEFOUNDRY_DECODE_GEMM="0", VOICEFOUNDRY_NATIVE_DIR=str(tmp_path))
+    assert off["after"] is None and "off" in off["problem"], off
+    assert max(off["errors"].values()) < 1e-4
+    wrong = _decode_probe(VOICEFOUNDRY_DECODE_GEMM="avx1024", VOICEFOUNDRY_NATIVE_DIR=str(tmp_path))
+    assert wrong["after"] is None and "'avx1024' is not one of" in wrong["problem"], wrong
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    bare = _decode_probe(VOICEFOUNDRY_NATIVE_DIR=str(tmp_path / "cache"), PATH=str(empty), CC="")
+    assert bare["after"] is None and "no C compiler" in bare["problem"], bare
+    assert max(bare["errors"].values()) < 1e-4  # plain OpenBLAS still does the products
+
+
+def _private_library(tmp_path: Path) -> ctypes.CDLL:
+    """Its own copy: binding it leaves the one under this process's MLX alone."""
+    from finetune.runtime.native import library
+
+    os.environ.setdefault("VOICEFOUNDRY_NATIVE_DIR", str(tmp_path))
+    copy = tmp_path / "private_decode_gemm.so"
+    shutil.copy(library("decode_gemm", link=("-ldl", "-lpthread")), copy)
+    lib = ctypes.CDLL(str(copy))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    lib.vf_count.restype = ctypes.c_ulong
+    return lib
+
+
+def _kernels() -> list[int]:
+    import platform
+
+    return [1, 2] if platform.machine() in ("x86_64", "AMD64") else [0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+def test_sgemm_follows_the_blas_contract_for_every_path(tmp_path):
+    """Every layout, transpose and beta, few rows and one column, each kernel, against numpy."""
+    from finetune.runtime.blas import find_blas
+
+    lib = _private_library(tmp_path)
+    rng = np.random.default_rng(1)
+    for kernel in [0, *_kernels()]:
+        for threads in (1, 2):
+            picked = lib.vf_bind(str(find_blas()).encode(), threads, kernel)
+            assert picked == kernel or (kernel == 2 and picked == 1), (kernel, picked)
+            for order in (101, 102):
+                for ta in (111, 112):
+                    for tb in (111, 112):
+                        for m, n, k in ((1, 7, 5), (6, 1, 5), (1, 1, 4), (3, 9, 37), (16, 5, 33)):
+                            for beta in (0.0, 0.5):
+                                _check_product(lib, rng, order, ta, tb, m, n, k, beta)
+
+
+def _check_product(lib, rng, order, ta, tb, m, n, k, beta) -> None:
+    a_op = rng.standard_normal((m, k)).astype(np.float32)
+    b_op = rng.standard_normal((k, n)).astype(np.float32)
+    c0 = rng.standard_normal((m, n)).astype(np.float32)
+    want = 1.5 * a_op @ b_op + beta * c0
+    a = _stored(a_op, ta == 112, order == 102, pad=3)
+    b = _stored(b_op, tb == 112, order == 102, pad=2)
+    c = _stored(c0, False, order == 102, pad=1)
+    if beta == 0.0:
+        c.data[:] = np.nan  # beta 0: C is never read
+    lib.cblas_sgemm(order, ta, tb, m, n, k, 1.5, a.ptr, a.ld, b.ptr, b.ld, beta, c.ptr, c.ld)
+    np.testing.assert_allclose(c.logical(m, n), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(tmp_path, threads):
+    from finetune.runtime.blas import find_blas
+
+    lib = _private_library(tmp_path)
+    rng = np.random.default_rng(2)
+    # Odd sizes: weight rows not a multiple of the 4-row blocks, inputs not of the vector width.
+    w = rng.standard_normal((4099, 1037)).astype(np.float32)
+    x = rng.standard_normal((16, 1037)).astype(np.float32)
+    for kernel in _kernels():
+        lib.vf_bind(str(find_blas()).encode(), threads, kernel)
+        before = lib.vf_count(0)
+        alone = [_xwt(lib, x[r : r + 1], w) for r in range(16)]
+        for rows in (2, 3, 5, 8, 16):
+            together = _xwt(lib, x[:rows], w)
+            for r in range(rows):
+                assert np.array_equal(together[r], alone[r][0]), (kernel, threads, rows, r)
+        np.testing.assert_allclose(together, x @ w.T, rtol=1e-4, atol=1e-3)
+        assert lib.vf_count(0) - before == 16 + 5
+
+
+def _xwt(lib, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    out = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
+    m, k = x.shape
+    lib.cblas_sgemm(
+        101,
+        111,
+        112,
+        m,
+        w.shape[0],
+        k,
+        1.0,
+        x.ctypes.data,
+        k,
+        w.ctypes.data,
+        k,
+        0.0,
+        out.ctypes.data,
+        w.shape[0],
+    )
+    return out
+
+
+class _Stored:
+    """A logical matrix laid out as BLAS sees it: row or column major, leading dimension padded."""
+
+    def __init__(self, data: np.ndarray, col_major: bool, ld: int) -> None:
+        self.data, self.col_major, self.ld = data, col_major, ld
+        self.ptr = data.ctypes.data
+
+    def logical(self, rows: int, cols: int) -> np.ndarray:
+        if self.col_major:
+            return self.data.reshape(cols, self.ld)[:, :rows].T
+        return self.data.reshape(rows, self.ld)[:, :cols]
+
+
+def _stored(op: np.ndarray, transposed: bool, col_major: bool, pad: int) -> _Stored:
+    stored = op.T if transposed else op  # the matrix in memory, before the layout
+    rows, cols = stored.shape
+    outer, inner = (cols, rows) if col_major else (rows, cols)
+    data = np.zeros((outer, inner + pad), np.float32)
+    data[:, :inner] = stored.T if col_major else stored
+    return _Stored(data.reshape(-1), col_major, inner + pad)

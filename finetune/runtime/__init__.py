@@ -22,7 +22,7 @@ def settings() -> RuntimeSettings:
 def early_preload() -> None:
     current = settings()
     if current.wants_fast_cpu():
-        blas.preload(current.blas_path)
+        blas.preload(current.blas_path, current.decode_gemm)
 
 
 def fast_cpu_active() -> bool:

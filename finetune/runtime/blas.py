@@ -4,6 +4,13 @@ The `mlx[cpu]` wheel links the reference BLAS it bundles (a few GFLOP/s). Loadin
 exports the standard `cblas_*` symbols into the global scope BEFORE `mlx.core` is imported makes
 MLX's own calls resolve to it, because the dynamic linker searches the global scope before a
 library's private dependencies.
+
+MLX computes every fp32 matmul with `cblas_sgemm`, decode's few-row products included, where
+OpenBLAS's sgemm reads the weights at a third of its sgemv's speed whatever the row count. A small
+library built from csrc/decode_gemm.c goes into the global scope first and computes products of
+up to 16 rows in one pass over the weights (AVX-512 / AVX2; one-row products of other layouts go
+to `cblas_sgemv`). VOICEFOUNDRY_DECODE_GEMM: auto (default), avx512, avx2, gemv (no kernel: one
+row to sgemv only), off. Without a C compiler plain OpenBLAS runs, and the doctor says so.
 """
 
 from __future__ import annotations
@@ -33,9 +40,14 @@ class BlasState:
     loaded_path: str | None
     error: str | None
     mlx_imported_first: bool
+    decode_gemm: str | None = None
+    decode_gemm_problem: str | None = None
 
 
 _state: BlasState | None = None
+_decode: ctypes.CDLL | None = None
+KERNELS = {"auto": -1, "gemv": 0, "avx2": 1, "avx512": 2}
+KERNEL_NAMES = {0: "no few-row kernel (one row to sgemv)", 1: "AVX2", 2: "AVX-512"}
 
 
 def find_blas(explicit: str | None = None) -> str | None:
@@ -49,9 +61,12 @@ def find_blas(explicit: str | None = None) -> str | None:
     return found
 
 
-def preload(explicit: str | None = None) -> BlasState:
-    """Load the optimised BLAS globally, once. Safe to call many times."""
-    global _state
+def preload(explicit: str | None = None, decode_gemm: str = "auto") -> BlasState:
+    """Load the optimised BLAS globally, once. Safe to call many times.
+
+    `decode_gemm`: one of KERNELS, or "off".
+    """
+    global _state, _decode
     if _state is not None:
         return _state
     mlx_first = "mlx.core" in sys.modules
@@ -59,20 +74,65 @@ def preload(explicit: str | None = None) -> BlasState:
     if path is None:
         _state = BlasState(None, "no optimised BLAS found (run deploy/install.sh)", mlx_first)
         return _state
+    decode: str | None = None
+    decode_problem: str | None = "off (VOICEFOUNDRY_DECODE_GEMM=off)"
+    if decode_gemm not in KERNELS and decode_gemm != "off":
+        decode_problem = (
+            f"off: VOICEFOUNDRY_DECODE_GEMM={decode_gemm!r} is not one of "
+            f"{', '.join([*KERNELS, 'off'])}"
+        )
+    if decode_gemm in KERNELS:
+        _decode, decode, decode_problem = _load_decode_gemm(path, KERNELS[decode_gemm])
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         _state = BlasState(None, f"could not load {path}: {exc}", mlx_first)
         return _state
     _set_threads(path)
-    _state = BlasState(path, None, mlx_first)
+    _state = BlasState(path, None, mlx_first, decode, decode_problem)
     return _state
 
 
+def _load_decode_gemm(
+    blas_path: str, kernel: int
+) -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """Build, bind and put the decode GEMM library in the global scope, ahead of the BLAS.
+
+    Returns (the library, what it runs, None) or (None, None, why not).
+    """
+    from finetune.runtime.native import NativeBuildError, library
+
+    try:
+        built = str(library("decode_gemm", link=("-ldl", "-lpthread")))
+        decode = ctypes.CDLL(built)
+        # Bound privately first: only a library that found the real BLAS may shadow it.
+        picked = decode.vf_bind(blas_path.encode(), _threads(), kernel)
+        if picked < 0:
+            return None, None, f"{built} could not bind cblas_sgemm / cblas_sgemv in {blas_path}"
+        ctypes.CDLL(built, mode=ctypes.RTLD_GLOBAL)
+    except (NativeBuildError, OSError, AttributeError) as exc:
+        return None, None, str(exc)
+    decode.vf_count.restype = ctypes.c_ulong
+    return decode, f"{KERNEL_NAMES[picked]}, {_threads()} threads ({built})", None
+
+
+def decode_gemm_counts() -> dict[str, int] | None:
+    """How this process's sgemm calls went; None when the decode GEMM is not active."""
+    if _decode is None:
+        return None
+    return {name: int(_decode.vf_count(i)) for i, name in enumerate(("few_rows", "sgemv", "sgemm"))}
+
+
+def _threads() -> int:
+    try:
+        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 def _set_threads(path: str) -> None:
-    threads = os.environ.get("OPENBLAS_NUM_THREADS") or str(os.cpu_count() or 1)
     with contextlib.suppress(AttributeError, OSError, ValueError):
-        ctypes.CDLL(path).openblas_set_num_threads(int(threads))
+        ctypes.CDLL(path).openblas_set_num_threads(_threads())
 
 
 def state() -> BlasState | None:

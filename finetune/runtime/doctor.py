@@ -45,6 +45,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "blas_library": blas.active_blas_library(),
         "blas_preloaded": state.loaded_path if state else None,
         "blas_problem": (state.error if state else "not attempted (fast CPU paths off)"),
+        "blas_decode_gemm": (state.decode_gemm or state.decode_gemm_problem) if state else None,
         "fast_cpu_setting": {None: "auto", True: "on", False: "off"}[current.fast_cpu],
         "fast_cpu_paths": "on" if fast_cpu_active() else "off",
     }

@@ -114,8 +114,8 @@ def child_bandwidth() -> None:
     print(json.dumps(out))
 
 
-def _child(args: list[str], fast: bool = True) -> dict[str, Any]:
-    env = {**os.environ, "VOICEFOUNDRY_FAST_CPU": "1" if fast else "0"}
+def _child(args: list[str], fast: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {**os.environ, "VOICEFOUNDRY_FAST_CPU": "1" if fast else "0", **(env or {})}
     cmd = [sys.executable, str(BENCH), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

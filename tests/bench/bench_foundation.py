@@ -44,6 +44,8 @@ FRAMES = 25  # 2 s of audio at 12.5 frames a second
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5
 TEXT = "The quick brown fox jumps over the lazy dog, twice."
 PARITY_PYTHON = ROOT / ".venv-parity" / "bin" / "python"
+# The fp32 run again with every product left to OpenBLAS's sgemm, side by side.
+SGEMM_ONLY = {"VOICEFOUNDRY_DECODE_GEMM": "off"}
 FORMATS = ("fp32", "bf16", "8-bit", "4-bit")
 # The 0.6B talker / code predictor decode shapes (output, input) and the rows of a decode step.
 SHAPES = ((2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072))
@@ -288,9 +290,13 @@ def child_peer(path: Path, frames: int) -> None:
     print(json.dumps(out))
 
 
-def _child(args: list[str], python: Path | str = sys.executable) -> Any:
+def _child(
+    args: list[str], python: Path | str = sys.executable, env: dict[str, str] | None = None
+) -> Any:
     cmd = [str(python), __file__, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child {args} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -404,12 +410,15 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         took = time.perf_counter() - start
         print(f"\nbuilt the real 0.6B shape in {', '.join(paths)} in {took:.0f} s")
         reads = bench_formats._child(["--child-bandwidth"])
+        sgemm_reads = bench_formats._child(["--child-bandwidth"], env=SGEMM_ONLY)
         bandwidth = float(reads["read_gb_s"]) * 1e9
         frames = str(args.frames)
         results: dict[str, dict[str, Any]] = {}
-        for name, path in paths.items():
+        runs = [(name, path, {}) for name, path in paths.items()]
+        runs.insert(1, ("fp32 sgemm", paths["fp32"], SGEMM_ONLY))
+        for name, path, env in runs:
             try:
-                results[name] = _child(["--child-format", str(path), "--frames", frames])
+                results[name] = _child(["--child-format", str(path), "--frames", frames], env=env)
             except SystemExit as exc:  # e.g. killed for memory on a shared machine: say so
                 print(f"  {name}: FAILED, left out of the table: {exc}", flush=True)
                 continue
@@ -427,7 +436,12 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     print(
         f"\nread bandwidth over 256 MiB, best of 10: {bandwidth / 1e9:.1f} GB/s (numpy sum "
         f"{reads['numpy_sum']:.1f}, numpy fp32 mat-vec {reads['numpy_matvec']:.1f}; MLX fp32 "
-        f"mat-vec {reads['mlx_matvec']:.1f})"
+        f"mat-vec {reads['mlx_matvec']:.1f}, without the decode GEMM "
+        f"{sgemm_reads['mlx_matvec']:.1f})"
+    )
+    print(
+        "fp32 sgemm: fp32 with VOICEFOUNDRY_DECODE_GEMM=off (every product through OpenBLAS's "
+        "sgemm, as before finetune/runtime/csrc/decode_gemm.c)"
     )
     print(
         f"real 0.6B shape, random weights, {args.frames} frames after 2, same text; per frame: "

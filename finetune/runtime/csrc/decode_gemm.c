@@ -1,0 +1,336 @@
+/* cblas_sgemm for MLX's CPU backend, with decode's few-row products done here.
+ *
+ * MLX computes every fp32 matmul with cblas_sgemm, the few-row products of decoding included
+ * (x[rows, K] @ W.T, rows = the requests in a batch). OpenBLAS's sgemm packs the whole weight
+ * for such a call and reads it at a third of the speed of its sgemv, and its time hardly falls
+ * with fewer rows. Here, up to FEW_ROWS rows of x @ W.T are computed in one pass over W (blocks
+ * of 4 weight rows x 4 input rows, AVX-512 or AVX2), split over the BLAS's threads: memory-bound
+ * like sgemv for one row, and each row's sums are taken in the same order whatever the row count,
+ * so a row of a batch is bit-exact to the same row alone. Other one-row / one-column products go
+ * to cblas_sgemv; the rest to the real cblas_sgemm. Loaded into the global scope before OpenBLAS
+ * (finetune/runtime/blas.py), this cblas_sgemm is the one MLX binds.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_X86_KERNELS 1
+#endif
+
+enum { ROW_MAJOR = 101, COL_MAJOR = 102 };
+enum { NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
+enum { KERNEL_NONE = 0, KERNEL_AVX2 = 1, KERNEL_AVX512 = 2 };
+enum { FEW_ROWS = 16, MAX_THREADS = 64 };
+/* Below this many weights a product runs on the calling thread alone (waking costs more). */
+static const long THREADED_WEIGHTS = 1L << 16;
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+typedef void (*rows_fn)(int, int, const float *, int, const float *, int, float *, int, int, int,
+                        float, float);
+
+static sgemm_fn real_sgemm;
+static sgemv_fn real_sgemv;
+static rows_fn kernel_rows;
+static int kernel_kind;
+static unsigned long counts[3]; /* few-row kernel, sgemv, real sgemm */
+
+/* --- the few-row kernel ------------------------------------------------------------------- */
+/* Fully unrolled block loops keep the MB x NB sums in registers, not on the stack. */
+#define UNROLL _Pragma("GCC unroll 16")
+/* y[i, j] = alpha * sum_k x[i, k] w[j, k] + beta * y[i, j] for MB input rows and NB weight rows;
+ * every (i, j) is summed lane-wise over k in steps of LANES, then across lanes, then the tail. */
+#define BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, MB, NB)                             \
+    TARGET static inline void ISA##_block_##MB##_##NB(int k, const float *x, int ldx,              \
+                                                      const float *w, int ldw, float *y, int ldy,  \
+                                                      float alpha, float beta) {                   \
+        VEC acc[MB][NB];                                                                           \
+        UNROLL for (int i = 0; i < MB; ++i)                                                        \
+            UNROLL for (int j = 0; j < NB; ++j) acc[i][j] = ZERO();                                \
+        int kv = k - k % LANES;                                                                    \
+        for (int kk = 0; kk < kv; kk += LANES) {                                                   \
+            VEC wv[NB];                                                                            \
+            UNROLL for (int j = 0; j < NB; ++j) wv[j] = LOAD(w + (size_t)j * ldw + kk);            \
+            UNROLL for (int i = 0; i < MB; ++i) {                                                  \
+                VEC xv = LOAD(x + (size_t)i * ldx + kk);                                           \
+                UNROLL for (int j = 0; j < NB; ++j) acc[i][j] = FMA(xv, wv[j], acc[i][j]);         \
+            }                                                                                      \
+        }                                                                                          \
+        for (int i = 0; i < MB; ++i)                                                               \
+            for (int j = 0; j < NB; ++j) {                                                         \
+                float s = HSUM(acc[i][j]);                                                         \
+                for (int kk = kv; kk < k; ++kk)                                                    \
+                    s += x[(size_t)i * ldx + kk] * w[(size_t)j * ldw + kk];                        \
+                float *out = y + (size_t)i * ldy + j;                                              \
+                *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out;                         \
+            }                                                                                      \
+    }
+
+/* y[:, o0:o1] for m <= FEW_ROWS rows: weight blocks outside, so each is read from memory once. */
+#define ROWS(ISA, TARGET, NB)                                                                      \
+    TARGET static void ISA##_rows(int m, int k, const float *x, int ldx, const float *w, int ldw, \
+                                  float *y, int ldy, int o0, int o1, float alpha, float beta) {    \
+        for (int o = o0; o < o1; o += NB) {                                                        \
+            int full = o1 - o >= NB;                                                               \
+            for (int m0 = 0; m0 < m; m0 += 4) {                                                    \
+                int mb = m - m0 < 4 ? m - m0 : 4;                                                  \
+                const float *xm = x + (size_t)m0 * ldx;                                            \
+                for (int j = 0; j < (full ? 1 : o1 - o); ++j) {                                    \
+                    const float *wo = w + (size_t)(o + j) * ldw;                                   \
+                    float *ym = y + (size_t)m0 * ldy + o + j;                                      \
+                    if (full) {                                                                    \
+                        switch (mb) {                                                              \
+                        case 1: ISA##_block_1_##NB(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        case 2: ISA##_block_2_##NB(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        case 3: ISA##_block_3_##NB(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        default: ISA##_block_4_##NB(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta);    \
+                        }                                                                          \
+                    } else {                                                                       \
+                        switch (mb) {                                                              \
+                        case 1: ISA##_block_1_1(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        case 2: ISA##_block_2_1(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        case 3: ISA##_block_3_1(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta); break; \
+                        default: ISA##_block_4_1(k, xm, ldx, wo, ldw, ym, ldy, alpha, beta);       \
+                        }                                                                          \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+#define KERNELS(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, NB)                                \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 1, NB)                                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 2, NB)                                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 3, NB)                                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 4, NB)                                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 1, 1)                                    \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 2, 1)                                    \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 3, 1)                                    \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 4, 1)                                    \
+    ROWS(ISA, TARGET, NB)
+
+#ifdef HAVE_X86_KERNELS
+#define T512 __attribute__((target("avx512f,fma")))
+T512 static inline __m512 z512(void) { return _mm512_setzero_ps(); }
+T512 static inline float h512(__m512 v) { return _mm512_reduce_add_ps(v); }
+KERNELS(avx512, T512, __m512, 16, z512, _mm512_loadu_ps, _mm512_fmadd_ps, h512, 4)
+
+#define T256 __attribute__((target("avx2,fma")))
+T256 static inline __m256 z256(void) { return _mm256_setzero_ps(); }
+T256 static inline float h256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+/* 16 ymm registers: blocks of 4 x 2 keep the 8 sums, 2 weights and an input in registers. */
+KERNELS(avx2, T256, __m256, 8, z256, _mm256_loadu_ps, _mm256_fmadd_ps, h256, 2)
+#endif
+
+/* --- threads: the caller and up to MAX_THREADS - 1 workers, each a share of the weight rows -- */
+struct job {
+    int m, k, ldx, ldw, ldy, o_total, parts;
+    const float *x, *w;
+    float *y;
+    float alpha, beta;
+};
+
+static int n_threads = 1;
+static int workers_started;
+static struct job current;
+static unsigned long generation; /* bumped under wake_lock for each threaded product */
+static int pending;               /* workers still on the current product */
+static int sleeping;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one threaded product at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+
+static void relax(int spins) {
+#ifdef HAVE_X86_KERNELS
+    if (spins < 2000) {
+        _mm_pause();
+        return;
+    }
+#endif
+    (void)spins;
+    sched_yield();
+}
+
+static void run_part(const struct job *j, int part) {
+    /* Shares in whole blocks of 4 weight rows, so the split never changes how a row is summed. */
+    int blocks = (j->o_total + 3) / 4;
+    int o0 = (int)((long)blocks * part / j->parts) * 4;
+    int o1 = (int)((long)blocks * (part + 1) / j->parts) * 4;
+    if (o1 > j->o_total) o1 = j->o_total;
+    if (o0 < o1) kernel_rows(j->m, j->k, j->x, j->ldx, j->w, j->ldw, j->y, j->ldy, o0, o1,
+                             j->alpha, j->beta);
+}
+
+static void *worker(void *arg) {
+    int part = (int)(intptr_t)arg;
+    unsigned long seen = 0;
+    for (;;) {
+        unsigned long now;
+        /* Decode calls come a fraction of a millisecond apart: spin a while before sleeping. */
+        for (int spins = 0; (now = __atomic_load_n(&generation, __ATOMIC_ACQUIRE)) == seen; ++spins) {
+            if (spins < 20000) {
+                relax(spins);
+                continue;
+            }
+            pthread_mutex_lock(&wake_lock);
+            ++sleeping;
+            while ((now = __atomic_load_n(&generation, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&wake_cond, &wake_lock);
+            --sleeping;
+            pthread_mutex_unlock(&wake_lock);
+            break;
+        }
+        seen = now;
+        if (part < current.parts) run_part(&current, part);
+        __atomic_sub_fetch(&pending, 1, __ATOMIC_ACQ_REL);
+    }
+    return NULL;
+}
+
+static int start_workers(void) {
+    for (int i = 1; i < n_threads; ++i) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attr, worker, (void *)(intptr_t)i);
+        pthread_attr_destroy(&attr);
+        if (failed) return i; /* the workers made so far still take their shares */
+    }
+    return n_threads;
+}
+
+static void reset_after_fork(void) {
+    /* A forked child has none of the parent's workers: start afresh if it multiplies. */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool_lock = fresh;
+    wake_lock = fresh;
+    wake_cond = fresh_cond;
+    workers_started = 0;
+    generation = 0;
+    pending = 0;
+    sleeping = 0;
+}
+
+static void few_rows(int m, int n, int k, float alpha, const float *x, int ldx, const float *w,
+                     int ldw, float beta, float *y, int ldy) {
+    struct job j = {m, k, ldx, ldw, ldy, n, 1, x, w, y, alpha, beta};
+    if (n_threads < 2 || (long)n * k < THREADED_WEIGHTS || pthread_mutex_trylock(&pool_lock) != 0) {
+        run_part(&j, 0);
+        return;
+    }
+    if (!workers_started) workers_started = start_workers();
+    j.parts = workers_started;
+    current = j;
+    __atomic_store_n(&pending, j.parts - 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&wake_lock);
+    __atomic_add_fetch(&generation, 1, __ATOMIC_ACQ_REL);
+    if (sleeping) pthread_cond_broadcast(&wake_cond);
+    pthread_mutex_unlock(&wake_lock);
+    run_part(&j, 0);
+    for (int spins = 0; __atomic_load_n(&pending, __ATOMIC_ACQUIRE) > 0; ++spins) relax(spins);
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* --- binding ------------------------------------------------------------------------------ */
+static int pick_kernel(int wanted) {
+#ifdef HAVE_X86_KERNELS
+    __builtin_cpu_init();
+    int avx512 = __builtin_cpu_supports("avx512f");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (wanted < 0) wanted = avx512 ? KERNEL_AVX512 : (avx2 ? KERNEL_AVX2 : KERNEL_NONE);
+    if (wanted == KERNEL_AVX512 && avx512) {
+        kernel_rows = avx512_rows;
+        return KERNEL_AVX512;
+    }
+    if (wanted >= KERNEL_AVX2 && avx2) {
+        kernel_rows = avx2_rows;
+        return KERNEL_AVX2;
+    }
+#else
+    (void)wanted;
+#endif
+    kernel_rows = NULL;
+    return KERNEL_NONE;
+}
+
+/* Resolve the real BLAS privately (the caller then loads it globally after this library), pick
+ * the few-row kernel (-1: the best this CPU has; 0 none; 1 AVX2; 2 AVX-512) and the thread count.
+ * Returns the kernel picked, or a negative number when the BLAS lacks sgemm / sgemv. */
+int vf_bind(const char *blas_path, int threads, int kernel) {
+    void *handle = dlopen(blas_path, RTLD_NOW | RTLD_LOCAL);
+    if (handle == NULL) return -1;
+    real_sgemm = (sgemm_fn)dlsym(handle, "cblas_sgemm");
+    real_sgemv = (sgemv_fn)dlsym(handle, "cblas_sgemv");
+    if (real_sgemm == NULL || real_sgemv == NULL) return -2;
+    n_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    static int fork_handler;
+    if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, reset_after_fork) == 0;
+    kernel_kind = pick_kernel(kernel);
+    return kernel_kind;
+}
+
+unsigned long vf_count(int which) {
+    return which >= 0 && which < 3 ? __atomic_load_n(&counts[which], __ATOMIC_RELAXED) : 0;
+}
+
+static int transposed(int op) { return op == TRANS || op == CONJ_TRANS; }
+
+/* beta == 0 means "do not read y" in BLAS; MLX hands over uninitialised output buffers. */
+static void clear(float *y, int n, int inc) {
+    for (int i = 0; i < n; ++i) y[(size_t)i * inc] = 0.0f;
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+    if (order == COL_MAJOR) {
+        /* Column-major C = op(A) op(B) is row-major C^T = op(B)^T op(A)^T. */
+        cblas_sgemm(ROW_MAJOR, trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+        return;
+    }
+    if (k > 0 && m > 0 && n > 0) {
+        if (kernel_rows != NULL && m <= FEW_ROWS && !transposed(trans_a) && transposed(trans_b)) {
+            /* x[m, k] @ w[n, k]^T, the layout of every linear layer. */
+            few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+            __atomic_add_fetch(&counts[0], 1, __ATOMIC_RELAXED);
+            return;
+        }
+        if (m == 1) {
+            /* c[1, n] = op(a)[1, k] op(b)[k, n]: a is the vector, op(b)^T the matrix. */
+            int inc_x = transposed(trans_a) ? lda : 1;
+            if (beta == 0.0f) clear(c, n, 1);
+            if (transposed(trans_b))
+                real_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_x, beta, c, 1);
+            else
+                real_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_x, beta, c, 1);
+            __atomic_add_fetch(&counts[1], 1, __ATOMIC_RELAXED);
+            return;
+        }
+        if (n == 1) {
+            /* c[m, 1] = op(a)[m, k] op(b)[k, 1]: op(b) is the vector, a column of stride ldc out. */
+            int inc_x = transposed(trans_b) ? 1 : ldb;
+            if (beta == 0.0f) clear(c, m, ldc);
+            if (transposed(trans_a))
+                real_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_x, beta, c, ldc);
+            else
+                real_sgemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_x, beta, c, ldc);
+            __atomic_add_fetch(&counts[1], 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+    __atomic_add_fetch(&counts[2], 1, __ATOMIC_RELAXED);
+    real_sgemm(ROW_MAJOR, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
