@@ -354,20 +354,30 @@ def child_shapes() -> None:
     print(json.dumps(table))
 
 
-def print_shapes(table: list[dict[str, Any]]) -> None:
+def shapes_table() -> None:
+    """The per-shape table, with the fp32 products measured again without the decode GEMM."""
+    table = _child(["--child-shapes"])
+    sgemm = _child(["--child-shapes"], env=SGEMM_ONLY)
+    for row, plain in zip(table, sgemm, strict=True):
+        row["fp32_sgemm"] = plain["fp32"]
     print(
-        "\nper call, best of 5 interleaved rounds (us); 'uses' is what finetune/runtime/"
-        "quantized.py runs for that call"
+        "\nper call, best of 5 interleaved rounds (us); fp32: MLX with the decode GEMM "
+        "(finetune/runtime/csrc/decode_gemm.c), sgemm: the same product in a process without it "
+        "(VOICEFOUNDRY_DECODE_GEMM=off); GB/s: the fp32 weight's bytes over the fp32 time; "
+        "'uses' is what finetune/runtime/quantized.py runs for that call with dense copies on"
     )
     print(
-        f"{'(out, in)':>12s} {'rows':>4s} {'fp32':>8s} {'bf16':>8s} {'q8':>8s} {'q4':>8s}  "
-        f"{'q8/fp32':>7s} {'q4/fp32':>7s}  uses (8-bit, 4-bit)"
+        f"{'(out, in)':>12s} {'rows':>4s} {'fp32':>8s} {'GB/s':>5s} {'sgemm':>8s} "
+        f"{'sgemm/fp32':>10s} {'bf16':>8s} {'q8':>8s} {'q4':>8s}  {'q8/fp32':>7s} "
+        f"{'q4/fp32':>7s}  uses (8-bit, 4-bit)"
     )
     for r in table:
-        shape = f"({r['shape'][0]}, {r['shape'][1]})"
+        out_dims, in_dims = r["shape"]
         uses = ", ".join("quantised" if r[f"q{b}_picked"] else "fp32 copy" for b in (8, 4))
         print(
-            f"{shape:>12s} {r['rows']:4d} {r['fp32'] * 1e6:8.0f} {r['bf16'] * 1e6:8.0f} "
+            f"{f'({out_dims}, {in_dims})':>12s} {r['rows']:4d} {r['fp32'] * 1e6:8.0f} "
+            f"{out_dims * in_dims * 4 / r['fp32'] / 1e9:5.1f} {r['fp32_sgemm'] * 1e6:8.0f} "
+            f"{r['fp32_sgemm'] / r['fp32']:9.2f}x {r['bf16'] * 1e6:8.0f} "
             f"{r['q8'] * 1e6:8.0f} {r['q4'] * 1e6:8.0f}  {r['q8'] / r['fp32']:6.2f}x "
             f"{r['q4'] / r['fp32']:6.2f}x  {uses}"
         )
@@ -492,7 +502,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     frames_made = {name: int(r["frames"]) for name, r in results.items()}
     print(f"frames made per format (after the 2 of the short run): {frames_made}")
     if not args.no_shapes:
-        print_shapes(_child(["--child-shapes"]))
+        shapes_table()
 
 
 ROWS = [
@@ -544,7 +554,7 @@ def main() -> None:
         child_shapes()
         return
     if args.shapes:
-        print_shapes(_child(["--child-shapes"]))
+        shapes_table()
         return
     if args.formats_only:
         import bench_formats
