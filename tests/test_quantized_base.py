@@ -252,8 +252,10 @@ def test_served_q8_bank_equals_the_trained_qlora_model(q8_trained, tiny_qwen3_q8
         got, _ = served.model.talker(mx.stack([prompt, prompt]))
     finally:
         served.bank.set_rows(None)
+    # Both within float rounding: the fp32 copies' prefill of 2 x L rows goes to OpenBLAS's
+    # sgemm, whose sums depend on the row count (decode steps of up to 16 rows are bit-exact).
     assert mx.allclose(got[0], want[0], atol=1e-4, rtol=1e-4).item()
-    assert mx.array_equal(got[1], bare[0]).item()
+    assert mx.allclose(got[1], bare[0], atol=1e-5, rtol=1e-5).item()
 
     # Greedy generation through the server's batched generator: the adapter row makes the
     # codes the trained model makes, the row without one the bare base's.

@@ -49,11 +49,8 @@ def _force_quantised(model: nn.Module, on: bool) -> None:
 def loaded(request: pytest.FixtureRequest, tiny_qwen3_q8: Path, tiny_qwen3_q4: Path):
     assert fast_cpu_active(), "these tests are about MLX's CPU backend with the fast paths on"
     path = {8: tiny_qwen3_q8, 4: tiny_qwen3_q4}[request.param]
-    os.environ[DENSE_ENV] = "1"  # opt-in: off by default (finetune/runtime/quantized.py)
-    try:
-        return request.param, load_qwen3_tts(path)
-    finally:
-        del os.environ[DENSE_ENV]
+    assert DENSE_ENV not in os.environ  # on by default (finetune/runtime/quantized.py)
+    return request.param, load_qwen3_tts(path)
 
 
 def test_every_quantised_layer_gets_an_fp32_copy_and_keeps_its_parameters(loaded) -> None:
@@ -124,9 +121,12 @@ def test_greedy_codes_equal_the_plain_quantised_path(loaded) -> None:
             np.testing.assert_array_equal(ours, plain)
 
 
-def test_the_copies_are_off_by_default(tiny_qwen3_q8: Path) -> None:
-    """Without the opt-in a quantised model keeps only its packed weights (its memory win)."""
-    assert DENSE_ENV not in os.environ
-    model = load_qwen3_tts(tiny_qwen3_q8).model
+def test_the_copies_can_be_turned_off(tiny_qwen3_q8: Path) -> None:
+    """Turned off, a quantised model keeps only its packed weights (its memory win)."""
+    os.environ[DENSE_ENV] = "0"
+    try:
+        model = load_qwen3_tts(tiny_qwen3_q8).model
+    finally:
+        del os.environ[DENSE_ENV]
     assert not _layers(model)
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())

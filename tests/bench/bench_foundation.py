@@ -46,6 +46,8 @@ TEXT = "The quick brown fox jumps over the lazy dog, twice."
 PARITY_PYTHON = ROOT / ".venv-parity" / "bin" / "python"
 # The fp32 run again with every product left to OpenBLAS's sgemm, side by side.
 SGEMM_ONLY = {"VOICEFOUNDRY_DECODE_GEMM": "off"}
+# The quantised runs again without their fp32 copies: quantized_matmul for every product.
+PACKED_ONLY = {"VOICEFOUNDRY_CPU_DENSE_QUANTIZED": "0"}
 FORMATS = ("fp32", "bf16", "8-bit", "4-bit")
 # The 0.6B talker / code predictor decode shapes (output, input) and the rows of a decode step.
 SHAPES = ((2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072))
@@ -426,6 +428,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         results: dict[str, dict[str, Any]] = {}
         runs = [(name, path, {}) for name, path in paths.items()]
         runs.insert(1, ("fp32 sgemm", paths["fp32"], SGEMM_ONLY))
+        runs += [(f"{name} packed", paths[name], PACKED_ONLY) for name in ("8-bit", "4-bit")]
         for name, path, env in runs:
             try:
                 results[name] = _child(["--child-format", str(path), "--frames", frames], env=env)
@@ -451,7 +454,9 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     )
     print(
         "fp32 sgemm: fp32 with VOICEFOUNDRY_DECODE_GEMM=off (every product through OpenBLAS's "
-        "sgemm, as before finetune/runtime/csrc/decode_gemm.c)"
+        "sgemm, as before finetune/runtime/csrc/decode_gemm.c); 8-bit / 4-bit: packed weights "
+        "with their fp32 copies (the default); 'packed': VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0, "
+        "quantized_matmul for every product"
     )
     print(
         f"real 0.6B shape, random weights, {args.frames} frames after 2, same text; per frame: "
@@ -460,7 +465,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         "floor: weight bytes read per frame / read bandwidth, as stored and as run (one row)"
     )
     head = (
-        f"{'format':10s} {'per frame':>9s} {'vocoder':>8s} {'e2e':>7s} {'RTF':>6s} {'RTF 2s':>6s} "
+        f"{'format':12s} {'per frame':>9s} {'vocoder':>8s} {'e2e':>7s} {'RTF':>6s} {'RTF 2s':>6s} "
         f"{'floor st.':>9s} {'x st.':>6s} {'floor run':>9s} {'x run':>6s} {'disk':>9s} "
         f"{'RSS':>9s} {'fp32 copy':>10s} {'load':>6s}  in memory"
     )
@@ -469,7 +474,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         stored = r["stored_frame_bytes"] / bandwidth
         run = r["run_frame_bytes"] / bandwidth
         print(
-            f"{name:10s} {r['per_frame_s']:8.3f}s {r['vocoder_s']:7.2f}s {r['e2e_s']:6.1f}s "
+            f"{name:12s} {r['per_frame_s']:8.3f}s {r['vocoder_s']:7.2f}s {r['e2e_s']:6.1f}s "
             f"{r['e2e_s'] / r['audio_s']:6.2f} {_steady_rtf(r):6.2f} "
             f"{stored:8.3f}s {r['per_frame_s'] / stored:5.2f}x "
             f"{run:8.3f}s {r['per_frame_s'] / run:5.2f}x {r['disk_mib']:5.0f} MiB "
@@ -478,14 +483,14 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         )
     if stock_real is not None:
         print(
-            f"{'bf16 stock':10s} {stock_real['real_per_frame_s']:8.3f}s "
+            f"{'bf16 stock':12s} {stock_real['real_per_frame_s']:8.3f}s "
             f"{stock_real['real_vocoder_s']:7.2f}s {stock_real['real_e2e_s']:6.1f}s "
             f"{stock_real['real_e2e_s'] / stock_real['real_audio_s']:6.2f}  "
             "(VOICEFOUNDRY_FAST_CPU=0: reference BLAS, stored dtype)"
         )
     if peer is not None:
         print(
-            f"{'qwen-tts':10s} {peer['per_frame_s']:8.3f}s {peer['vocoder_s']:7.2f}s "
+            f"{'qwen-tts':12s} {peer['per_frame_s']:8.3f}s {peer['vocoder_s']:7.2f}s "
             f"{peer['e2e_s']:6.1f}s {peer['e2e_s'] / peer['audio_s']:6.2f} "
             f"{_steady_rtf(peer):6.2f}  (official, torch "
             f"{peer['torch']} CPU fp32, {peer['threads']} threads, greedy, bf16 checkpoint; "
@@ -495,7 +500,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         peer_rtf = peer["e2e_s"] / peer["audio_s"]
         for name, r in results.items():
             print(
-                f"{name:10s} per frame {peer['per_frame_s'] / r['per_frame_s']:5.2f}x  "
+                f"{name:12s} per frame {peer['per_frame_s'] / r['per_frame_s']:5.2f}x  "
                 f"vocoder {peer['vocoder_s'] / r['vocoder_s']:5.2f}x  "
                 f"end to end (RTF) {peer_rtf / (r['e2e_s'] / r['audio_s']):5.2f}x"
             )
