@@ -110,7 +110,8 @@ def _load_decode_gemm(
         if picked < 0:
             return None, None, f"{built} could not bind cblas_sgemm / cblas_sgemv in {blas_path}"
         ctypes.CDLL(built, mode=ctypes.RTLD_GLOBAL)
-    except (NativeBuildError, OSError, AttributeError) as exc:
+    except (NativeBuildError, OSError, AttributeError, RuntimeError, ValueError) as exc:
+        # Never fatal: this runs while `finetune` is imported; plain OpenBLAS does the products.
         return None, None, str(exc)
     decode.vf_count.restype = ctypes.c_ulong
     return decode, f"{KERNEL_NAMES[picked]}, {_threads()} threads ({built})", None

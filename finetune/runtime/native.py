@@ -1,8 +1,9 @@
 """Build the runtime's small C libraries (finetune/runtime/csrc/*.c) with the system compiler.
 
 Each is compiled once per source text and machine into a cache folder (VOICEFOUNDRY_NATIVE_DIR,
-else $XDG_CACHE_HOME/voicefoundry/native, else ~/.cache/voicefoundry/native) and reused by every
-later process; concurrent builders each write a temporary file and rename it into place.
+else $XDG_CACHE_HOME/voicefoundry/native, else ~/.cache/voicefoundry/native; with no home, under
+the temp dir) and reused by every later process; concurrent builders each write a temporary file
+and rename it into place.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def cache_dir() -> Path:
     explicit = os.environ.get(NATIVE_DIR_ENV)
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry (a bare container user)
+            base = os.path.join(tempfile.gettempdir(), f"voicefoundry-{os.getuid()}")
     return Path(base) / "voicefoundry" / "native"
 
 
