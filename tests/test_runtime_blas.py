@@ -132,13 +132,14 @@ def test_decode_gemm_can_be_turned_off_and_needs_a_compiler(tmp_path):
     assert max(bare["errors"].values()) < 1e-4  # plain OpenBLAS still does the products
 
 
-def _private_library(tmp_path: Path) -> ctypes.CDLL:
+def _private_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
     """Its own copy: binding it leaves the one under this process's MLX alone."""
+    from finetune.runtime.blas import DECODE_GEMM_LINK
     from finetune.runtime.native import library
 
-    os.environ.setdefault("VOICEFOUNDRY_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("VOICEFOUNDRY_NATIVE_DIR", str(tmp_path))
     copy = tmp_path / "private_decode_gemm.so"
-    shutil.copy(library("decode_gemm", link=("-ldl", "-lpthread")), copy)
+    shutil.copy(library("decode_gemm", link=DECODE_GEMM_LINK), copy)
     lib = ctypes.CDLL(str(copy))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -153,11 +154,11 @@ def _kernels() -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
-def test_sgemm_follows_the_blas_contract_for_every_path(tmp_path):
+def test_sgemm_follows_the_blas_contract_for_every_path(tmp_path, monkeypatch):
     """Every layout, transpose and beta, few rows and one column, each kernel, against numpy."""
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path)
+    lib = _private_library(tmp_path, monkeypatch)
     rng = np.random.default_rng(1)
     for kernel in [0, *_kernels()]:
         for threads in (1, 2):
@@ -187,10 +188,10 @@ def _check_product(lib, rng, order, ta, tb, m, n, k, beta) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(tmp_path, threads):
+def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(tmp_path, monkeypatch, threads):
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path)
+    lib = _private_library(tmp_path, monkeypatch)
     rng = np.random.default_rng(2)
     # Odd sizes: weight rows not a multiple of the 4-row blocks, inputs not of the vector width.
     w = rng.standard_normal((4099, 1037)).astype(np.float32)

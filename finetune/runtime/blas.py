@@ -48,6 +48,7 @@ _state: BlasState | None = None
 _decode: ctypes.CDLL | None = None
 KERNELS = {"auto": -1, "gemv": 0, "avx2": 1, "avx512": 2}
 KERNEL_NAMES = {0: "no few-row kernel (one row to sgemv)", 1: "AVX2", 2: "AVX-512"}
+DECODE_GEMM_LINK = ("-ldl", "-lpthread")
 
 
 def find_blas(explicit: str | None = None) -> str | None:
@@ -102,11 +103,12 @@ def _load_decode_gemm(
     """
     from finetune.runtime.native import NativeBuildError, library
 
+    threads = _threads()
     try:
-        built = str(library("decode_gemm", link=("-ldl", "-lpthread")))
+        built = str(library("decode_gemm", link=DECODE_GEMM_LINK))
         decode = ctypes.CDLL(built)
         # Bound privately first: only a library that found the real BLAS may shadow it.
-        picked = decode.vf_bind(blas_path.encode(), _threads(), kernel)
+        picked = decode.vf_bind(blas_path.encode(), threads, kernel)
         if picked < 0:
             return None, None, f"{built} could not bind cblas_sgemm / cblas_sgemv in {blas_path}"
         ctypes.CDLL(built, mode=ctypes.RTLD_GLOBAL)
@@ -114,7 +116,7 @@ def _load_decode_gemm(
         # Never fatal: this runs while `finetune` is imported; plain OpenBLAS does the products.
         return None, None, str(exc)
     decode.vf_count.restype = ctypes.c_ulong
-    return decode, f"{KERNEL_NAMES[picked]}, {_threads()} threads ({built})", None
+    return decode, f"{KERNEL_NAMES[picked]}, {threads} threads ({built})", None
 
 
 def decode_gemm_counts() -> dict[str, int] | None:

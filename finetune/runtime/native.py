@@ -19,6 +19,7 @@ from pathlib import Path
 NATIVE_DIR_ENV = "VOICEFOUNDRY_NATIVE_DIR"
 SOURCES = Path(__file__).with_name("csrc")
 COMPILE_TIMEOUT_S = 60.0
+CFLAGS = ("-O3", "-shared", "-fPIC")
 
 
 class NativeBuildError(RuntimeError):
@@ -49,7 +50,9 @@ def library(name: str, link: tuple[str, ...] = ()) -> Path:
     """The shared library built from csrc/<name>.c, compiling it when no build of it exists."""
     source = SOURCES / f"{name}.c"
     text = source.read_bytes()
-    key = hashlib.sha256(text + platform.machine().encode() + " ".join(link).encode()).hexdigest()
+    # Everything that shapes the build names it: a changed flag never reuses an older build.
+    recipe = " ".join((platform.machine(), *CFLAGS, *link)).encode()
+    key = hashlib.sha256(text + recipe).hexdigest()
     target = cache_dir() / f"lib{name}-{key[:16]}.so"
     if target.exists():
         return target
@@ -62,7 +65,7 @@ def library(name: str, link: tuple[str, ...] = ()) -> Path:
         os.close(fd)
     except OSError as exc:
         raise NativeBuildError(f"cannot write {target.parent}: {exc}") from exc
-    command = [cc, "-O3", "-shared", "-fPIC", "-o", partial, str(source), *link]
+    command = [cc, *CFLAGS, "-o", partial, str(source), *link]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:

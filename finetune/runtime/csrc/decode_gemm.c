@@ -39,7 +39,6 @@ typedef void (*rows_fn)(int, int, const float *, int, const float *, int, float 
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 static rows_fn kernel_rows;
-static int kernel_kind;
 static unsigned long counts[3]; /* few-row kernel, sgemv, real sgemm */
 
 /* --- the few-row kernel ------------------------------------------------------------------- */
@@ -279,8 +278,7 @@ int vf_bind(const char *blas_path, int threads, int kernel) {
     n_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
     static int fork_handler;
     if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, reset_after_fork) == 0;
-    kernel_kind = pick_kernel(kernel);
-    return kernel_kind;
+    return pick_kernel(kernel);
 }
 
 unsigned long vf_count(int which) {
