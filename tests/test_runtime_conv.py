@@ -7,11 +7,11 @@ import itertools
 from finetune.runtime.accelerate import (
     FastConv1d,
     FastConvTranspose1d,
-    conv1d_fast_ok,
+    conv1d_plan,
     install_fast_modules,
     swap_table,
 )
-from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
+from finetune.runtime.conv import conv1d_im2col, conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
 
 import mlx.core as mx
@@ -35,12 +35,15 @@ def _max_diff(a: mx.array, b: mx.array) -> float:
         if n + 2 * p >= d * (k - 1) + 1
     ],
 )
-def test_conv1d_taps_matches_mlx(length, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("form", [conv1d_taps, conv1d_im2col])
+def test_conv1d_gemm_forms_match_mlx(form, length, kernel, stride, padding, dilation):
     mx.random.seed(length * 1000 + kernel * 100 + stride * 10 + dilation)
     x = mx.random.normal((2, length, 12))
     w = mx.random.normal((5, kernel, 12))
+    bias = mx.random.normal((5,))
     ref = mx.conv1d(x, w, stride, padding, dilation)
-    assert _max_diff(conv1d_taps(x, w, stride, padding, dilation), ref) < ATOL
+    assert _max_diff(form(x, w, stride, padding, dilation), ref) < ATOL
+    assert _max_diff(form(x, w, stride, padding, dilation, bias), ref + bias) < ATOL
 
 
 @pytest.mark.parametrize(
@@ -123,31 +126,33 @@ def test_fast_vocoder_matches_stock_vocoder(loaded_qwen3_base):
 
 
 @pytest.mark.parametrize(
-    ("shape", "taps"),
+    ("shape", "plan"),
     [
-        # (kernel, dilation, groups, c_in, c_out, out_len)
-        ((7, 3, 1, 64, 64, 100), True),  # dilated: MLX's conv has no GEMM path
-        ((1, 1, 1, 1024, 1024, 25), True),  # kernel 1 is one matmul either way
-        ((7, 1, 1, 64, 1, 24_000), True),  # narrow output over a long input
-        ((7, 1, 1, 96, 96, 48_000), True),  # modest channels, long input
-        ((7, 1, 1, 1536, 1536, 50), False),  # wide channels: im2col + one GEMM wins
-        ((8, 1, 1, 64, 128, 239), False),  # a streaming codec step: short input
-        ((7, 1, 1, 1, 64, 24_000), False),  # one input channel
-        ((7, 3, 2, 64, 64, 100), False),  # grouped: MLX's op
+        # (kernel, groups, c_in, c_out, out_len)
+        ((1, 1, 1024, 1024, 25), "taps"),  # kernel 1 is one matmul either way
+        ((7, 1, 64, 1, 24_000), "taps"),  # narrow output over a long input
+        ((7, 1, 96, 96, 48_000), "taps"),  # modest channels, long input
+        ((7, 1, 768, 768, 3_000), "im2col"),  # wide channels: each tap's GEMM too short
+        ((7, 1, 1536, 1536, 50), "im2col"),
+        ((8, 1, 64, 128, 239), "im2col"),  # a streaming codec step: short input
+        ((7, 1, 1, 64, 24_000), "im2col"),  # one input channel: taps would be K = 1 GEMMs
+        ((7, 2, 64, 64, 100), "mlx"),  # grouped: MLX's op
     ],
 )
-def test_fast_path_is_chosen_by_shape(shape, taps):
-    kernel, dilation, groups, c_in, c_out, out_len = shape
-    chosen = conv1d_fast_ok(
-        kernel=kernel, dilation=dilation, groups=groups, c_in=c_in, c_out=c_out, out_len=out_len
-    )
-    assert chosen is taps
+def test_conv_form_is_chosen_by_shape(shape, plan):
+    kernel, groups, c_in, c_out, out_len = shape
+    chosen = conv1d_plan(kernel=kernel, groups=groups, c_in=c_in, c_out=c_out, out_len=out_len)
+    assert chosen == plan
 
 
-def test_fast_module_takes_mlx_path_for_wide_short_inputs_and_still_matches():
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "length", "dilation", "groups"),
+    [(320, 320, 30, 1, 1), (16, 16, 300, 3, 1), (12, 4, 50, 1, 1), (16, 16, 40, 1, 2)],
+)
+def test_fast_module_matches_mlx_on_every_plan(c_in, c_out, length, dilation, groups):
     mx.random.seed(5)
-    module = nn.Conv1d(320, 320, kernel_size=7, padding=3)
-    x = mx.random.normal((1, 30, 320))
+    module = nn.Conv1d(c_in, c_out, kernel_size=7, padding=3, dilation=dilation, groups=groups)
+    x = mx.random.normal((2, length, c_in))
     ref = module(x)
     install_fast_modules(nn.Sequential(module))
     assert isinstance(module, FastConv1d)
@@ -168,3 +173,27 @@ def test_the_snake_runs_on_the_host_and_matches_mlx_also_under_grad():
     assert _max_diff(_square_snake(x, alpha, beta, 1e-9), snake(x)) < 1e-5
     grad = mx.grad(lambda v: _square_snake(v, alpha, beta, 1e-9).sum())(x)
     assert _max_diff(grad, mx.grad(lambda v: snake(v).sum())(x)) < 1e-4
+
+
+def test_install_lays_weights_out_for_the_gemm_without_changing_them():
+    from finetune.runtime.accelerate import _stored_as
+
+    mx.random.seed(9)
+    conv = nn.Conv1d(16, 24, kernel_size=5, padding=2)
+    up = nn.ConvTranspose1d(16, 8, kernel_size=4, stride=2)
+    # As a checkpoint loader leaves them: PyTorch's [C_out, C_in, K] transposed lazily.
+    conv.weight = mx.random.normal((24, 16, 5)).transpose(0, 2, 1)
+    up.weight = mx.random.normal((8, 16, 4)).transpose(0, 2, 1)
+    x = mx.random.normal((2, 40, 16))
+    before = {"conv": conv.weight, "up": up.weight}
+    refs = conv(x), up(x)
+    install_fast_modules(nn.Sequential(conv, up))
+    for name, module in (("conv", conv), ("up", up)):
+        assert module.weight.shape == before[name].shape
+        assert mx.array_equal(module.weight, before[name])
+    assert _max_diff(conv(x), refs[0]) < ATOL
+    assert _max_diff(up(x), refs[1]) < ATOL
+    w = mx.arange(24).reshape(2, 3, 4)
+    for order in ((1, 2, 0), (2, 1, 0), (0, 1, 2)):
+        stored = _stored_as(w, order)
+        assert stored.shape == w.shape and mx.array_equal(stored, w)

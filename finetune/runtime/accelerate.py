@@ -1,40 +1,47 @@
 """Swap slow MLX conv modules of a loaded model for GEMM-based ones, and run it in fp32.
 
 Modules keep their parameters and their place in the tree; only their class changes to a
-subclass whose `__call__` takes the per-tap matmul path when it gives the same result as MLX's
-op (the conditions below), and MLX's own op otherwise.
+subclass whose `__call__` takes the GEMM form that is fastest for the shape (`conv1d_plan`), all
+of which give MLX's result, and MLX's own op where none of ours applies.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, cast
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, cast
 
-from finetune.runtime.conv import conv1d_taps, conv_transpose1d_taps
+from finetune.runtime.conv import conv1d_im2col, conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# Per-tap matmuls beat MLX's CPU conv by 10-50x for dilated kernels, by ~7x for narrow outputs
-# and ~4x for kernel-1 convs over long inputs; but MLX's own undilated conv (im2col + one GEMM)
-# wins by ~5-10x for wide channels and for short inputs (a streaming codec step, a vocoder's
-# first frames). Measured on 2-core x86-64 with OpenBLAS; tests/bench/bench_foundation.py.
-TAPS_MAX_CHANNELS = 256
-TAPS_MIN_LENGTH = 4096
+# Which GEMM form a conv takes, measured per shape on 2-core x86-64 with OpenBLAS
+# (tests/bench/bench_foundation.py prints them side by side). MLX's own conv loses to one of
+# ours almost everywhere (its dilated conv by 100-1000x, its undilated one by up to 10x on
+# short inputs) and ties at best; per-tap `addmm` wins by 1.2-5.7x over im2col once a row has
+# at least TAPS_MIN_ROWS_PER_CHANNEL output steps per input channel (each tap's GEMM then has
+# enough rows to amortise reading its C_in x C_out slice) and for narrow outputs; im2col wins
+# below that. The plan looks at one row's length, never the batch's, so a row takes the same
+# path (and gets the same bits) alone or batched.
+TAPS_MIN_ROWS_PER_CHANNEL = 8
+NARROW_OUTPUT = 32
+
+ConvPlan = Literal["mlx", "taps", "im2col"]
 
 
-def conv1d_fast_ok(
-    *, kernel: int, dilation: int, groups: int, c_in: int, c_out: int, out_len: int
-) -> bool:
+def conv1d_plan(*, kernel: int, groups: int, c_in: int, c_out: int, out_len: int) -> ConvPlan:
+    """Any dilation costs ours the same, so it plays no part."""
     if groups != 1:
-        return False
-    if dilation > 1 or kernel == 1:
-        return True
-    if c_out < 32:
-        return c_in >= 8
-    return 8 <= c_in <= TAPS_MAX_CHANNELS and out_len >= TAPS_MIN_LENGTH
+        return "mlx"
+    if kernel == 1:
+        return "taps"  # one matmul either way
+    if c_in >= 8 and (c_out < NARROW_OUTPUT or out_len >= TAPS_MIN_ROWS_PER_CHANNEL * c_in):
+        return "taps"
+    return "im2col"
 
 
 def _out_len(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -46,24 +53,35 @@ def conv_transpose1d_fast_ok(kernel: int, padding: int, dilation: int, groups: i
     return groups == 1 and padding <= dilation * (kernel - 1)
 
 
+_CONV1D = {"taps": conv1d_taps, "im2col": conv1d_im2col}
+
+
+# Each fast conv's weights, by name, and the transpose its GEMMs read them through.
+_TAPS_LAYOUT: Mapping[str, tuple[int, ...]] = MappingProxyType({"weight": (1, 2, 0)})
+_TRANSPOSED_LAYOUT: Mapping[str, tuple[int, ...]] = MappingProxyType({"weight": (2, 1, 0)})
+
+
 class FastConv1d(nn.Conv1d):
+    GEMM_LAYOUT = _TAPS_LAYOUT  # [K, C_in, C_out]
+
     def __call__(self, x: mx.array) -> mx.array:
         c_out, k, c_in = self.weight.shape
-        out_len = _out_len(x.shape[1], k, self.stride, self.padding, self.dilation)
-        if not conv1d_fast_ok(
+        plan = conv1d_plan(
             kernel=k,
-            dilation=self.dilation,
             groups=self.groups,
             c_in=c_in,
             c_out=c_out,
-            out_len=out_len,
-        ):
+            out_len=_out_len(x.shape[1], k, self.stride, self.padding, self.dilation),
+        )
+        if plan == "mlx":
             return super().__call__(x)
-        y = conv1d_taps(x, self.weight, self.stride, self.padding, self.dilation)
-        return y + self.bias if "bias" in self else y
+        bias = self.bias if "bias" in self else None
+        return _CONV1D[plan](x, self.weight, self.stride, self.padding, self.dilation, bias)
 
 
 class FastConvTranspose1d(nn.ConvTranspose1d):
+    GEMM_LAYOUT = _TRANSPOSED_LAYOUT  # [C_in, K, C_out]
+
     def __call__(self, x: mx.array) -> mx.array:
         k = self.weight.shape[1]
         if not conv_transpose1d_fast_ok(k, self.padding, self.dilation, 1):
@@ -116,26 +134,32 @@ def _mimi_classes() -> dict[type, type]:
     from mlx_audio.codec.models.mimi.modules import conv as mimi_conv
 
     class FastMimiConv1d(mimi_conv.Conv1d):
+        GEMM_LAYOUT = _TAPS_LAYOUT
+
         def __call__(self, xs: mx.array) -> mx.array:
             c_out, k, c_in = self.weight.shape
-            out_len = _out_len(xs.shape[-1], k, self._stride, self._padding, self._dilation)
-            if not conv1d_fast_ok(
+            plan = conv1d_plan(
                 kernel=k,
-                dilation=self._dilation,
                 groups=self._groups,
                 c_in=c_in,
                 c_out=c_out,
-                out_len=out_len,
-            ):
-                return super().__call__(xs)
-            y = conv1d_taps(
-                xs.swapaxes(-1, -2), self.weight, self._stride, self._padding, self._dilation
+                out_len=_out_len(xs.shape[-1], k, self._stride, self._padding, self._dilation),
             )
-            if self.bias is not None:
-                y = y + self.bias
+            if plan == "mlx":
+                return super().__call__(xs)
+            y = _CONV1D[plan](
+                xs.swapaxes(-1, -2),
+                self.weight,
+                self._stride,
+                self._padding,
+                self._dilation,
+                self.bias,
+            )
             return y.swapaxes(-1, -2)
 
     class FastMimiConvTranspose1d(mimi_conv.ConvTranspose1d):
+        GEMM_LAYOUT = MappingProxyType({"_expanded_weight": (2, 1, 0)})
+
         def __call__(self, xs: mx.array) -> mx.array:
             k = self._expanded_weight.shape[1]
             if not conv_transpose1d_fast_ok(k, self._padding, 1, self._expanded_groups):
@@ -180,7 +204,13 @@ def swap_table() -> dict[type, type]:
 
 
 def install_fast_modules(model: nn.Module) -> Counter[str]:
-    """Re-class every conv / snake module with a fast twin; returns counts by class name."""
+    """Re-class every conv / snake module with a fast twin; returns counts by class name.
+
+    Each conv's weight is also laid out the way its GEMMs read it (`GEMM_LAYOUT`): checkpoint
+    loaders transpose PyTorch's conv layout lazily, leaving strided views that every call would
+    gather again (10x the time of the GEMM itself for the Qwen3-TTS vocoder's first conv). The
+    parameter keeps its shape; only the order of its memory changes.
+    """
     table = swap_table()
     swapped: Counter[str] = Counter()
     for _, module in model.named_modules():
@@ -188,7 +218,16 @@ def install_fast_modules(model: nn.Module) -> Counter[str]:
         if fast is not None:
             module.__class__ = fast
             swapped[fast.__name__] += 1
+            for name, order in getattr(fast, "GEMM_LAYOUT", {}).items():
+                module[name] = _stored_as(module[name], order)
+    mx.eval(model)
     return swapped
+
+
+def _stored_as(weight: mx.array, order: tuple[int, ...]) -> mx.array:
+    """`weight`, unchanged in value and shape, whose `transpose(*order)` is row-major."""
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return mx.contiguous(weight.transpose(order)).transpose(inverse)
 
 
 def to_float32(model: nn.Module) -> None:

@@ -1,8 +1,11 @@
-"""1-D convolutions as sums of per-tap matmuls.
+"""1-D convolutions as GEMMs.
 
 MLX's CPU kernels for dilated `conv1d` and for `conv_transpose1d` do not use GEMM and are one to
-two orders of magnitude slower than the same maths written as K matmuls (one per kernel tap),
-which go through BLAS. Layouts follow MLX: x is [N, L, C_in], weight is [C_out, K, C_in / groups].
+three orders of magnitude slower than the same maths written as matmuls, which go through BLAS.
+Two ways: K matmuls, one per kernel tap, each accumulated into the last by `addmm` (BLAS's
+beta = 1, no separate add over the output), for long inputs; or the K shifted inputs side by side
+(im2col) and one matmul with K * C_in inner products, for short ones. Layouts follow MLX: x is
+[N, L, C_in], weight is [C_out, K, C_in / groups].
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ def conv1d_taps(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
+    bias: mx.array | None = None,
 ) -> mx.array:
-    """Same result as `mx.conv1d(x, weight, stride, padding, dilation)` for groups == 1."""
+    """Same result as `mx.conv1d(x, weight, stride, padding, dilation) + bias`, groups == 1."""
     c_out, k, _ = weight.shape
     if padding:
         x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
@@ -28,13 +32,35 @@ def conv1d_taps(
         return mx.zeros((x.shape[0], 0, c_out), dtype=x.dtype)
     last = (out_len - 1) * stride + 1
     w_t = weight.transpose(1, 2, 0)  # [K, C_in, C_out]
-    out = None
-    for tap in range(k):
+    first = x[:, :last:stride, :]
+    out = first @ w_t[0] if bias is None else mx.addmm(bias, first, w_t[0])
+    for tap in range(1, k):
         start = tap * dilation
-        term = x[:, start : start + last : stride, :] @ w_t[tap]
-        out = term if out is None else out + term
-    assert out is not None  # k >= 1 taps
+        out = mx.addmm(out, x[:, start : start + last : stride, :], w_t[tap])
     return out
+
+
+def conv1d_im2col(
+    x: mx.array,
+    weight: mx.array,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    bias: mx.array | None = None,
+) -> mx.array:
+    """Same result as `mx.conv1d(x, weight, stride, padding, dilation) + bias`, groups == 1."""
+    c_out, k, c_in = weight.shape
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
+    span = dilation * (k - 1) + 1
+    out_len = (x.shape[1] - span) // stride + 1
+    if out_len <= 0:
+        return mx.zeros((x.shape[0], 0, c_out), dtype=x.dtype)
+    last = (out_len - 1) * stride + 1
+    shifted = [x[:, t * dilation : t * dilation + last : stride, :] for t in range(k)]
+    columns = shifted[0] if k == 1 else mx.concatenate(shifted, axis=2)  # [N, L', K * C_in]
+    w_flat = weight.transpose(1, 2, 0).reshape(k * c_in, c_out)
+    return columns @ w_flat if bias is None else mx.addmm(bias, columns, w_flat)
 
 
 def conv_transpose1d_taps(
@@ -49,15 +75,41 @@ def conv_transpose1d_taps(
 
     Input step i, tap k lands on output position i * stride + k * dilation. Taps are grouped by
     the residue of k * dilation modulo stride, so every group is one matmul, a shift and an add
-    on a [N, L', stride, C_out] view of the output: no scatter, no zero-stuffed input.
+    on a [N, L', stride, C_out] view of the output: no scatter, no zero-stuffed input. The
+    usual upsampler (kernel a multiple of the stride) needs no phases at all.
     """
     n, length, _ = x.shape
     c_out, k, _ = weight.shape
     full_len = (length - 1) * stride + dilation * (k - 1) + 1
-    rows = -(-full_len // stride)  # ceil
     per_tap = x @ weight.transpose(2, 1, 0).reshape(weight.shape[2], k * c_out)
-    per_tap = per_tap.reshape(n, length, k, c_out)
+    if dilation == 1 and k % stride == 0:
+        full = _whole_phases(per_tap.reshape(n, length, k // stride, stride * c_out), c_out)
+    else:
+        full = _phase_by_phase(per_tap.reshape(n, length, k, c_out), stride, dilation, full_len)
 
+    if output_padding:
+        full = mx.pad(full, [(0, 0), (0, output_padding), (0, 0)])
+    end = full.shape[1] - padding
+    return full[:, padding:end, :]
+
+
+def _whole_phases(per_tap: mx.array, c_out: int) -> mx.array:
+    """Kernel a multiple of the stride, undilated: taps q * stride + r, r < stride, land on
+    output step (i + q) * stride + r, so the q-th group of taps of input step i fills output
+    row i + q whole, and the output is a sum of `k / stride` shifted copies: no phases."""
+    n, length, groups, width = per_tap.shape
+    rows = length + groups - 1
+    acc = None
+    for q in range(groups):
+        term = mx.pad(per_tap[:, :, q], [(0, 0), (q, rows - length - q), (0, 0)])
+        acc = term if acc is None else acc + term
+    assert acc is not None  # k >= stride
+    return acc.reshape(n, rows * (width // c_out), c_out)
+
+
+def _phase_by_phase(per_tap: mx.array, stride: int, dilation: int, full_len: int) -> mx.array:
+    n, length, k, c_out = per_tap.shape
+    rows = -(-full_len // stride)  # ceil
     phases: list[mx.array] = []
     for residue in range(stride):
         acc = None
@@ -69,9 +121,4 @@ def conv_transpose1d_taps(
             term = mx.pad(per_tap[:, :, tap, :], [(0, 0), (shift, rows - length - shift), (0, 0)])
             acc = term if acc is None else acc + term
         phases.append(acc if acc is not None else mx.zeros((n, rows, c_out), dtype=per_tap.dtype))
-    full = mx.stack(phases, axis=2).reshape(n, rows * stride, c_out)[:, :full_len, :]
-
-    if output_padding:
-        full = mx.pad(full, [(0, 0), (0, output_padding), (0, 0)])
-    end = full.shape[1] - padding
-    return full[:, padding:end, :]
+    return mx.stack(phases, axis=2).reshape(n, rows * stride, c_out)[:, :full_len, :]
