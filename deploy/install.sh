@@ -7,8 +7,8 @@ venv="${VF_VENV:-.venv}"
 python="${PYTHON:-python3}"
 
 if [[ "$(uname -s)" == "Linux" ]]; then
-  # OpenBLAS, and a C compiler for the one small library the runtime builds on first use
-  # (finetune/runtime/csrc/decode_gemm.c: decode's few-row products; optional, but 1.6x and more).
+  # OpenBLAS, and a C compiler for the small libraries the runtime builds on first use
+  # (finetune/runtime/csrc/: decode's few-row products, the vocoder's Snake; optional, 1.6x and more).
   missing=()
   compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null \
     || missing+=(libopenblas0-pthread)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
+from finetune.runtime import host_snake
 from finetune.runtime.conv import conv1d_im2col, conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
 
@@ -93,10 +94,11 @@ class FastConvTranspose1d(nn.ConvTranspose1d):
 
 
 def _square_snake(x: mx.array, alpha: mx.array, beta: mx.array, eps: float) -> mx.array:
-    """x + sin(x e^alpha)^2 / (e^beta + eps). In float32 on the host: numpy's vectorised sin
-    in four in-place passes, where MLX's CPU backend makes one pass over memory per op of the
-    polynomial (3.8x faster on the vocoder's last stage, [48000, 96], here); its gradient is
-    the polynomial's (`_host_snake`'s vjp)."""
+    """x + sin(x e^alpha)^2 / (e^beta + eps). In float32 on the host (`host_snake`: one
+    compiled pass, else numpy's vectorised sin in four), where MLX's CPU backend makes one pass
+    over memory per op of the polynomial (numpy alone was 3.8x faster on the vocoder's last
+    stage, [48000, 96], the kernel 4x faster again); its gradient is the polynomial's
+    (`_host_snake`'s vjp)."""
     if x.dtype == mx.float32:
         try:
             return cast(mx.array, _host_snake(x, alpha, beta, mx.array(eps, mx.float32)))
@@ -111,15 +113,9 @@ def _snake(x: mx.array, alpha: mx.array, beta: mx.array, eps: mx.array) -> mx.ar
 
 @mx.custom_function
 def _host_snake(x: mx.array, alpha: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
-    values = np.asarray(x)
     scale = np.exp(np.asarray(alpha, dtype=np.float32))
     gain = (1.0 / (np.exp(np.asarray(beta, dtype=np.float32)) + eps.item())).astype(np.float32)
-    out = np.multiply(values, scale, dtype=np.float32)
-    np.sin(out, out=out)
-    out *= out
-    out *= gain
-    out += values
-    return mx.array(out)
+    return mx.array(host_snake.snake(np.asarray(x), scale, gain))
 
 
 @_host_snake.vjp

@@ -103,7 +103,7 @@ def _load_decode_gemm(
     """
     from finetune.runtime.native import NativeBuildError, library
 
-    threads = _threads()
+    threads = thread_count()
     try:
         built = str(library("decode_gemm", link=DECODE_GEMM_LINK))
         decode = ctypes.CDLL(built)
@@ -126,7 +126,8 @@ def decode_gemm_counts() -> dict[str, int] | None:
     return {name: int(_decode.vf_count(i)) for i, name in enumerate(("few_rows", "sgemv", "sgemm"))}
 
 
-def _threads() -> int:
+def thread_count() -> int:
+    """The threads the BLAS and our native kernels run on."""
     try:
         return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
     except ValueError:
@@ -135,7 +136,7 @@ def _threads() -> int:
 
 def _set_threads(path: str) -> None:
     with contextlib.suppress(AttributeError, OSError, ValueError):
-        ctypes.CDLL(path).openblas_set_num_threads(_threads())
+        ctypes.CDLL(path).openblas_set_num_threads(thread_count())
 
 
 def state() -> BlasState | None:

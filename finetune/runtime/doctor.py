@@ -8,7 +8,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from finetune.runtime import blas, fast_cpu_active, settings
+from finetune.runtime import blas, fast_cpu_active, host_snake, settings
 
 
 def _version(dist: str) -> str:
@@ -46,6 +46,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "blas_preloaded": state.loaded_path if state else None,
         "blas_problem": (state.error if state else "not attempted (fast CPU paths off)"),
         "blas_decode_gemm": (state.decode_gemm or state.decode_gemm_problem) if state else None,
+        "host_snake": host_snake.describe(),
         "fast_cpu_setting": {None: "auto", True: "on", False: "off"}[current.fast_cpu],
         "fast_cpu_paths": "on" if fast_cpu_active() else "off",
     }
