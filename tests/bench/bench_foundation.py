@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import subprocess
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FRAMES = 25  # 2 s of audio at 12.5 frames a second
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5
+VOCODER_RUNS = 3  # the vocoder figures (ours and the peer's) are the best of this many
 TEXT = "The quick brown fox jumps over the lazy dog, twice."
 PARITY_PYTHON = ROOT / ".venv-parity" / "bin" / "python"
 # The fp32 run again with every product left to OpenBLAS's sgemm, side by side.
@@ -104,10 +106,12 @@ def measure_generation(model: Any, frames: int) -> dict[str, float]:
         del tokenizer.decode
     made = (samples - short_samples) // SAMPLES_PER_FRAME
     codes = mx.array(np.random.default_rng(0).integers(1, 2048, (1, FRAMES, 16)))
-    start = time.perf_counter()
-    wav, _ = tokenizer.decode(codes)
-    mx.eval(wav)
-    vocoder = time.perf_counter() - start
+    vocoder = math.inf
+    for _ in range(VOCODER_RUNS):
+        start = time.perf_counter()
+        wav, _ = tokenizer.decode(codes)
+        mx.eval(wav)
+        vocoder = min(vocoder, time.perf_counter() - start)
     return {
         "per_frame_s": ((long - long_voc) - (short - short_voc)) / max(made, 1),
         "frames": float(made),
@@ -275,10 +279,12 @@ def child_peer(path: Path, frames: int) -> None:
     del model.generate, tokenizer.decode
     made = (samples - short_samples) // SAMPLES_PER_FRAME
     codes = torch.from_numpy(np.random.default_rng(0).integers(1, 2048, (FRAMES, 16)))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        tokenizer.decode([{"audio_codes": codes}])
-    vocoder = time.perf_counter() - start
+    vocoder = math.inf
+    for _ in range(VOCODER_RUNS):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tokenizer.decode([{"audio_codes": codes}])
+        vocoder = min(vocoder, time.perf_counter() - start)
     out = {
         "load_s": load_s,
         "per_frame_s": (long_gen - short_gen) / max(made, 1),
@@ -460,9 +466,10 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     )
     print(
         f"real 0.6B shape, random weights, {args.frames} frames after 2, same text; per frame: "
-        "talker + code predictor; vocoder: 25 frames (2 s); e2e / RTF: the 2 + N frame run "
-        "(prefill, decode, vocoder); RTF 2s: 25 frames' decode + the 2 s vocoder, no prefill; "
-        "floor: weight bytes read per frame / read bandwidth, as stored and as run (one row)"
+        "talker + code predictor; vocoder: 25 frames (2 s), best of 3; e2e / RTF: the 2 + N "
+        "frame run (prefill, decode, vocoder); RTF 2s: 25 frames' decode + the 2 s vocoder, no "
+        "prefill; floor: weight bytes read per frame / read bandwidth, as stored and as run "
+        "(one row)"
     )
     head = (
         f"{'format':12s} {'per frame':>9s} {'vocoder':>8s} {'e2e':>7s} {'RTF':>6s} {'RTF 2s':>6s} "

@@ -21,6 +21,8 @@ falls on both alike. Printed, with the goal and the ratio beside each figure:
     python tests/bench/bench_service.py [--frames 25] [--wide-frames 8] [--requests 16]
         [--preset wide] [--poisson-model tiny|wide] [--poisson-frames 12]
         [--ttfb-rounds 1] [--repeats 3] [--cache DIR] [--fresh]
+    python tests/bench/bench_service.py --adapters-only --preset real-0.6b [--wide-frames 8]
+        [--scheduler continuous|rounds]     (block 3 alone, one server: a real-size preset)
 
 Checkpoints, voice packages and fused exports are built once into `--cache` and reused (their
 build time is printed when they are built). The machine is shared: the load average is printed
@@ -212,34 +214,7 @@ async def measure(
 
         # 3. 8 requests over 8 adapters on the wide preset, ABBA around the direct reference.
         phase(f"[3/5] 8 adapters, concurrent vs one after another ({args.preset})")
-        wide_direct = [direct.run("wide", args.wide_frames, 0, profile=True)]
-        first, second = servers[0], servers[-1]
-        for step, s in enumerate([first, second]):
-            bodies = [s.body("wide", v, args.wide_frames, k) for k, v in enumerate(VOICES)]
-
-            async def sequential(s: Server = s, bodies: list = bodies) -> None:
-                start = time.perf_counter()
-                each = [await s.speak(client, b) for b in bodies]
-                res[s.scheduler]["seq_s"] = time.perf_counter() - start
-                res[s.scheduler]["seq_each"] = [t for t, _ in each]
-                res[s.scheduler]["seq_samples"] = sorted({n for _, n in each})
-
-            async def concurrent(s: Server = s, bodies: list = bodies) -> None:
-                start = time.perf_counter()
-                each = await asyncio.gather(*(s.speak(client, b) for b in bodies))
-                res[s.scheduler]["conc_s"] = time.perf_counter() - start
-                res[s.scheduler]["conc_samples"] = sorted({n for _, n in each})
-
-            if step == 0:
-                await sequential()
-                await concurrent()
-            else:
-                await concurrent()
-                await sequential()
-            wide_direct.append(direct.run("wide", args.wide_frames, 1 + step))
-        res["direct"]["wide"] = statistics.median(d["s"] for d in wide_direct)
-        res["direct"]["wide_vocoder_share"] = wide_direct[0]["vocoder_s"] / wide_direct[0]["s"]
-        res["direct"]["wide_samples"] = sorted({d["samples"] for d in wide_direct})
+        await adapter_block(client, servers, direct, args, res)
 
         # 4. random arrivals: the same schedule against each server in turn.
         model = args.poisson_model
@@ -285,6 +260,105 @@ async def measure(
             res[s.scheduler]["rss200"] = rss_kb(s.pid)
     phase("done")
     return res
+
+
+async def adapter_block(
+    client: Any,
+    servers: list[Server],
+    direct: DirectChild,
+    args: argparse.Namespace,
+    res: dict[str, Any],
+) -> None:
+    """8 requests over 8 adapters, one after another and concurrently, on each server (the
+    second server in the opposite order; one server: twice, ABBA), around runs of the direct
+    reference."""
+    wide_direct = [direct.run("wide", args.wide_frames, 0, profile=True)]
+    first, second = servers[0], servers[-1]
+    for step, s in enumerate([first, second]):
+        bodies = [s.body("wide", v, args.wide_frames, k) for k, v in enumerate(VOICES)]
+
+        async def sequential(s: Server = s, bodies: list = bodies) -> None:
+            start = time.perf_counter()
+            each = [await s.speak(client, b) for b in bodies]
+            res[s.scheduler]["seq_s"] = time.perf_counter() - start
+            res[s.scheduler].setdefault("seq_runs", []).append(res[s.scheduler]["seq_s"])
+            res[s.scheduler]["seq_each"] = [t for t, _ in each]
+            res[s.scheduler]["seq_samples"] = sorted({n for _, n in each})
+
+        async def concurrent(s: Server = s, bodies: list = bodies) -> None:
+            start = time.perf_counter()
+            each = await asyncio.gather(*(s.speak(client, b) for b in bodies))
+            res[s.scheduler]["conc_s"] = time.perf_counter() - start
+            res[s.scheduler].setdefault("conc_runs", []).append(res[s.scheduler]["conc_s"])
+            res[s.scheduler]["conc_samples"] = sorted({n for _, n in each})
+
+        if step == 0:
+            await sequential()
+            await concurrent()
+        else:
+            await concurrent()
+            await sequential()
+        wide_direct.append(direct.run("wide", args.wide_frames, 1 + step))
+    res["direct"]["wide"] = statistics.median(d["s"] for d in wide_direct)
+    res["direct"]["wide_vocoder_share"] = wide_direct[0]["vocoder_s"] / wide_direct[0]["s"]
+    res["direct"]["wide_samples"] = sorted({d["samples"] for d in wide_direct})
+
+
+def adapters_only(args: argparse.Namespace, start_load: str) -> None:
+    """Only block 3, on one server (`--scheduler`) serving only `--preset`: a real-size preset
+    with the direct reference beside it fits in memory where two servers of it do not."""
+    from tests.service_helpers import SERVER_PIDS, server_process
+
+    built, took = build(args.preset, Path(args.cache) / args.preset)
+    print(f"{args.preset}: " + (f"built in {took:.0f} s" if took else "reused"), flush=True)
+    with tempfile.TemporaryDirectory(prefix="vf-bench-svc-") as tmp:
+        settings = {
+            "data_dir": str(Path(tmp) / "data"),
+            "models": {"wide": {"path": str(built.model)}},
+            "max_batch": 8,
+            "adapter_slots": 10,
+            "max_queue": 64,
+            "engine_scheduler": args.scheduler,
+        }
+        with server_process(settings, timeout=900) as url:
+            server = Server(args.scheduler, url, SERVER_PIDS[url])
+            asyncio.run(import_voices([server], {"wide": built}))
+            direct = DirectChild({"wide": (str(built.export), built.language)})
+
+            async def run() -> dict[str, Any]:
+                import httpx
+
+                res: dict[str, Any] = {args.scheduler: {}, "direct": {}}
+                async with httpx.AsyncClient(timeout=3600) as client:
+                    await adapter_block(client, [server], direct, args, res)
+                res[args.scheduler]["rss_kb"] = rss_kb(server.pid)
+                return res
+
+            try:
+                res = asyncio.run(run())
+            finally:
+                direct.close()
+    mine, d = res[args.scheduler], res["direct"]
+    print(f"\nat start: {start_load}\nat end:   {load()}")
+    print(
+        f"8 requests over 8 adapters ({args.preset}, {args.wide_frames} frames, "
+        f"{args.wide_frames / 12.5:.2f} s of audio each; {args.scheduler} engine)"
+    )
+    seq, conc = mine["seq_runs"], mine["conc_runs"]
+    print(f"  one after another   {', '.join(f'{t:.2f} s' for t in seq)}")
+    print(f"  concurrently        {', '.join(f'{t:.2f} s' for t in conc)}")
+    ratios = [a / b for a, b in zip(seq, conc, strict=True)]  # ABBA: neighbours paired
+    print(f"  throughput ratio    {', '.join(f'x{r:.2f}' for r in ratios)}   goal >= 4x")
+    each = statistics.median(mine["seq_each"])
+    print(
+        f"  server overhead     {each:.2f} s a request alone vs direct {d['wide']:.2f} s: "
+        f"{each / d['wide']:.2f}   goal <= 1.10"
+    )
+    print(
+        f"  vocoder share of a direct request {100 * d['wide_vocoder_share']:.0f} %; samples "
+        f"direct {d['wide_samples']}, server {mine['seq_samples']} / {mine['conc_samples']}; "
+        f"server RSS {mine['rss_kb'] / 1024:.0f} MiB"
+    )
 
 
 _PHASE: list[float] = []
@@ -420,10 +494,19 @@ def main() -> None:
         help="built checkpoints and voice packages, reused between runs",
     )
     parser.add_argument("--fresh", action="store_true", help="rebuild what --cache holds")
+    parser.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="only the 8-adapter block, one server (e.g. --preset real-0.6b --wide-frames 8)",
+    )
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="continuous")
     args = parser.parse_args()
 
     start_load = load()
     print(f"{start_load} (shared machine: other people's processes run too)", flush=True)
+    if args.adapters_only:
+        adapters_only(args, start_load)
+        return
     cache = Path(args.cache)
     if args.fresh:
         shutil.rmtree(cache, ignore_errors=True)
