@@ -197,3 +197,25 @@ def test_install_lays_weights_out_for_the_gemm_without_changing_them():
     for order in ((1, 2, 0), (2, 1, 0), (0, 1, 2)):
         stored = _stored_as(w, order)
         assert stored.shape == w.shape and mx.array_equal(stored, w)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (8, 1, 16, 128), (3, 37, 64), (5,)])
+def test_fused_rms_norm_is_mx_fast_rms_norm_bit_for_bit(shape, dtype):
+    from finetune.runtime import fused
+    from finetune.runtime.accelerate import FastRMSNorm
+
+    mx.random.seed(len(shape))
+    x = (mx.random.normal(shape) * 3).astype(dtype)
+    norm = nn.RMSNorm(shape[-1], eps=1e-6)
+    norm.weight = mx.random.normal((shape[-1],)).astype(dtype)
+    expected = mx.fast.rms_norm(x, norm.weight, 1e-6)
+    assert mx.array_equal(fused.rms_norm(x, norm.weight, 1e-6), expected)
+    install_fast_modules(nn.Sequential(norm))
+    assert isinstance(norm, FastRMSNorm)
+    got = norm(x)
+    assert got.dtype == expected.dtype and mx.array_equal(got, expected)
+    if dtype == mx.float32:
+        grad = mx.grad(lambda v: (fused.rms_norm(v, norm.weight, 1e-6) ** 2).sum())(x)
+        want = mx.grad(lambda v: (mx.fast.rms_norm(v, norm.weight, 1e-6) ** 2).sum())(x)
+        assert _max_diff(grad, want) < 1e-4

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from finetune.runtime import host_snake
+from finetune.runtime import fused, host_snake
 from finetune.runtime.conv import conv1d_im2col, conv1d_taps, conv_transpose1d_taps
 from finetune.runtime.elementwise import sin_squared
 
@@ -126,6 +126,11 @@ def _host_snake_vjp(
     return tuple(vjps)
 
 
+class FastRMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return fused.rms_norm(x, self["weight"], self.eps)
+
+
 def _mimi_classes() -> dict[type, type]:
     from mlx_audio.codec.models.mimi.modules import conv as mimi_conv
 
@@ -193,14 +198,18 @@ _swaps: dict[type, type] | None = None
 def swap_table() -> dict[type, type]:
     global _swaps
     if _swaps is None:
-        _swaps = {nn.Conv1d: FastConv1d, nn.ConvTranspose1d: FastConvTranspose1d}
+        _swaps = {
+            nn.Conv1d: FastConv1d,
+            nn.ConvTranspose1d: FastConvTranspose1d,
+            nn.RMSNorm: FastRMSNorm,
+        }
         _swaps.update(_mimi_classes())
         _swaps.update(_qwen3_snake_classes())
     return _swaps
 
 
 def install_fast_modules(model: nn.Module) -> Counter[str]:
-    """Re-class every conv / snake module with a fast twin; returns counts by class name.
+    """Re-class every conv / snake / RMSNorm module with a fast twin; returns counts by class name.
 
     Each conv's weight is also laid out the way its GEMMs read it (`GEMM_LAYOUT`): checkpoint
     loaders transpose PyTorch's conv layout lazily, leaving strided views that every call would
