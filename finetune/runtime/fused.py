@@ -10,8 +10,8 @@ same order; `tests/test_runtime_conv.py`). Without a compiler MLX runs the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
-from typing import Callable
 
 import mlx.core as mx
 
