@@ -30,7 +30,7 @@ from server.clone import CLONE_STRATEGY, create_clone_voice
 from server.connections import UPLOAD_SLOT, UploadSlot, body_limits
 from server.design import DESIGN_STRATEGY, create_design_voice
 from server.duplex.routes import duplex_socket
-from server.engine.bank import AdapterTensors
+from server.engine.bank import AdapterTensors, BankFull
 from server.engine.requests import Sampling
 from server.engine.worker import BudgetExceeded, Done, Engine, QueueFull, SpeakJob
 from server.errors import (
@@ -179,7 +179,12 @@ class Synthesis:
         tensors = await anyio.to_thread.run_sync(
             AdapterTensors.read, adapter, model.adapter_module, model.adapter_riders
         )
-        await self.engine.run(lambda: model.bank.ensure(tensors))
+
+        def install() -> None:
+            with contextlib.suppress(BankFull):  # every slot busy: the engine installs it later
+                model.bank.ensure(tensors)
+
+        await self.engine.run(install)
 
     def submit(self) -> None:
         try:
@@ -197,6 +202,8 @@ class Synthesis:
                     return
                 if isinstance(item, BudgetExceeded):
                     raise _over_budget(self.job, item)
+                if isinstance(item, BankFull):  # only when no running row could free a slot
+                    raise Overloaded(str(item)) from item
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -252,3 +252,36 @@ def test_a_row_whose_audio_fails_to_decode_fails_only_its_own_request(
             await _collect(broken)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "rounds"])
+def test_more_voices_at_once_than_adapter_slots_wait_for_a_slot_and_none_fails(
+    engines: dict[str, Engine], voice_package: Path, tmp_path: Path, scheduler: str
+) -> None:
+    """4 requests over 4 different adapters, 3 usable slots: the one that finds every slot held
+    by a running row waits (first in line) until a row ends, then speaks; nothing fails."""
+    import shutil
+
+    engine = engines[scheduler]
+    bank = engine.models["tiny"].bank
+    adapters = []
+    for i in range(4):
+        copy = tmp_path / f"voice{i}" / "adapter"
+        shutil.copytree(voice_package / "adapter", copy)
+        adapters.append(copy)
+    assert bank.slots - 1 < len(adapters)
+
+    async def main() -> None:
+        jobs = [
+            _job(f"Voice number {i} speaks now.", 20 + i, 4 + 3 * i, adapter=a)
+            for i, a in enumerate(adapters)
+        ]
+        for job in jobs:
+            engine.submit(job)
+        results = await asyncio.gather(*(_collect(job) for job in jobs))
+        assert all(len(audio) > 0 for audio, _ in results)
+        assert all(job.frames_made > 0 for job in jobs)
+
+    asyncio.run(main())
+    assert all(slot.in_use == 0 for slot in bank._slots.values())
+    assert {str(a) for a in adapters} & set(bank._resident)  # they did go through the bank

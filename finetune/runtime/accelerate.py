@@ -218,6 +218,7 @@ def install_fast_modules(model: nn.Module) -> Counter[str]:
     """
     table = swap_table()
     swapped: Counter[str] = Counter()
+    relaid: list[mx.array] = []
     for _, module in model.named_modules():
         fast = table.get(type(module))
         if fast is not None:
@@ -225,7 +226,8 @@ def install_fast_modules(model: nn.Module) -> Counter[str]:
             swapped[fast.__name__] += 1
             for name, order in getattr(fast, "GEMM_LAYOUT", {}).items():
                 module[name] = _stored_as(module[name], order)
-    mx.eval(model)
+                relaid.append(module[name])
+    mx.eval(relaid)
     return swapped
 
 

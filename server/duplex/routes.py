@@ -28,6 +28,7 @@ from server.duplex import protocol as proto
 from server.duplex.codec import make_codec
 from server.duplex.engine import Closed, DuplexEngine, LiveSession, SessionLimit
 from server.duplex.voices import duplex_voicing
+from server.engine.bank import BankFull
 from server.errors import NotFound, ServiceError, public_text
 from server.limits import LimitExceeded
 
@@ -116,6 +117,8 @@ async def _open(socket: WebSocket, params: proto.DuplexParams) -> LiveSession:
         # A refusal like every other: 44xx with the reason (1013 is kept for sessions the
         # server ends itself, e.g. at shutdown).
         raise _Rejected(proto.CloseCode.TOO_MANY, f"{exc}; try again shortly") from exc
+    except BankFull as exc:  # every adapter slot is held by a live session's voice
+        raise _Rejected(proto.CloseCode.TOO_MANY, str(exc)) from exc
     except Exception as exc:  # a corrupt adapter or voice prompt: the client learns why
         reason = f"cannot start the session: {public_text(str(exc))}"
         raise _Rejected(proto.CloseCode.UNPROCESSABLE, reason) from exc

@@ -180,6 +180,13 @@ class AdapterBank:
     def slot_of(self, key: str) -> int | None:
         return self._resident.get(key)
 
+    def has_room(self) -> bool:
+        """Whether a new adapter could take a slot now (a free one, or an idle one to evict),
+        byte budget aside: checked before reading its files."""
+        if len(self._slots) < self.slots - 1:
+            return True
+        return any(s.in_use == 0 for s in self._slots.values())
+
     def ensure(self, adapter: AdapterTensors) -> int:
         """The adapter's slot, installing it (evicting idle LRU adapters) if needed."""
         key = str(adapter.path)

@@ -260,6 +260,7 @@ class Engine:
         self._take_ready(jobs)
         model = running.model
         rows: list[tuple[SpeakJob, SpeechRow]] = []
+        deferred: list[SpeakJob] = []
         now = time.perf_counter()
         for job in jobs:
             if job.cancel.is_set():
@@ -267,12 +268,20 @@ class Engine:
                 continue
             try:
                 rows.append((job, self._row(model, job)))
+            except BankFull as exc:
+                # Every slot is held by a running row: wait for one to end, still first in line.
+                if running.rows or rows:
+                    deferred.append(job)
+                else:
+                    self._finish(job, exc)
+                continue
             except Exception as exc:  # a bad voice fails its own request, never the worker
                 self._finish(job, exc)
                 continue
             if job.next_segment == 0 and job.admitted is None:
                 job.admitted = now
                 self.stats.queue_wait_s.append(now - job.started)
+        self._ready.extendleft(reversed(deferred))
         if not rows:
             return
         try:
@@ -437,6 +446,7 @@ class Engine:
         """Run one segment of every job together; return the jobs with segments left."""
         started = time.perf_counter()
         live: list[tuple[SpeakJob, SpeechRow]] = []
+        deferred: list[SpeakJob] = []
         model = self.models.get(jobs[0].voicing.model)
         for job in jobs:
             if job.cancel.is_set():
@@ -447,8 +457,14 @@ class Engine:
                 continue
             try:
                 live.append((job, self._row(model, job)))
+            except BankFull as exc:  # the round's other rows hold every slot: the next round
+                if live:
+                    deferred.append(job)
+                else:
+                    self._finish(job, exc)
             except Exception as exc:  # a bad voice fails its own request, never the worker
                 self._finish(job, exc)
+        self._ready.extendleft(reversed(deferred))  # first in line for the next round
         if not live or model is None:
             return []
         self.stats.batch(len(live))
@@ -484,6 +500,8 @@ class Engine:
             return 0
         slot = model.bank.slot_of(str(adapter)) or 0
         if not slot:
+            if not model.bank.has_room():
+                raise BankFull("every adapter slot is busy; try again shortly")
             slot = model.bank.ensure(
                 AdapterTensors.read(adapter, model.adapter_module, model.adapter_riders)
             )
