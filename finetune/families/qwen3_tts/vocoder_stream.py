@@ -199,9 +199,18 @@ class _Batch:
             return conv(x)
         heads = [s.carried.get(key, mx.zeros((1, pad, x.shape[2]), x.dtype)) for s in self.streams]
         full = mx.concatenate([mx.concatenate(heads), x], axis=1)
-        for i, n in enumerate(self.valid()):
-            self.new_states[i][key] = full[i : i + 1, n : n + pad]
+        self._keep(key, [full[i : i + 1, n : n + pad] for i, n in enumerate(self.valid())])
         return conv(full)
+
+    def _keep(self, key: str, tails: list[mx.array]) -> None:
+        """Each row's carried state, copied out and evaluated now: a view (or a copy not yet
+        evaluated) would hold its whole source (tens of MB at the last stages) until the
+        pass is committed, and every later buffer of the pass would then take fresh pages
+        (12 % of a one-shot decode of the tiny vocoder)."""
+        copies = [tail * 1.0 for tail in tails]  # x * 1 is x, bit for bit
+        mx.eval(copies)
+        for i, state in enumerate(copies):
+            self.new_states[i][key] = state
 
     def transposed(self, key: str, conv: Any, trim: int, x: mx.array) -> mx.array:
         """A transposed convolution trimmed by `trim` on the right: each row's head gets the
@@ -216,12 +225,14 @@ class _Batch:
         self.scale *= stride
         if trim <= 0:
             return y[:, : longest * stride]
-        heads = [s.carried.get(key, mx.zeros((1, trim, y.shape[2]), y.dtype)) for s in self.streams]
-        y = mx.concatenate([y[:, :trim] + mx.concatenate(heads), y[:, trim:]], axis=1)
+        carried = [s.carried.get(key) for s in self.streams]
+        if any(c is not None for c in carried):  # a first chunk has no overlap to add
+            zeros = mx.zeros((1, trim, y.shape[2]), y.dtype)
+            heads = mx.concatenate([c if c is not None else zeros for c in carried])
+            y[:, :trim] = y[:, :trim] + heads  # in place: y is this pass's own temporary
         bias = conv.bias if "bias" in conv else None
-        for i, n in enumerate(self.valid()):
-            tail = y[i : i + 1, n : n + trim]
-            self.new_states[i][key] = tail - bias if bias is not None else tail
+        tails = [y[i : i + 1, n : n + trim] for i, n in enumerate(self.valid())]
+        self._keep(key, [tail - bias if bias is not None else tail for tail in tails])
         return y[:, : longest * stride]
 
     def convnext(self, key: str, block: Any, x: mx.array) -> mx.array:
