@@ -71,8 +71,9 @@ def _reference_audio() -> Any:
     return mx.array((0.3 * np.sin(np.linspace(0, 3000, 48_000))).astype(np.float32))
 
 
-def measure_generation(model: Any, frames: int) -> dict[str, float]:
-    """Per-frame decode (difference of two runs, vocoder time out), vocoder, end to end."""
+def measure_generation(model: Any, frames: int, *, served: bool = False) -> dict[str, float]:
+    """Per-frame decode (difference of two runs, vocoder time out), vocoder, end to end; with
+    `served`, the vocoder also as the server runs it."""
     import mlx.core as mx
     import numpy as np
 
@@ -112,13 +113,29 @@ def measure_generation(model: Any, frames: int) -> dict[str, float]:
         wav, _ = tokenizer.decode(codes)
         mx.eval(wav)
         vocoder = min(vocoder, time.perf_counter() - start)
-    return {
+    out = {
         "per_frame_s": ((long - long_voc) - (short - short_voc)) / max(made, 1),
         "frames": float(made),
         "vocoder_s": vocoder,
         "e2e_s": long,
         "audio_s": samples / 24_000,
     }
+    if served:
+        out["served_vocoder_s"] = _served_vocoder_s(tokenizer, np.array(codes[0]))
+    return out
+
+
+def _served_vocoder_s(tokenizer: Any, codes: Any) -> float:
+    """The same frames through the server's vocoder (one stream, one pass), best of a few."""
+    from finetune.families.qwen3_tts.vocoder_stream import StreamingVocoder
+
+    vocoder = StreamingVocoder(tokenizer.decoder, tokenizer.decode_upsample_rate)
+    best = math.inf
+    for _ in range(VOCODER_RUNS):
+        start = time.perf_counter()
+        vocoder.decode([(vocoder.open(), codes)])
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def child(args: argparse.Namespace) -> None:
@@ -217,7 +234,7 @@ def child_format(path: Path, frames: int) -> None:
             {str(v.dtype) for _, v in flat_items(loaded.model.talker.parameters())}
         ),
     }
-    out.update(measure_generation(loaded.model, frames))
+    out.update(measure_generation(loaded.model, frames, served=True))
     out["peak_mib"] = _rss_mib("VmHWM")
     print(json.dumps(out))
 
@@ -466,13 +483,15 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     )
     print(
         f"real 0.6B shape, random weights, {args.frames} frames after 2, same text; per frame: "
-        "talker + code predictor; vocoder: 25 frames (2 s), best of 3; e2e / RTF: the 2 + N "
+        "talker + code predictor; vocoder: 25 frames (2 s), best of 3, mlx-audio's decode; "
+        "served: the same through the server's streaming vocoder, one pass; e2e / RTF: the 2 + N "
         "frame run (prefill, decode, vocoder); RTF 2s: 25 frames' decode + the 2 s vocoder, no "
         "prefill; floor: weight bytes read per frame / read bandwidth, as stored and as run "
         "(one row)"
     )
     head = (
-        f"{'format':12s} {'per frame':>9s} {'vocoder':>8s} {'e2e':>7s} {'RTF':>6s} {'RTF 2s':>6s} "
+        f"{'format':12s} {'per frame':>9s} {'vocoder':>8s} {'served':>7s} {'e2e':>7s} {'RTF':>6s} "
+        f"{'RTF 2s':>6s} "
         f"{'floor st.':>9s} {'x st.':>6s} {'floor run':>9s} {'x run':>6s} {'disk':>9s} "
         f"{'RSS':>9s} {'fp32 copy':>10s} {'load':>6s}  in memory"
     )
@@ -481,7 +500,8 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         stored = r["stored_frame_bytes"] / bandwidth
         run = r["run_frame_bytes"] / bandwidth
         print(
-            f"{name:12s} {r['per_frame_s']:8.3f}s {r['vocoder_s']:7.2f}s {r['e2e_s']:6.1f}s "
+            f"{name:12s} {r['per_frame_s']:8.3f}s {r['vocoder_s']:7.2f}s "
+            f"{r['served_vocoder_s']:6.2f}s {r['e2e_s']:6.1f}s "
             f"{r['e2e_s'] / r['audio_s']:6.2f} {_steady_rtf(r):6.2f} "
             f"{stored:8.3f}s {r['per_frame_s'] / stored:5.2f}x "
             f"{run:8.3f}s {r['per_frame_s'] / run:5.2f}x {r['disk_mib']:5.0f} MiB "
@@ -491,13 +511,13 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     if stock_real is not None:
         print(
             f"{'bf16 stock':12s} {stock_real['real_per_frame_s']:8.3f}s "
-            f"{stock_real['real_vocoder_s']:7.2f}s {stock_real['real_e2e_s']:6.1f}s "
+            f"{stock_real['real_vocoder_s']:7.2f}s {'-':>7s} {stock_real['real_e2e_s']:6.1f}s "
             f"{stock_real['real_e2e_s'] / stock_real['real_audio_s']:6.2f}  "
             "(VOICEFOUNDRY_FAST_CPU=0: reference BLAS, stored dtype)"
         )
     if peer is not None:
         print(
-            f"{'qwen-tts':12s} {peer['per_frame_s']:8.3f}s {peer['vocoder_s']:7.2f}s "
+            f"{'qwen-tts':12s} {peer['per_frame_s']:8.3f}s {peer['vocoder_s']:7.2f}s {'-':>7s} "
             f"{peer['e2e_s']:6.1f}s {peer['e2e_s'] / peer['audio_s']:6.2f} "
             f"{_steady_rtf(peer):6.2f}  (official, torch "
             f"{peer['torch']} CPU fp32, {peer['threads']} threads, greedy, bf16 checkpoint; "
