@@ -6,8 +6,9 @@
  * with fewer rows. Here, up to FEW_ROWS rows of x @ W.T are computed in one pass over W (blocks
  * of 4 weight rows x 4 input rows, AVX-512 or AVX2), split over the BLAS's threads: memory-bound
  * like sgemv for one row, and each row's sums are taken in the same order whatever the row count,
- * so a row of a batch is bit-exact to the same row alone. Other one-row / one-column products go
- * to cblas_sgemv; the rest to the real cblas_sgemm. Loaded into the global scope before OpenBLAS
+ * so a row of a batch is bit-exact to the same row alone. Small one-row products of another
+ * layout are summed here on the calling thread; other one-row / one-column products go to
+ * cblas_sgemv; the rest to the real cblas_sgemm. Loaded into the global scope before OpenBLAS
  * (finetune/runtime/blas.py), this cblas_sgemm is the one MLX binds.
  */
 #define _GNU_SOURCE
@@ -287,6 +288,26 @@ unsigned long vf_count(int which) {
 
 static int transposed(int op) { return op == TRANS || op == CONJ_TRANS; }
 
+/* c[1, n] = alpha * x[1, k] @ b[k, n] + beta * c, the rows of b added in order on this thread.
+ * Small one-row products in this layout (a LoRA adapter's x @ A and h @ B, one call per row of a
+ * batch) cost microseconds; OpenBLAS's sgemv wakes its own threads for them past ~9k weights,
+ * which then queue behind the decode GEMM's workers: ~25 ms a real-0.6B frame with an adapter. */
+enum { SMALL_ROW_MAX_N = 4096 };
+#ifdef HAVE_X86_KERNELS
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void small_row(int n, int k, float alpha, const float *restrict x, int inc_x,
+                      const float *restrict b, int ldb, float beta, float *restrict c) {
+    float acc[SMALL_ROW_MAX_N];
+    for (int j = 0; j < n; ++j) acc[j] = 0.0f;
+    for (int kk = 0; kk < k; ++kk) {
+        const float xv = x[(size_t)kk * inc_x];
+        const float *restrict row = b + (size_t)kk * ldb;
+        for (int j = 0; j < n; ++j) acc[j] += xv * row[j];
+    }
+    for (int j = 0; j < n; ++j) c[j] = beta == 0.0f ? alpha * acc[j] : alpha * acc[j] + beta * c[j];
+}
+
 /* beta == 0 means "do not read y" in BLAS; MLX hands over uninitialised output buffers. */
 static void clear(float *y, int n, int inc) {
     for (int i = 0; i < n; ++i) y[(size_t)i * inc] = 0.0f;
@@ -309,6 +330,11 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         if (m == 1) {
             /* c[1, n] = op(a)[1, k] op(b)[k, n]: a is the vector, op(b)^T the matrix. */
             int inc_x = transposed(trans_a) ? lda : 1;
+            if (!transposed(trans_b) && n <= SMALL_ROW_MAX_N && (long)n * k < THREADED_WEIGHTS) {
+                small_row(n, k, alpha, a, inc_x, b, ldb, beta, c);
+                __atomic_add_fetch(&counts[1], 1, __ATOMIC_RELAXED);
+                return;
+            }
             if (beta == 0.0f) clear(c, n, 1);
             if (transposed(trans_b))
                 real_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_x, beta, c, 1);
