@@ -6,9 +6,11 @@ leaves at the next step and gives its adapter reference back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from finetune.sampling import Sampling
 
@@ -108,6 +110,56 @@ def test_a_short_request_joins_a_running_long_one_and_is_not_blocked(
         assert short_end >= long_end
 
     asyncio.run(main())
+
+
+def test_a_request_that_came_during_a_segment_goes_ahead_of_that_jobs_next_segment(
+    tiny_qwen3_base: Path, tmp_path: Path
+) -> None:
+    """One row at a time (max_batch 1): request B arrives during the step that ends job A's
+    first segment; B gets the next turn and A's second segment the one after (round robin by
+    segment, as the round engine does), not A's segment first because it was queued at once."""
+    log = tmp_path / "codes.jsonl"
+    engine = Engine(max_queue=8, max_batch=1, codes_log=log)
+    engine.start()
+    try:
+        model = engine.call(
+            lambda: Qwen3Model.load(
+                "tiny", str(tiny_qwen3_base), slots=2, max_rank=8, max_bytes=1 << 26
+            )
+        ).result(120)
+        engine.models["tiny"] = model
+
+        async def main() -> None:
+            first = _job("First part.", 1, 4)
+            first.segments = ["First part.", "Second part."]
+            later = _job("Later.", 2, 4)
+            open_batch = model.open_batch
+            sent: list[SpeakJob] = []
+
+            def open_batch_sending_later() -> Any:
+                batch = open_batch()
+                step = batch.step
+
+                def step_then_submit() -> Any:
+                    ended = step()
+                    if ended and not sent:  # before the engine ends the segment
+                        sent.append(later)
+                        engine.submit(later)
+                    return ended
+
+                batch.step = step_then_submit
+                return batch
+
+            model.open_batch = open_batch_sending_later
+            engine.submit(first)
+            await asyncio.gather(_collect(first), _collect(later))
+
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    order = [(r["text"], r["round"]) for r in sorted(records, key=lambda r: r["round"])]
+    assert [text for text, _ in order] == ["First part.", "Later.", "Second part."], order
 
 
 def test_cancel_frees_the_row_and_its_adapter_at_the_next_step(

@@ -131,6 +131,8 @@ class Engine:
         self._ready: deque[SpeakJob] = deque()
         # Continuous scheduling: each model's running batch and the job of each of its rows.
         self._running: dict[str, _Running] = {}
+        # Jobs whose segment just ended, queued again after the requests that came meanwhile.
+        self._next_segments: list[SpeakJob] = []
         self._admitted_this_turn = False
         self._thread = threading.Thread(target=self._run, name="voicefoundry-mlx", daemon=True)
 
@@ -208,9 +210,13 @@ class Engine:
     def _run_continuous(self) -> None:
         turn = 0
         while not self._stop.is_set():
-            if not self._ready and not self._running and not self._idle_wait():
+            runnable = self._ready or self._running or self._next_segments
+            if not runnable and not self._idle_wait():
                 continue
             self._drain()
+            # Requests that came while a segment ran go ahead of its job's next segment.
+            self._ready.extend(self._next_segments)
+            self._next_segments.clear()
             self._expire()
             names = sorted({job.voicing.model for job in self._ready} | set(self._running))
             if not names:
@@ -226,6 +232,8 @@ class Engine:
                 self._finish(job, RuntimeError("server shutting down"))
             running.batch.close()
         self._running.clear()
+        self._ready.extend(self._next_segments)
+        self._next_segments.clear()
         while self._ready:
             self._finish(self._ready.popleft(), RuntimeError("server shutting down"))
 
@@ -346,7 +354,7 @@ class Engine:
             return
         job.next_segment += 1
         if job.next_segment < len(job.segments):
-            self._ready.append(job)
+            self._next_segments.append(job)
         else:
             self._finish(job, None, model)
 
