@@ -13,6 +13,27 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+def tap_inputs(
+    x: mx.array, k: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> list[mx.array]:
+    """What each of a K-tap kernel's taps multiplies: x [N, L, C_in], padded, sliced at the
+    tap's offset with the stride, [N, L', C_in] each; none when the output would be empty."""
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
+    span = dilation * (k - 1) + 1
+    out_len = (x.shape[1] - span) // stride + 1
+    if out_len <= 0:
+        return []
+    last = (out_len - 1) * stride + 1
+    return [x[:, t * dilation : t * dilation + last : stride, :] for t in range(k)]
+
+
+def im2col(taps: list[mx.array]) -> mx.array:
+    """The taps' inputs side by side, [N, L', K * C_in] (tap-major, as `[C_out, K, C_in]`
+    weights flatten)."""
+    return taps[0] if len(taps) == 1 else mx.concatenate(taps, axis=-1)
+
+
 def conv1d_taps(
     x: mx.array,
     weight: mx.array,
@@ -23,20 +44,13 @@ def conv1d_taps(
 ) -> mx.array:
     """Same result as `mx.conv1d(x, weight, stride, padding, dilation) + bias`, groups == 1."""
     c_out, k, _ = weight.shape
-    if padding:
-        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
-    length = x.shape[1]
-    span = dilation * (k - 1) + 1
-    out_len = (length - span) // stride + 1
-    if out_len <= 0:
+    taps = tap_inputs(x, k, stride, padding, dilation)
+    if not taps:
         return mx.zeros((x.shape[0], 0, c_out), dtype=x.dtype)
-    last = (out_len - 1) * stride + 1
     w_t = weight.transpose(1, 2, 0)  # [K, C_in, C_out]
-    first = x[:, :last:stride, :]
-    out = first @ w_t[0] if bias is None else mx.addmm(bias, first, w_t[0])
+    out = taps[0] @ w_t[0] if bias is None else mx.addmm(bias, taps[0], w_t[0])
     for tap in range(1, k):
-        start = tap * dilation
-        out = mx.addmm(out, x[:, start : start + last : stride, :], w_t[tap])
+        out = mx.addmm(out, taps[tap], w_t[tap])
     return out
 
 
@@ -50,16 +64,11 @@ def conv1d_im2col(
 ) -> mx.array:
     """Same result as `mx.conv1d(x, weight, stride, padding, dilation) + bias`, groups == 1."""
     c_out, k, c_in = weight.shape
-    if padding:
-        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
-    span = dilation * (k - 1) + 1
-    out_len = (x.shape[1] - span) // stride + 1
-    if out_len <= 0:
+    taps = tap_inputs(x, k, stride, padding, dilation)
+    if not taps:
         return mx.zeros((x.shape[0], 0, c_out), dtype=x.dtype)
-    last = (out_len - 1) * stride + 1
-    shifted = [x[:, t * dilation : t * dilation + last : stride, :] for t in range(k)]
-    columns = shifted[0] if k == 1 else mx.concatenate(shifted, axis=2)  # [N, L', K * C_in]
     w_flat = weight.transpose(1, 2, 0).reshape(k * c_in, c_out)
+    columns = im2col(taps)
     return columns @ w_flat if bias is None else mx.addmm(bias, columns, w_flat)
 
 

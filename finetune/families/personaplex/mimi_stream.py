@@ -27,6 +27,7 @@ from typing import Any
 
 from finetune.families.personaplex.caches import WindowKVCache
 from finetune.families.personaplex.layout import FRAME_SIZE
+from finetune.runtime.conv import im2col, tap_inputs
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -323,14 +324,10 @@ def _conv1d_rows(xs: mx.array, weight: mx.array, stride: int, dilation: int) -> 
     """Unpadded, ungrouped `mx.conv1d` of xs [B, L, C_in] by weight [C_out, K, C_in]:
     im2col by K strided slices, then one GEMM per batch row."""
     c_out, k, c_in = weight.shape
-    span = dilation * (k - 1) + 1
-    out_len = (xs.shape[1] - span) // stride + 1
-    if out_len <= 0:
+    taps = tap_inputs(xs, k, stride, 0, dilation)
+    if not taps:
         return mx.zeros((xs.shape[0], 0, c_out), dtype=xs.dtype)
-    last = (out_len - 1) * stride + 1
-    taps = [xs[:, t * dilation : t * dilation + last : stride, :] for t in range(k)]
-    cols = taps[0] if k == 1 else mx.concatenate(taps, axis=-1)
-    return _matmul_rows(cols, weight.reshape(c_out, k * c_in).T)
+    return _matmul_rows(im2col(taps), weight.reshape(c_out, k * c_in).T)
 
 
 def _conv_transpose1d_rows(xs: mx.array, weight: mx.array, stride: int) -> mx.array:
