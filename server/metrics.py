@@ -109,6 +109,7 @@ class Metrics:
                 f'voicefoundry_duplex_batch_size_total{{size="{size}"}} {n}'
                 for size, n in sorted(stats.batch_sizes.items())
             ),
+            *_bank_lines("voicefoundry_duplex_", duplex.models),
         ]
         return "\n".join(lines) + "\n"
 
@@ -198,6 +199,7 @@ class Metrics:
         for budget in ("audio", "time"):
             n = engine.stats.budget_exceeded.get(budget, 0)
             lines.append(f'voicefoundry_speak_budget_exceeded_total{{budget="{budget}"}} {n}')
+        lines += _occupancy_lines(engine)
         lines += ["# TYPE voicefoundry_adapter_cache_total counter"]
         for name, model in sorted(engine.models.items()):
             st = model.bank.stats
@@ -206,6 +208,40 @@ class Metrics:
                     f'voicefoundry_adapter_cache_total{{model="{name}",event="{event}"}} {n}'
                 )
         return "\n".join(lines) + "\n"
+
+
+def _occupancy_lines(engine: Any) -> list[str]:
+    """What is held now: each model's running rows, and its adapter bank's slots and the
+    references running rows hold on them (all back to 0 once every request ended)."""
+    lines = [
+        "# HELP voicefoundry_engine_running_rows Rows decoding now, by model.",
+        "# TYPE voicefoundry_engine_running_rows gauge",
+    ]
+    for name, rows in sorted(engine.running_rows().items()):
+        lines.append(f'voicefoundry_engine_running_rows{{model="{name}"}} {rows}')
+    return lines + _bank_lines("voicefoundry_", engine.models)
+
+
+def _bank_lines(prefix: str, models: Mapping[str, Any]) -> list[str]:
+    """Each model's adapter-bank slots and the references running rows hold on them."""
+    usages = [(name, model.bank.usage()) for name, model in sorted(list(models.items()))]
+    lines = [
+        f"# HELP {prefix}adapter_slots Adapter-bank slots by model: capacity, resident "
+        "(an adapter loaded), held (by running rows or sessions).",
+        f"# TYPE {prefix}adapter_slots gauge",
+    ]
+    for name, usage in usages:
+        for state in ("capacity", "resident", "held"):
+            value = getattr(usage, state)
+            lines.append(f'{prefix}adapter_slots{{model="{name}",state="{state}"}} {value}')
+    lines += [
+        f"# HELP {prefix}adapter_references Running rows or sessions holding an adapter "
+        "slot, by model.",
+        f"# TYPE {prefix}adapter_references gauge",
+    ]
+    for name, usage in usages:
+        lines.append(f'{prefix}adapter_references{{model="{name}"}} {usage.references}')
+    return lines
 
 
 def _quantiles(values: list[float]) -> list[tuple[str, float]]:

@@ -66,9 +66,13 @@ def _metric(url: str, name: str) -> float:
 
 
 def _wait_for_sessions(url: str, expected: int, timeout: float = 30.0) -> None:
+    _wait_for_metric(url, "voicefoundry_duplex_sessions", expected, timeout)
+
+
+def _wait_for_metric(url: str, name: str, expected: float, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while _metric(url, "voicefoundry_duplex_sessions") != expected:
-        assert time.monotonic() < deadline, "duplex sessions were not freed"
+    while (value := _metric(url, name)) != expected:
+        assert time.monotonic() < deadline, f"{name} stayed {value}, not {expected}"
         time.sleep(0.2)
 
 
@@ -181,21 +185,27 @@ def test_ping_gets_a_pong(server):
 
 def test_dropped_sockets_free_their_sessions(server):
     _wait_for_sessions(server, 0)
-    # Three clients that vanish without a close handshake, mid-stream.
-    for i in range(3):
+    references = f'voicefoundry_duplex_adapter_references{{model="{MODEL}"}}'
+    assert _metric(server, references) == 0
+    # Three clients that vanish without a close handshake, mid-stream; the adapter voice's
+    # session holds a reference on its bank slot while it runs.
+    for i, speaker in enumerate((MODEL, "tuned", MODEL)):
         host, port = server.removeprefix("http://").split(":")
         raw = socket.create_connection((host, int(port)))
         raw.sendall(
             (
-                f"GET /duplex?speaker={MODEL} HTTP/1.1\r\nHost: {host}\r\n"
+                f"GET /duplex?speaker={speaker} HTTP/1.1\r\nHost: {host}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )
         assert b"101" in raw.recv(1024).split(b"\r\n")[0]
         time.sleep(0.5 + 0.2 * i)
+        if speaker == "tuned":
+            _wait_for_metric(server, references, 1)
         raw.close()
     _wait_for_sessions(server, 0)
+    _wait_for_metric(server, references, 0)
     talk = asyncio.run(
         converse(ws_url(server, speaker=MODEL), audio=user_audio(0.8), min_audio_frames=8)
     )

@@ -137,6 +137,17 @@ class BankStats:
     loads: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class BankUsage:
+    """A bank's slots at one moment: how many adapters it can hold, holds, and running rows
+    hold (`held` slots, `references` rows in all)."""
+
+    capacity: int
+    resident: int
+    held: int
+    references: int
+
+
 class BankFull(RuntimeError):
     pass
 
@@ -176,6 +187,16 @@ class AdapterBank:
     @property
     def resident_bytes(self) -> int:
         return sum(s.nbytes for s in self._slots.values())
+
+    def usage(self) -> BankUsage:
+        """Read from any thread (the metrics endpoint): one snapshot of the slot table."""
+        slots = list(self._slots.values())
+        return BankUsage(
+            capacity=self.slots - 1,
+            resident=len(slots),
+            held=sum(1 for s in slots if s.in_use),
+            references=sum(s.in_use for s in slots),
+        )
 
     def slot_of(self, key: str) -> int | None:
         return self._resident.get(key)

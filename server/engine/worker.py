@@ -5,7 +5,7 @@ Scheduling (`scheduler`, default "continuous"): iteration-level. Each base model
 batch (`SpeechModel.open_batch`); a request's segment
 joins it at the next decode step and leaves when it ends, so nobody waits for a whole batch.
 Every turn of the loop, for each model with work in turn: the waiting segments of that model are
-admitted (prefilled together, up to `max_batch` running rows; queue order), then the running rows
+admitted (each prefilled alone, up to `max_batch` running rows; queue order), then the running rows
 take ONE decode step. So a newcomer waits at most one decode step of the running rows (plus its
 own prefill), and running rows wait at most one prefill between two of their steps: neither
 starves. A job with more segments goes to the back of the queue when one ends. Adapters are
@@ -161,6 +161,17 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self._pending
+
+    def running_rows(self) -> dict[str, int]:
+        """Rows decoding now, by model (read from any thread: the metrics endpoint)."""
+        rows = {name: 0 for name in list(self.models)}
+        if self.scheduler == "continuous":
+            for name, running in list(self._running.items()):
+                rows[name] = rows.get(name, 0) + len(running.rows)
+        else:
+            for job in list(self._current):
+                rows[job.voicing.model] = rows.get(job.voicing.model, 0) + 1
+        return rows
 
     # --- control tasks run on the MLX thread between batches --------------------------------
     def call(self, fn: Callable[[], Any]) -> Future:
