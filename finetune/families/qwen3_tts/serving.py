@@ -220,12 +220,13 @@ class Qwen3DecodeBatch:
     decode steps, so a request never waits for a whole batch to finish.
 
     The running rows share one dense KV cache [B, heads, T, dim] per layer and an attention mask
-    [B, T] (1: a real position). Newcomers are prefilled together (left-padded among themselves),
-    then their cache is merged in: the shorter side is left-padded with masked zeros to the
-    longer one's length. Positions come from each row's own mask (mlx-audio's talker numbers them
-    cumsum(mask) - 1), so a row's positions, keys and sampled keys are the same as alone; masked
-    positions add exact zeros to attention. A row that leaves is dropped from the batch; columns
-    every remaining row has as padding are cut off (grown, then compacted).
+    [B, T] (1: a real position). Each newcomer is prefilled alone, then its cache is merged in:
+    the shorter side is left-padded with masked zeros to the longer one's length. Positions come
+    from each row's own mask (mlx-audio's talker numbers them cumsum(mask) - 1), so a row's
+    positions, keys and sampled keys are the same as alone; masked positions add exact zeros to
+    attention. A row's logits are then bit for bit its logits alone, step after step, joined
+    mid-way or not (tests/test_decode_batch.py). A row that leaves is dropped from the batch;
+    columns every remaining row has as padding are cut off (grown, then compacted).
     """
 
     def __init__(self, generator: Qwen3BatchGenerator) -> None:
@@ -241,36 +242,28 @@ class Qwen3DecodeBatch:
         self._slots_changed = True
 
     def admit(self, rows: list[Row]) -> None:
-        """Prefill `rows` (those not cancelled) and add them to the running batch."""
-        rows = [r for r in rows if not r.cancel.is_set()]
-        if not rows:
-            return
-        lengths = [r.prompt.shape[0] for r in rows]
-        longest = max(lengths)
-        width = rows[0].prompt.shape[1]
-        embeds = mx.stack(
-            [
-                mx.concatenate([mx.zeros((longest - n, width), r.prompt.dtype), r.prompt])
-                if n < longest
-                else r.prompt
-                for r, n in zip(rows, lengths, strict=True)
-            ]
-        )
-        pads = [longest - n for n in lengths]
-        mask = mx.array([[0] * p + [1] * n for p, n in zip(pads, lengths, strict=True)])
-        cache = self.talker.make_cache()
-        self.gen.set_rows([r.slot for r in rows])
-        self._slots_changed = True
-        # One prompt alone or of equal lengths: no mask, as mlx-audio's own generate runs it.
-        logits, hidden = self.talker(
-            embeds, cache=cache, attention_mask=mask if any(pads) else None
-        )
-        logits, hidden = logits[:, -1], hidden[:, -1:, :]
-        if not self.rows:
-            self.rows, self._cache, self._mask, self._pads = list(rows), cache, mask, pads
-            self._logits, self._hidden = logits, hidden
-            return
-        self._merge(rows, cache, mask, pads, logits, hidden)
+        """Prefill `rows` (those not cancelled) and add them to the running batch.
+
+        Each row is prefilled alone, as mlx-audio's own generate runs it (one prompt, no
+        mask): a batched prefill multiplies [rows x tokens] at once, and BLAS sums a row's
+        products in another order when the row count changes, which moved a row's keys and
+        hidden state in the last bits and, now and then, one sampled code (then every later
+        one). The prefill is compute-bound, so batching it gained little."""
+        for row in rows:
+            if row.cancel.is_set():
+                continue
+            cache = self.talker.make_cache()
+            self.gen.set_rows([row.slot])
+            self._slots_changed = True
+            logits, hidden = self.talker(row.prompt[None], cache=cache)
+            logits, hidden = logits[:, -1], hidden[:, -1:, :]
+            mask = mx.ones((1, row.prompt.shape[0]), mx.int32)
+            mx.eval(logits, hidden, [c.keys for c in cache], [c.values for c in cache])
+            if not self.rows:
+                self.rows, self._cache, self._mask, self._pads = [row], cache, mask, [0]
+                self._logits, self._hidden = logits, hidden
+                continue
+            self._merge([row], cache, mask, [0], logits, hidden)
 
     def _merge(
         self,
