@@ -22,8 +22,11 @@ Tolerances (each assertion message prints the measured figure):
 - codes: no tolerance. Every one of the 24 frames (the brief asks at least 20) must be equal,
   all 16 codebooks. A near-tie between the two best logits could flip an argmax on float error
   alone; with these seeds none does, and the prompt check still pins the layout if one ever did;
-- audio: the two decoders on the same codes within 5e-4 absolute (measured ~3e-4, 3e-5 rms
-  relative: float32 convolutions in another order over large random activations), over clips
+- audio: the two decoders on the same codes within 1e-3 absolute and 2e-4 rms relative
+  (float32 convolutions in another order over large random activations; the order depends on
+  the CPU's kernels: measured 3e-4 max, 3e-5 rms on the AVX-512 host of earlier runs,
+  5.1e-4 - 6.5e-4 max, 5.2e-5 rms on an AVX2-only EPYC; a wrong window or padding is
+  percent-level), over clips
   that must keep >= 2000 samples inside the decoders' [-1, 1] clamp; the server's 16-bit WAV
   within one 16-bit step more.
 """
@@ -57,7 +60,8 @@ BUILTIN = "ryan"  # a CustomVoice built-in speaker (not a dialect one)
 PACKAGE = "parity-package"  # the same voice as its package, served on the base model
 PROMPT_ATOL = 1e-5
 XVECTOR_RTOL = 1e-3
-AUDIO_ATOL = 5e-4
+AUDIO_ATOL = 1e-3
+AUDIO_RMS_RTOL = 2e-4
 SPEAKER_POSITION = 6  # role (3) + nothink, think_bos, think_eos: the speaker vector's position
 WAV_STEP = 1.0 / 32767
 
@@ -506,7 +510,7 @@ def test_decoded_audio_equals_the_references(voice, served, reference, our_pytho
     assert inside.sum() >= 2000, f"{voice}: only {inside.sum()} unsaturated samples"
     diff = float(np.abs(ours - theirs).max())
     rel = float(np.sqrt(np.mean((ours - theirs) ** 2) / np.mean(theirs**2)))
-    assert diff <= AUDIO_ATOL, (
+    assert diff <= AUDIO_ATOL and rel <= AUDIO_RMS_RTOL, (
         f"{voice}: decoder max abs diff {diff:.3g} (rms relative {rel:.3g}, "
         f"{inside.sum()} of {theirs.size} samples unsaturated)"
     )
