@@ -1,7 +1,7 @@
 """Mixed traffic through a real server, the way many users at once use it: whole and streamed
-requests over adapter voices (more of them than the bank has slots) and another model's
-built-in speakers, clients that leave mid-stream or before the answer, and bad requests, all
-arriving at random times from one seeded plan. Then:
+requests over adapter voices (more of them than the bank has slots) and two other models'
+built-in speakers (a CustomVoice Qwen3-TTS and a CSM), clients that leave mid-stream or before
+the answer, and bad requests, all arriving at random times from one seeded plan. Then:
 
 - every answered request has the audio it has alone, replayed one at a time afterwards (its
   frames batch bit for bit; its audio within the stream's tolerance, 1e-3 of full scale);
@@ -27,7 +27,7 @@ from server.voices import pack_directory
 from tests.service_helpers import server_process, wav_samples
 
 ADAPTER_VOICES = ("alpha", "beta", "gamma")  # three adapters over a bank of two slots
-BUILTIN_VOICES = ("vivian", "ryan")  # the CustomVoice model's own speakers
+BUILTIN_VOICES = ("vivian", "ryan", "csm-0", "csm-1")  # CustomVoice's and CSM's own speakers
 TEXTS = (
     "A short one.",
     "Two sentences here. And the second one follows.",
@@ -70,7 +70,9 @@ def _import(url: str, package: Path, name: str) -> None:
 
 
 @pytest.fixture(scope="module", params=["continuous", "rounds"])
-def soak_server(request, tmp_path_factory, tiny_qwen3_base, tiny_qwen3_custom, voice_package):
+def soak_server(
+    request, tmp_path_factory, tiny_qwen3_base, tiny_qwen3_custom, tiny_csm, voice_package
+):
     data = tmp_path_factory.mktemp("soak")
     settings = {
         "engine_scheduler": request.param,
@@ -78,6 +80,7 @@ def soak_server(request, tmp_path_factory, tiny_qwen3_base, tiny_qwen3_custom, v
         "models": {
             "tiny": {"path": str(tiny_qwen3_base)},
             "custom": {"path": str(tiny_qwen3_custom)},
+            "csm": {"path": str(tiny_csm), "family": "csm"},
         },
         "max_batch": 3,
         "adapter_slots": 3,  # slot 0 is "no adapter": two adapters resident at a time
