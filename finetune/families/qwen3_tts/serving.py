@@ -257,25 +257,20 @@ class Qwen3DecodeBatch:
             self._slots_changed = True
             logits, hidden = self.talker(row.prompt[None], cache=cache)
             logits, hidden = logits[:, -1], hidden[:, -1:, :]
-            mask = mx.ones((1, row.prompt.shape[0]), mx.int32)
             mx.eval(logits, hidden, [c.keys for c in cache], [c.values for c in cache])
-            if not self.rows:
-                self.rows, self._cache, self._mask, self._pads = [row], cache, mask, [0]
-                self._logits, self._hidden = logits, hidden
-                continue
-            self._merge([row], cache, mask, [0], logits, hidden)
+            self._merge(row, cache, logits, hidden)
 
-    def _merge(
-        self,
-        rows: list[Row],
-        cache: list[Any],
-        mask: mx.array,
-        pads: list[int],
-        logits: mx.array,
-        hidden: mx.array,
-    ) -> None:
+    def _merge(self, row: Row, cache: list[Any], logits: mx.array, hidden: mx.array) -> None:
+        """Add `row`, prefilled alone (its cache holds its prompt, unpadded), to the batch: the
+        shorter side's cache is left-padded with masked zeros to the longer one's length."""
+        joining = row.prompt.shape[0]
+        mask = mx.ones((1, joining), mx.int32)
+        if not self.rows:
+            self.rows, self._cache, self._mask, self._pads = [row], cache, mask, [0]
+            self._logits, self._hidden = logits, hidden
+            return
         assert self._mask is not None and self._logits is not None and self._hidden is not None
-        running, joining = self._mask.shape[1], mask.shape[1]
+        running = self._mask.shape[1]
         length = max(running, joining)
         for old, new in zip(self._cache, cache, strict=True):
             keys = mx.concatenate(
@@ -294,12 +289,10 @@ class Qwen3DecodeBatch:
         self._mask = mx.concatenate(
             [_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)]
         )
-        self._pads = [p + length - running for p in self._pads] + [
-            p + length - joining for p in pads
-        ]
+        self._pads = [p + length - running for p in self._pads] + [length - joining]
         self._logits = mx.concatenate([self._logits, logits])
         self._hidden = mx.concatenate([self._hidden, hidden])
-        self.rows.extend(rows)
+        self.rows.append(row)
         mx.eval([c.keys for c in self._cache], [c.values for c in self._cache], self._mask)
 
     def step(self) -> list[Row]:
