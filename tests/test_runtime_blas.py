@@ -59,7 +59,7 @@ import finetune, mlx.core as mx, numpy as np
 from finetune.runtime import blas
 rng = np.random.default_rng(0)
 w, x, v = (rng.standard_normal(s).astype(np.float32) for s in ((96, 80), (1, 80), (96, 1)))
-many = rng.standard_normal((40, 80)).astype(np.float32)
+many = rng.standard_normal((80, 80)).astype(np.float32)
 W, X, V, MANY = mx.array(w), mx.array(x), mx.array(v), mx.array(many)
 before = blas.decode_gemm_counts()
 got = {
@@ -112,7 +112,7 @@ def test_decode_products_go_to_the_few_row_kernel_and_agree_with_numpy(tmp_path)
     assert state["problem"] is None and str(tmp_path) in state["path"], state
     done = {k: state["after"][k] - state["before"][k] for k in state["after"]}
     # x @ W.T of one and of two rows (MLX folds the shared-weight batch into two rows): the
-    # kernel; the one-column and other-layout one-row products: sgemv; 40 rows: sgemm.
+    # kernel; the one-column and other-layout one-row products: sgemv; 80 rows: sgemm.
     assert done["few_rows"] >= 2 and done["sgemv"] >= 3 and done["sgemm"] >= 1, state
     assert max(state["errors"].values()) < 1e-4, state
     assert state["child"] == 0, state
@@ -205,17 +205,23 @@ def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(tmp_path, monkey
     rng = np.random.default_rng(2)
     # Odd sizes: weight rows not a multiple of the 4-row blocks, inputs not of the vector width.
     w = rng.standard_normal((4099, 1037)).astype(np.float32)
-    x = rng.standard_normal((16, 1037)).astype(np.float32)
+    x = rng.standard_normal((65, 1037)).astype(np.float32)
     for kernel in _kernels():
         lib.vf_bind(str(find_blas()).encode(), threads, kernel)
+        most = lib.vf_few_rows_max()
+        assert most in (16, 64), most  # AVX-512: 16, AVX2: 64 (measured per kernel)
         before = lib.vf_count(0)
-        alone = [_xwt(lib, x[r : r + 1], w) for r in range(16)]
-        for rows in (2, 3, 5, 8, 16):
+        alone = [_xwt(lib, x[r : r + 1], w) for r in range(most)]
+        counts = [r for r in (2, 3, 5, 8, 16, 24, 33, 64) if r <= most]
+        for rows in counts:
             together = _xwt(lib, x[:rows], w)
             for r in range(rows):
                 assert np.array_equal(together[r], alone[r][0]), (kernel, threads, rows, r)
-        np.testing.assert_allclose(together, x @ w.T, rtol=1e-4, atol=1e-3)
-        assert lib.vf_count(0) - before == 16 + 5
+            np.testing.assert_allclose(together, x[:rows] @ w.T, rtol=1e-4, atol=1e-3)
+        assert lib.vf_count(0) - before == most + len(counts)
+        sgemm_before = lib.vf_count(2)
+        _xwt(lib, x[: most + 1], w)  # one row more: OpenBLAS's sgemm
+        assert lib.vf_count(2) - sgemm_before == 1
 
 
 def _xwt(lib, x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 On the CPU backend of mlx 0.32.4 (mlx-audio 0.6.2) `mx.quantized_matmul` runs on one thread and
 is compute bound, its cost growing with the rows almost linearly; an fp32 product goes to the
-decode GEMM (finetune/runtime/csrc/decode_gemm.c: up to 16 rows in one pass over the weight, on
+decode GEMM (finetune/runtime/csrc/decode_gemm.c: up to 64 rows in one pass over the weight (16 on AVX-512), on
 every core) or the optimised BLAS, bound by memory reads. Measured per (bits, output, input,
 rows) for the 0.6B decode shapes by `tests/bench/bench_foundation.py --shapes`, interleaved in
 one run: fp32 is faster at every row count, one row included (the quantised kernel took 4.2-5.6x

@@ -3,7 +3,7 @@
  * MLX computes every fp32 matmul with cblas_sgemm, the few-row products of decoding included
  * (x[rows, K] @ W.T, rows = the requests in a batch). OpenBLAS's sgemm packs the whole weight
  * for such a call and reads it at a third of the speed of its sgemv, and its time hardly falls
- * with fewer rows. Here, up to FEW_ROWS rows of x @ W.T are computed in one pass over W (blocks
+ * with fewer rows. Here, up to few_rows_max rows of x @ W.T are computed in one pass over W (blocks
  * of 3-4 weight rows x 4 input rows, AVX-512 or AVX2), split over the BLAS's threads: memory-bound
  * like sgemv for one row, and each row's sums are taken in the same order whatever the row count,
  * so a row of a batch is bit-exact to the same row alone. Small one-row products of another
@@ -26,7 +26,13 @@
 enum { ROW_MAJOR = 101, COL_MAJOR = 102 };
 enum { NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
 enum { KERNEL_NONE = 0, KERNEL_AVX2 = 1, KERNEL_AVX512 = 2 };
-enum { FEW_ROWS = 16, MAX_THREADS = 64 };
+enum { MAX_THREADS = 64 };
+/* The most rows the kernel takes, by kernel: measured against OpenBLAS's sgemm on the same
+ * products (the 0.6B's 3072x1024, 1024x3072, 2048x1024). AVX2 (2-core EPYC): 110-138 GFLOP/s
+ * at 16-64 rows, where OpenBLAS's sgemm makes 55-120 between its 16-row tiles (1.2-2.3x
+ * slower: a prompt's prefill is 20-60 tokens) and 135-150 on them (48, 64: 2-15 % faster);
+ * from 72 rows it is ahead. AVX-512: measured up to 16 rows only. */
+static int few_rows_max;
 /* Below this many weights a product runs on the calling thread alone (waking costs more). */
 static const long THREADED_WEIGHTS = 1L << 16;
 
@@ -73,7 +79,7 @@ static unsigned long counts[3]; /* few-row kernel, sgemv, real sgemm */
             }                                                                                      \
     }
 
-/* y[:, o0:o1] for m <= FEW_ROWS rows: weight blocks outside, so each is read from memory once. */
+/* y[:, o0:o1] for m <= few_rows_max rows: weight blocks outside, so each is read from memory once. */
 #define ROWS(ISA, TARGET, NB)                                                                      \
     TARGET static void ISA##_rows(int m, int k, const float *x, int ldx, const float *w, int ldw, \
                                   float *y, int ldy, int o0, int o1, float alpha, float beta) {    \
@@ -256,10 +262,12 @@ static int pick_kernel(int wanted) {
     if (wanted < 0) wanted = avx512 ? KERNEL_AVX512 : (avx2 ? KERNEL_AVX2 : KERNEL_NONE);
     if (wanted == KERNEL_AVX512 && avx512) {
         kernel_rows = avx512_rows;
+        few_rows_max = 16;
         return KERNEL_AVX512;
     }
     if (wanted >= KERNEL_AVX2 && avx2) {
         kernel_rows = avx2_rows;
+        few_rows_max = 64;
         return KERNEL_AVX2;
     }
 #else
@@ -283,6 +291,9 @@ int vf_bind(const char *blas_path, int threads, int kernel) {
     if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, reset_after_fork) == 0;
     return pick_kernel(kernel);
 }
+
+/* The most rows the bound kernel takes in one product (0: none bound). */
+int vf_few_rows_max(void) { return kernel_rows != NULL ? few_rows_max : 0; }
 
 unsigned long vf_count(int which) {
     return which >= 0 && which < 3 ? __atomic_load_n(&counts[which], __ATOMIC_RELAXED) : 0;
@@ -323,7 +334,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         return;
     }
     if (k > 0 && m > 0 && n > 0) {
-        if (kernel_rows != NULL && m <= FEW_ROWS && !transposed(trans_a) && transposed(trans_b)) {
+        if (kernel_rows != NULL && m <= few_rows_max && !transposed(trans_a) && transposed(trans_b)) {
             /* x[m, k] @ w[n, k]^T, the layout of every linear layer. */
             few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
             __atomic_add_fetch(&counts[0], 1, __ATOMIC_RELAXED);
