@@ -297,7 +297,8 @@ def test_a_row_whose_audio_fails_to_decode_fails_only_its_own_request(
     monkeypatch.setattr(model, "decode_frames", flaky)
 
     async def main() -> None:
-        broken = _job("This one cannot be heard.", broken_seed, 12, stream=True)
+        # Both whole responses: their chunks share a vocoder call (a stream's first goes alone).
+        broken = _job("This one cannot be heard.", broken_seed, 12)
         fine = _job("This one is heard.", 14, 12)
         engine.submit(broken)
         engine.submit(fine)
@@ -307,6 +308,39 @@ def test_a_row_whose_audio_fails_to_decode_fails_only_its_own_request(
             await _collect(broken)
 
     asyncio.run(main())
+
+
+def test_a_burst_of_streams_gets_first_audio_row_by_row_and_later_chunks_together(
+    engines: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four streams that arrive together reach their first chunk at the same step: each first
+    chunk is decoded alone and sent before the next is decoded (the first stream does not wait
+    for all four rows' vocoder pass); their later chunks share calls."""
+    engine = engines["continuous"]
+    model = engine.models["tiny"]
+    decode = model.decode_frames
+    calls: list[list[tuple[int | None, int]]] = []
+
+    def recorded(parts: list) -> list[np.ndarray]:
+        calls.append([(row.seed, start) for row, start, _ in parts])
+        return decode(parts)
+
+    monkeypatch.setattr(model, "decode_frames", recorded)
+
+    async def main() -> list[float]:
+        jobs = [_job(f"Stream number {i} speaks.", 30 + i, 24, stream=True) for i in range(4)]
+        for job in jobs:
+            engine.submit(job)
+        await asyncio.gather(*(_collect(job) for job in jobs))
+        assert all(job.first_audio is not None for job in jobs)
+        return [job.first_audio for job in jobs]  # type: ignore[misc]
+
+    first_audio = asyncio.run(main())
+    firsts = [call for call in calls if any(start == 0 for _, start in call)]
+    assert sorted(seed for call in firsts for seed, _ in call) == [30, 31, 32, 33]
+    assert all(len(call) == 1 for call in firsts), firsts  # each first chunk alone
+    assert len(set(first_audio)) == 4  # sent one after another, not at one moment
+    assert any(len(call) > 1 for call in calls), calls  # later chunks still batched
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "rounds"])

@@ -14,7 +14,9 @@ installed into the bank at admission, between steps.
 Audio, streaming-first: after each step, every row with `chunk_frames` new frames (and every
 row that just ended) has them decoded in one `decode_frames` call, continuing each row's own
 audio stream; streamed jobs send the chunk, the others keep it and send the segment's chunks
-joined when it ends (the same audio either way). A chunk that fails to decode is retried row by
+joined when it ends (the same audio either way). A streamed job's first chunk is decoded alone
+first, so of a burst of streams the first gets its audio after one row's vocoder pass, not all
+rows'. A chunk that fails to decode is retried row by
 row; a row that fails alone stops only its own request.
 
 "rounds" (kept to measure against): fairness at segment granularity: the engine works in
@@ -339,8 +341,15 @@ class Engine:
         finished = [running.rows.pop(id(row)) for row in ended]
         due = [(job, row) for job, row in running.rows.values() if self._audio_due(job, row)]
         due += [(job, row) for job, row in finished if self._audio_due(job, row, ended=True)]
-        if due:  # every row's new chunk, running or just ended, in one vocoder call
-            self._vocode(model, due)
+        # A stream's first chunk is decoded alone and sent at once: in one pass with the other
+        # rows', a burst of streams would all wait for every row's chunk (time to first audio).
+        # Every other new chunk, running or just ended, goes in one vocoder call.
+        first = [(job, row) for job, row in due if job.stream and job.first_audio is None]
+        rest = [(job, row) for job, row in due if not (job.stream and job.first_audio is None)]
+        for pair in first:
+            self._vocode(model, [pair])
+        if rest:
+            self._vocode(model, rest)
         for job, row in finished:
             self._end_segment(model, job, row)
         self._settle(running)
