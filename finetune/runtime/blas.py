@@ -9,8 +9,9 @@ MLX computes every fp32 matmul with `cblas_sgemm`, decode's few-row products inc
 OpenBLAS's sgemm reads the weights at a third of its sgemv's speed whatever the row count. A small
 library built from csrc/decode_gemm.c goes into the global scope first and computes products of
 up to 64 rows (AVX2; 16 on AVX-512) in one pass over the weights, a short prompt's prefill
-included (one-row products of other layouts go to `cblas_sgemv`). VOICEFOUNDRY_DECODE_GEMM: auto (default), avx512, avx2, gemv (no kernel: one
-row to sgemv only), off. Without a C compiler plain OpenBLAS runs, and the doctor says so.
+included (one-row products of other layouts go to `cblas_sgemv`). VOICEFOUNDRY_DECODE_GEMM:
+auto (default), avx512, avx2, gemv (no kernel: one row to sgemv only), off. Without a C
+compiler plain OpenBLAS runs, and the doctor says so.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 On the CPU backend of mlx 0.32.4 (mlx-audio 0.6.2) `mx.quantized_matmul` runs on one thread and
 is compute bound, its cost growing with the rows almost linearly; an fp32 product goes to the
-decode GEMM (finetune/runtime/csrc/decode_gemm.c: up to 64 rows in one pass over the weight (16 on AVX-512), on
-every core) or the optimised BLAS, bound by memory reads. Measured per (bits, output, input,
-rows) for the 0.6B decode shapes by `tests/bench/bench_foundation.py --shapes`, interleaved in
-one run: fp32 is faster at every row count, one row included (the quantised kernel took 4.2-5.6x
-the fp32 time at one row, 13-25x at 4-8 rows), so no decode shape keeps `quantized_matmul`
-(`QUANT_MAX_ROWS` is empty; before the decode GEMM one-row calls kept it). MLX's CPU bf16 and
-fp16 matmuls lose to fp32 throughout: no half-precision copy is kept.
+decode GEMM (finetune/runtime/csrc/decode_gemm.c: up to 64 rows in one pass over the weight, 16
+on AVX-512, on every core) or the optimised BLAS, bound by memory reads. Measured per (bits,
+output, input, rows) for the 0.6B decode shapes by `tests/bench/bench_foundation.py --shapes`,
+interleaved in one run: fp32 is faster at every row count, one row included (the quantised
+kernel took 4.2-5.6x the fp32 time at one row, 13-25x at 4-8 rows), so no decode shape keeps
+`quantized_matmul` (`QUANT_MAX_ROWS` is empty; before the decode GEMM one-row calls kept it).
+MLX's CPU bf16 and fp16 matmuls lose to fp32 throughout: no half-precision copy is kept.
 
 On by default (`VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0` turns it off): each quantised layer on the
 CPU backend gets a dequantised fp32 copy of its weight and uses it for every call with more rows
