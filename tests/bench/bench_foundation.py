@@ -122,7 +122,33 @@ def measure_generation(model: Any, frames: int, *, served: bool = False) -> dict
     }
     if served:
         out["served_vocoder_s"] = _served_vocoder_s(tokenizer, np.array(codes[0]))
+        out["served_per_frame_s"], out["served_frames"] = _served_per_frame_s(model, frames)
     return out
+
+
+def _served_per_frame_s(model: Any, frames: int) -> tuple[float, int]:
+    """Talker + code predictor per frame through the server's decode loop (one row of
+    `Qwen3DecodeBatch`, no vocoder): a 2 + N frame run less a 2 frame run, as above; and the
+    frames the long run made beyond the short one."""
+    from finetune.families.qwen3_tts.conditioning import VoiceConditioning
+    from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
+    from finetune.sampling import Sampling
+
+    generator = Qwen3BatchGenerator(model, set_rows=lambda _: None)
+    cond = VoiceConditioning(speaker="none").utterance("english", None, None)
+    prompt = Qwen3Prompter(model).prompt(TEXT, cond, None)
+
+    def run(n: int) -> tuple[float, int]:
+        row = Row(prompt=prompt, sampling=Sampling(max_tokens=n), seed=0)
+        start = time.perf_counter()
+        generator.run([row])
+        return time.perf_counter() - start, len(row.frames)
+
+    run(2)  # warm-up
+    short, short_made = run(2)
+    long, long_made = run(2 + frames)
+    made = long_made - short_made
+    return (long - short) / max(made, 1), made
 
 
 def _served_vocoder_s(tokenizer: Any, codes: Any) -> float:
@@ -508,6 +534,19 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
             f"{r['rss_mib']:5.0f} MiB {r['dense_copy_mib']:6.0f} MiB {r['load_s']:5.1f}s  "
             f"{', '.join(r['talker_dtypes'])}"
         )
+    print(
+        "\nthe server's decode loop (finetune/families/qwen3_tts/serving.py, one row of "
+        "Qwen3DecodeBatch: what /speak runs), talker + code predictor per frame, same text, "
+        "the same difference of runs; beside the floor as run and as stored"
+    )
+    for name, r in results.items():
+        run = r["run_frame_bytes"] / bandwidth
+        stored = r["stored_frame_bytes"] / bandwidth
+        served = r["served_per_frame_s"]
+        print(
+            f"{name:12s} served {served:6.3f}s a frame ({r['served_frames']} frames)  "
+            f"{served / run:5.2f}x the floor as run  {served / stored:5.2f}x as stored"
+        )
     if stock_real is not None:
         print(
             f"{'bf16 stock':12s} {stock_real['real_per_frame_s']:8.3f}s "
@@ -528,6 +567,7 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
         for name, r in results.items():
             print(
                 f"{name:12s} per frame {peer['per_frame_s'] / r['per_frame_s']:5.2f}x  "
+                f"served {peer['per_frame_s'] / r['served_per_frame_s']:5.2f}x  "
                 f"vocoder {peer['vocoder_s'] / r['vocoder_s']:5.2f}x  "
                 f"end to end (RTF) {peer_rtf / (r['e2e_s'] / r['audio_s']):5.2f}x"
             )
