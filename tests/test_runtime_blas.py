@@ -267,3 +267,34 @@ def _stored(op: np.ndarray, transposed: bool, col_major: bool, pad: int) -> _Sto
     data = np.zeros((outer, inner + pad), np.float32)
     data[:, :inner] = stored.T if col_major else stored
     return _Stored(data.reshape(-1), col_major, inner + pad)
+
+
+CACHE_PROBE = (
+    "import finetune, mlx.core as mx, mlx.nn as nn; from finetune.runtime import prepare_model;"
+    "before = mx.set_cache_limit(1 << 25); mx.set_cache_limit(before);"
+    "prepare_model(nn.Linear(4, 4)); after = mx.set_cache_limit(0);"
+    "import json; print(json.dumps({'before': before, 'after': after}))"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+@pytest.mark.parametrize(("setting", "mib"), [("", 1024), ("64", 64)])
+def test_a_prepared_model_keeps_freed_buffers_for_reuse(setting: str, mib: int) -> None:
+    """MLX's CPU backend keeps 32 MiB of freed buffers; preparing a model raises it to the
+    setting (VOICEFOUNDRY_MLX_CACHE_MIB), so big activations reuse pages instead of fresh ones."""
+    env = {**os.environ, "VOICEFOUNDRY_FAST_CPU": "1", "VOICEFOUNDRY_MLX_CACHE_MIB": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["before"] == 32 * 2**20, state  # MLX's own default, pinned
+    assert state["after"] == max(mib, 32) * 2**20, state
+
+
+def test_a_bad_cache_setting_is_a_clear_error() -> None:
+    env = {**os.environ, "VOICEFOUNDRY_MLX_CACHE_MIB": "lots"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import finetune"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "VOICEFOUNDRY_MLX_CACHE_MIB must be a whole number of MiB, not 'lots'" in out.stderr

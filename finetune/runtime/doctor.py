@@ -49,6 +49,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "host_snake": host_snake.describe(),
         "fast_cpu_setting": {None: "auto", True: "on", False: "off"}[current.fast_cpu],
         "fast_cpu_paths": "on" if fast_cpu_active() else "off",
+        "mlx_cache_limit_mib": current.cache_mib if fast_cpu_active() else "MLX's default",
     }
     if state is not None and state.mlx_imported_first:
         info["blas_problem"] = "mlx.core was imported before voicefoundry: BLAS preload too late"

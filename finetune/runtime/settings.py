@@ -9,6 +9,10 @@ from dataclasses import dataclass
 FAST_CPU_ENV = "VOICEFOUNDRY_FAST_CPU"
 BLAS_PATH_ENV = "VOICEFOUNDRY_BLAS"
 DECODE_GEMM_ENV = "VOICEFOUNDRY_DECODE_GEMM"
+CACHE_ENV = "VOICEFOUNDRY_MLX_CACHE_MIB"
+# MLX's CPU backend keeps 32 MiB of freed buffers for reuse; every larger buffer comes back as
+# fresh pages the kernel must zero (the real 0.6B vocoder's pass frees ~470 MiB).
+DEFAULT_CACHE_MIB = 1024
 
 _FALSE = {"0", "false", "no", "off"}
 
@@ -20,6 +24,7 @@ class RuntimeSettings:
     fast_cpu: bool | None
     blas_path: str | None
     decode_gemm: str = "auto"
+    cache_mib: int = DEFAULT_CACHE_MIB
 
     @classmethod
     def from_env(cls) -> RuntimeSettings:
@@ -30,9 +35,23 @@ class RuntimeSettings:
             fast_cpu=fast,
             blas_path=os.environ.get(BLAS_PATH_ENV) or None,
             decode_gemm="off" if decode in _FALSE else decode,
+            cache_mib=_mib(os.environ.get(CACHE_ENV, "")),
         )
 
     def wants_fast_cpu(self) -> bool:
         if self.fast_cpu is not None:
             return self.fast_cpu
         return sys.platform.startswith("linux")
+
+
+def _mib(raw: str) -> int:
+    raw = raw.strip()
+    if not raw:
+        return DEFAULT_CACHE_MIB
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{CACHE_ENV} must be a whole number of MiB, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{CACHE_ENV} must be 0 or more, not {value}")
+    return value
