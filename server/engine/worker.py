@@ -16,8 +16,8 @@ row that just ended) has them decoded in one `decode_frames` call, continuing ea
 audio stream; streamed jobs send the chunk, the others keep it and send the segment's chunks
 joined when it ends (the same audio either way). A streamed job's first chunk is decoded alone
 first, so of a burst of streams the first gets its audio after one row's vocoder pass, not all
-rows'. A chunk that fails to decode is retried row by
-row; a row that fails alone stops only its own request.
+rows'. A chunk that fails to decode is retried row by row; a row that fails alone stops only its
+own request.
 
 "rounds" (kept to measure against): fairness at segment granularity: the engine works in
 rounds, each running ONE segment of up to `max_batch` jobs of one base model. Runnable jobs wait
@@ -344,8 +344,8 @@ class Engine:
         # A stream's first chunk is decoded alone and sent at once: in one pass with the other
         # rows', a burst of streams would all wait for every row's chunk (time to first audio).
         # Every other new chunk, running or just ended, goes in one vocoder call.
-        first = [(job, row) for job, row in due if job.stream and job.first_audio is None]
-        rest = [(job, row) for job, row in due if not (job.stream and job.first_audio is None)]
+        first = [pair for pair in due if _awaits_first_audio(pair[0])]
+        rest = [pair for pair in due if not _awaits_first_audio(pair[0])]
         for pair in first:
             self._vocode(model, [pair])
         if rest:
@@ -650,6 +650,10 @@ class Engine:
             job.first_audio = time.perf_counter()
             self.stats.first_audio_s.append(job.first_audio - job.started)
         job.send(audio)
+
+
+def _awaits_first_audio(job: SpeakJob) -> bool:
+    return job.stream and job.first_audio is None
 
 
 class _Running:
