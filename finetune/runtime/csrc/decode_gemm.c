@@ -79,7 +79,7 @@ static unsigned long counts[3]; /* few-row kernel, sgemv, real sgemm */
             }                                                                                      \
     }
 
-/* y[:, o0:o1] for m <= few_rows_max rows: weight blocks outside, so each is read from memory once. */
+/* y[:, o0:o1] for m <= few_rows_max rows: weight blocks outside, each read from memory once. */
 #define ROWS(ISA, TARGET, NB)                                                                      \
     TARGET static void ISA##_rows(int m, int k, const float *x, int ldx, const float *w, int ldw, \
                                   float *y, int ldy, int o0, int o1, float alpha, float beta) {    \
@@ -334,7 +334,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         return;
     }
     if (k > 0 && m > 0 && n > 0) {
-        if (kernel_rows != NULL && m <= few_rows_max && !transposed(trans_a) && transposed(trans_b)) {
+        if (kernel_rows != NULL && m <= few_rows_max && !transposed(trans_a) &&
+            transposed(trans_b)) {
             /* x[m, k] @ w[n, k]^T, the layout of every linear layer. */
             few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
             __atomic_add_fetch(&counts[0], 1, __ATOMIC_RELAXED);
