@@ -7,12 +7,14 @@ venv="${VF_VENV:-.venv}"
 python="${PYTHON:-python3}"
 
 if [[ "$(uname -s)" == "Linux" ]]; then
-  # OpenBLAS, and a C compiler for the small libraries the runtime builds on first use
-  # (finetune/runtime/csrc/: decode's few-row products, the vocoder's Snake; optional, 1.6x and more).
+  # OpenBLAS, and C / C++ compilers for the small libraries the runtime builds on first use
+  # (finetune/runtime/csrc/: decode's few-row products, the vocoder's Snake, the packed 4/8-bit
+  # product's MLX extension; optional, 1.6x and more).
   missing=()
   compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null \
     || missing+=(libopenblas0-pthread)
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+  command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || missing+=(g++)
   if (( ${#missing[@]} )); then
     if command -v apt-get >/dev/null 2>&1; then
       sudo=""

@@ -50,7 +50,9 @@ def test_doctor_reports_json():
         check=True,
     )
     info = json.loads(out.stdout)
-    assert {"platform", "mlx_device", "blas_library", "fast_cpu_paths"} <= set(info)
+    assert {"platform", "mlx_device", "blas_library", "fast_cpu_paths", "packed_quantized"} <= set(
+        info
+    )
 
 
 DECODE_PROBE = """
@@ -143,6 +145,7 @@ def _private_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ctypes.
     lib = ctypes.CDLL(str(copy))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    lib.vf_qgemm.argtypes = [i, i, i, p, p, p, p, i, i, p]
     lib.vf_count.restype = ctypes.c_ulong
     return lib
 
@@ -298,3 +301,71 @@ def test_a_bad_cache_setting_is_a_clear_error() -> None:
     )
     assert out.returncode != 0
     assert "VOICEFOUNDRY_MLX_CACHE_MIB must be a whole number of MiB, not 'lots'" in out.stderr
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's affine layout, written here from its definition: value i of each uint32 word in bits
+    [bits * i, bits * (i + 1))."""
+    per_word = 32 // bits
+    words = q.astype(np.uint32).reshape(q.shape[0], -1, per_word)
+    packed = np.zeros(words.shape[:2], np.uint32)
+    for i in range(per_word):
+        packed |= words[:, :, i] << np.uint32(bits * i)
+    return packed
+
+
+def _qgemm(lib, x: np.ndarray, packed: np.ndarray, scales, biases, bits: int, group: int):
+    x = np.ascontiguousarray(x)
+    out = np.full((x.shape[0], packed.shape[0]), np.nan, np.float32)
+    status = lib.vf_qgemm(
+        x.shape[0], packed.shape[0], x.shape[1], x.ctypes.data, packed.ctypes.data,
+        scales.ctypes.data, biases.ctypes.data, bits, group, out.ctypes.data,
+    )  # fmt: skip
+    return status, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_packed_product_equals_the_dequantised_one_and_each_row_alone(
+    tmp_path, monkeypatch, threads
+):
+    """vf_qgemm against numpy on weights packed here: 4 and 8 bits, groups of one and several
+    loads, output counts off the kernel's blocks, 1-9 rows; each row bit-exact to it alone."""
+    from finetune.runtime.blas import find_blas
+
+    lib = _private_library(tmp_path, monkeypatch)
+    if lib.vf_bind(str(find_blas()).encode(), threads, 1) != 1:
+        pytest.fail("this CPU has no AVX2 / FMA: the packed product's kernel cannot run")
+    rng = np.random.default_rng(3)
+    before = lib.vf_count(3)
+    calls = 0
+    for bits, group, n, k in (
+        (4, 64, 1027, 512),
+        (4, 128, 6, 256),
+        (8, 32, 1029, 320),
+        (8, 64, 3, 64),
+    ):
+        q = rng.integers(0, 2**bits, size=(n, k))
+        scales = rng.uniform(0.001, 0.02, (n, k // group)).astype(np.float32)
+        biases = rng.uniform(-0.1, 0.1, (n, k // group)).astype(np.float32)
+        weight = q.astype(np.float32) * np.repeat(scales, group, 1) + np.repeat(biases, group, 1)
+        packed = _pack(q, bits)
+        x = rng.standard_normal((9, k)).astype(np.float32)
+        alone = [
+            _qgemm(lib, x[r : r + 1], packed, scales, biases, bits, group)[1] for r in range(9)
+        ]
+        for rows in (1, 2, 3, 4, 5, 8, 9):
+            status, together = _qgemm(lib, x[:rows], packed, scales, biases, bits, group)
+            assert status == 0
+            np.testing.assert_allclose(together, x[:rows] @ weight.T, rtol=1e-4, atol=1e-3)
+            for r in range(rows):
+                assert np.array_equal(together[r], alone[r][0]), (bits, group, rows, r)
+        calls += 9 + 7
+    assert lib.vf_count(3) - before == calls
+    # Layouts the kernel does not take are refused, never miscomputed.
+    q = _pack(rng.integers(0, 16, size=(4, 64)), 4)
+    ones = np.ones((4, 2), np.float32)
+    x = np.ones((1, 64), np.float32)
+    assert _qgemm(lib, x, q, ones, ones, 4, 32)[0] == -1  # a group less than one 64-value load
+    assert _qgemm(lib, x, q, ones, ones, 3, 64)[0] == -1  # 3 bits
+    assert _qgemm(lib, np.ones((1, 96), np.float32), q, ones, ones, 4, 64)[0] == -1  # k % group

@@ -124,7 +124,16 @@ def decode_gemm_counts() -> dict[str, int] | None:
     """How this process's sgemm calls went; None when the decode GEMM is not active."""
     if _decode is None:
         return None
-    return {name: int(_decode.vf_count(i)) for i, name in enumerate(("few_rows", "sgemv", "sgemm"))}
+    names = ("few_rows", "sgemv", "sgemm", "packed")
+    return {name: int(_decode.vf_count(i)) for i, name in enumerate(names)}
+
+
+def packed_kernel_address() -> int | None:
+    """The address of the decode GEMM's packed 4/8-bit product (`vf_qgemm`), for the MLX
+    extension that calls it (finetune/runtime/packed.py); None when the library is not active."""
+    if _decode is None:
+        return None
+    return ctypes.cast(_decode.vf_qgemm, ctypes.c_void_p).value
 
 
 def thread_count() -> int:

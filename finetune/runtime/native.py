@@ -1,9 +1,11 @@
-"""Build the runtime's small C libraries (finetune/runtime/csrc/*.c) with the system compiler.
+"""Build the runtime's small native libraries (finetune/runtime/csrc) with the system compiler:
+C libraries loaded with ctypes (`library`) and C++ MLX extensions imported as Python modules
+(`mlx_extension`).
 
-Each is compiled once per source text and machine into a cache folder (VOICEFOUNDRY_NATIVE_DIR,
-else $XDG_CACHE_HOME/voicefoundry/native, else ~/.cache/voicefoundry/native; with no home, under
-the temp dir) and reused by every later process; concurrent builders each write a temporary file
-and rename it into place.
+Each is compiled once per source text, machine and toolchain into a cache folder
+(VOICEFOUNDRY_NATIVE_DIR, else $XDG_CACHE_HOME/voicefoundry/native, else
+~/.cache/voicefoundry/native; with no home, under the temp dir) and reused by every later
+process; concurrent builders each write a temporary file and rename it into place.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pathlib import Path
 
 NATIVE_DIR_ENV = "VOICEFOUNDRY_NATIVE_DIR"
 SOURCES = Path(__file__).with_name("csrc")
-COMPILE_TIMEOUT_S = 60.0
+COMPILE_TIMEOUT_S = 300.0
 CFLAGS = ("-O3", "-shared", "-fPIC")
+# MLX's own extension recipe (mlx/extension.py): nanobind linked statically, in MLX's domain.
+CXXFLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-DNB_DOMAIN=mlx")
 
 
 class NativeBuildError(RuntimeError):
@@ -46,26 +50,81 @@ def compiler() -> str | None:
     return None
 
 
+def cxx_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def library(name: str, link: tuple[str, ...] = ()) -> Path:
     """The shared library built from csrc/<name>.c, compiling it when no build of it exists."""
-    source = SOURCES / f"{name}.c"
-    text = source.read_bytes()
-    # Everything that shapes the build names it: a changed flag never reuses an older build.
-    recipe = " ".join((platform.machine(), *CFLAGS, *link)).encode()
-    key = hashlib.sha256(text + recipe).hexdigest()
-    target = cache_dir() / f"lib{name}-{key[:16]}.so"
-    if target.exists():
-        return target
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler (cc, gcc or clang; or set CC)")
+    # Everything that shapes the build names it: a changed flag never reuses an older build.
+    recipe = (platform.machine(), *CFLAGS, *link)
+    key = _key((SOURCES / f"{name}.c",), recipe)
+    target = cache_dir() / f"lib{name}-{key}.so"
+    return _build(target, [cc, *CFLAGS, "-o", "{out}", str(SOURCES / f"{name}.c"), *link])
+
+
+def mlx_extension(name: str) -> Path:
+    """The Python extension module built from csrc/<name>.cpp against the installed MLX's headers
+    and library and nanobind's sources, in MLX's nanobind domain (so `mlx.core.array` crosses
+    over); compiled when no build of it exists. Import it from the returned file's folder."""
+    import sysconfig
+
+    import mlx
+    import mlx.core as mx
+    import nanobind
+
+    cxx = cxx_compiler()
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler (c++, g++ or clang++; or set CXX)")
+    mlx_root = Path(mlx.__path__[0])
+    includes = (
+        f"-I{mlx_root / 'include'}",
+        f"-I{nanobind.include_dir()}",
+        f"-I{Path(nanobind.__file__).parent / 'ext' / 'robin_map' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}",
+    )
+    link = (f"-L{mlx_root / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_root / 'lib'}")
+    sources = (SOURCES / f"{name}.cpp", Path(nanobind.source_dir()) / "nb_combined.cpp")
+    recipe = (
+        platform.machine(),
+        cxx,
+        getattr(mx, "__version__", ""),
+        nanobind.__version__,
+        *CXXFLAGS,
+        *includes,
+        *link,
+    )
+    key = _key(sources, recipe)
+    # The file keeps the module's own name, so each build has a folder of its own.
+    target = (
+        cache_dir() / f"{name}-{key}" / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    )
+    return _build(target, [cxx, *CXXFLAGS, *includes, "-o", "{out}", *map(str, sources), *link])
+
+
+def _key(sources: tuple[Path, ...], recipe: tuple[str, ...]) -> str:
+    text = b"".join(source.read_bytes() for source in sources)
+    return hashlib.sha256(text + " ".join(recipe).encode()).hexdigest()[:16]
+
+
+def _build(target: Path, command: list[str]) -> Path:
+    """Run `command` ("{out}" standing for the output file) unless `target` exists; the output is
+    written beside it and renamed into place, so concurrent builders never see half a file."""
+    if target.exists():
+        return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=target.name, suffix=".part", dir=target.parent)
         os.close(fd)
     except OSError as exc:
         raise NativeBuildError(f"cannot write {target.parent}: {exc}") from exc
-    command = [cc, *CFLAGS, "-o", partial, str(source), *link]
+    command = [partial if part == "{out}" else part for part in command]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:

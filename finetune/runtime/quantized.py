@@ -1,31 +1,30 @@
-"""Quantised Linear layers on MLX's CPU backend: the quantised matmul only where it wins.
+"""Quantised Linear layers on MLX's CPU backend: the packed product or an fp32 copy, each where
+it wins.
 
 On the CPU backend of mlx 0.32.4 (mlx-audio 0.6.2) `mx.quantized_matmul` runs on one thread and
-is compute bound, its cost growing with the rows almost linearly; an fp32 product goes to the
-decode GEMM (finetune/runtime/csrc/decode_gemm.c: up to 64 rows in one pass over the weight, 16
-on AVX-512, on every core) or the optimised BLAS, bound by memory reads. Measured per (bits,
-output, input, rows) for the 0.6B decode shapes by `tests/bench/bench_foundation.py --shapes`,
-interleaved in one run: fp32 is faster at every row count, one row included (the quantised
-kernel took 4.2-5.6x the fp32 time at one row, 13-25x at 4-8 rows), so no decode shape keeps
-`quantized_matmul` (`QUANT_MAX_ROWS` is empty; before the decode GEMM one-row calls kept it).
-MLX's CPU bf16 and fp16 matmuls lose to fp32 throughout: no half-precision copy is kept.
+is compute bound: 4.2-5.6x the fp32 time at one row, 13-25x at 4-8 rows (the 0.6B decode shapes,
+`tests/bench/bench_foundation.py --shapes`). Two faster paths replace it:
 
-On by default (`VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0` turns it off): each quantised layer on the
-CPU backend gets a dequantised fp32 copy of its weight and uses it for every call with more rows
-than `quant_max_rows`. The cost is memory: 4 bytes a weight on top of the packed 0.625 (4-bit) or
-1.125 (8-bit; scales and biases are fp32 after the CPU cast), 2.1 GiB for the 0.6B, so a
-quantised checkpoint takes about its fp32 twin's resident memory on this backend and saves disk
-and download; turned off, it keeps its small memory and decodes ~3.9x slower a frame (the
-real-0.6B per-format table of bench_foundation.py --real). The packed weight, scales and biases
-stay the layer's parameters, unchanged, so training (QLoRA), baking, fusing, saving and the
-weights' identity see the same QuantizedLinear as before; the copy is a private attribute
-(`_dense`: no parameter, never saved; a later in-place update of the packed weight would leave
-it stale, and nothing does that to a loaded model).
+- the packed product (finetune/runtime/packed.py: our kernel reads the 4/8-bit weight as stored,
+  on every core), for calls of up to `PACKED_MAX_ROWS` rows: decoding one or a few rows reads a
+  quarter (8-bit) or an eighth (4-bit) of the fp32 bytes;
+- a dequantised fp32 copy through the decode GEMM or the optimised BLAS for larger calls (a
+  prompt's prefill, a big batch), where the packed kernel's widening of each value costs more
+  than the bytes it saves.
 
-The copy holds exactly the values `quantized_matmul` multiplies by (`mx.dequantize` of the same
-packed weight with the same fp32 scales): the paths differ only in the order of float sums
-(tests/test_quantized_decode.py: same greedy codes). Metal and CUDA keep MLX's quantised
-kernels: `install_cpu_quantized` does nothing off the CPU backend.
+The fp32 copies are on by default (`VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0` turns them off): 4 bytes
+a weight on top of the packed 0.53 (4-bit) or 1.03 (8-bit; scales and biases are fp32 after the
+CPU cast), 2.1 GiB for the 0.6B. Turned off, a quantised checkpoint keeps its small memory and
+runs every call through the packed product (or, where it is not available, MLX's kernel). The
+packed weight, scales and biases stay the layer's parameters, unchanged, so training (QLoRA),
+baking, fusing, saving and the weights' identity see the same QuantizedLinear as before; the copy
+is a private attribute (`_dense`: no parameter, never saved; a later in-place update of the packed
+weight would leave it stale, and nothing does that to a loaded model).
+
+All three paths multiply by the same values (`mx.dequantize` of the packed weight with the same
+fp32 scales): they differ only in the order of float sums (tests/test_quantized_decode.py: same
+greedy codes). Metal and CUDA keep MLX's quantised kernels: `install_cpu_quantized` does nothing
+off the CPU backend.
 """
 
 from __future__ import annotations
@@ -34,17 +33,16 @@ import os
 from collections import Counter
 from typing import Any
 
+from finetune.runtime import packed
+
 import mlx.core as mx
 import mlx.nn as nn
 
-# (bits, output dims, input dims) -> the most rows a call may have and still take
-# `quantized_matmul`. Measured for the 0.6B talker's and code predictor's decode shapes: none
-# (fp32 wins at every row count); shapes not listed never take it either.
-QUANT_MAX_ROWS: dict[tuple[int, int, int], int] = {}
-
-
-def quant_max_rows(bits: int, output_dims: int, input_dims: int) -> int:
-    return QUANT_MAX_ROWS.get((bits, output_dims, input_dims), 0)
+# The most rows a call may have and still take the packed product while an fp32 copy exists.
+# Measured by `tests/bench/bench_foundation.py --shapes` on the 0.6B's decode shapes (weights
+# cycled past the caches): see the note there.
+PACKED_MAX_ROWS = 8
+UNLIMITED = 1 << 30
 
 
 def _rows(x: mx.array) -> int:
@@ -55,15 +53,20 @@ def _rows(x: mx.array) -> int:
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear that multiplies by its fp32 copy above `_quant_max_rows` rows."""
+    """A QuantizedLinear that multiplies by its packed weight through our kernel up to
+    `_packed_max_rows` rows, by its fp32 copy above, and through MLX's kernel where neither is
+    there."""
 
-    _quant_max_rows: int = 0
+    _packed_max_rows: int = 0
 
     def __call__(self, x: mx.array) -> mx.array:
         dense = self.get("_dense")
-        if dense is None or _rows(x) <= self._quant_max_rows:
+        if _rows(x) <= self._packed_max_rows:
+            y = packed.matmul(x, self)
+        elif dense is not None:
+            y = mx.matmul(x, dense.T)
+        else:
             return super().__call__(x)
-        y = mx.matmul(x, dense.T)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -89,24 +92,33 @@ def dense_copies_wanted() -> bool:
     return os.environ.get(DENSE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
-def install_cpu_quantized(model: nn.Module) -> Counter[str]:
-    """Give every fp32-scaled QuantizedLinear of `model` its fp32 copy where the table says BLAS
-    wins; returns how many layers it re-classed. Call after the model is cast to fp32."""
+def install_cpu_quantized(model: nn.Module, dense_copies: bool | None = None) -> Counter[str]:
+    """Re-class every fp32-scaled QuantizedLinear of `model` to take the packed product where our
+    kernel takes its layout and an fp32 copy where wanted (`dense_copies`, default: the setting);
+    returns how many layers it re-classed. Call after the model is cast to fp32."""
     from finetune.runtime.accelerate import is_cpu_backend
 
     installed: Counter[str] = Counter()
     if not is_cpu_backend():
         return installed
+    if dense_copies is None:
+        dense_copies = dense_copies_wanted()
+    kernel = packed.load() is not None
     for _, layer in model.named_modules():
         if type(layer) is not nn.QuantizedLinear or layer["scales"].dtype != mx.float32:
             continue
-        dense = dequantised_weight(layer)
-        output_dims, input_dims = dense.shape
-        limit = quant_max_rows(layer.bits, output_dims, input_dims)
+        takes_packed = kernel and packed.supports(layer)
+        if not takes_packed and not dense_copies:
+            continue
         layer.__class__ = CpuQuantizedLinear
-        layer._quant_max_rows = limit
-        layer["_dense"] = dense
-        mx.eval(dense)
+        if takes_packed:
+            layer._packed_max_rows = PACKED_MAX_ROWS if dense_copies else UNLIMITED
+            installed[f"{CpuQuantizedLinear.__name__}.packed"] += 1
+        if dense_copies:
+            dense = dequantised_weight(layer)
+            layer["_dense"] = dense
+            mx.eval(dense)
+            installed[f"{CpuQuantizedLinear.__name__}.dense"] += 1
         installed[CpuQuantizedLinear.__name__] += 1
     return installed
 

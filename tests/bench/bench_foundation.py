@@ -15,8 +15,9 @@ bandwidth measured in this run) for the weights as stored and as run, and the ra
 frame time to each. Beside them, the official `qwen-tts` (PyTorch CPU, fp32, in .venv-parity:
 `make parity`) on the same bf16 checkpoint, the same text, greedy, and the ratios to it. --real
 also prints the per-shape quantised-matmul table (`--shapes` alone runs just that): MLX's
-`quantized_matmul` vs an fp32 and a bf16 product, per (bits, output, input, rows) of the 0.6B
-decode shapes, interleaved, and what `finetune/runtime/quantized.py` picks.
+`quantized_matmul` and our packed product (finetune/runtime/packed.py) vs an fp32 and a bf16
+product, per (bits, output, input, rows) of the 0.6B decode shapes, interleaved, and what
+`finetune/runtime/quantized.py` picks.
 
     python tests/bench/bench_foundation.py [--real [--frames N] [--stock-real] [--no-peer]]
                                            [--shapes] [--formats-only]
@@ -218,15 +219,15 @@ def stored_frame_bytes(path: Path, steps: int = 15) -> int:
 
 
 def run_frame_bytes(model: Any) -> int:
-    """Weight bytes a one-row frame reads as loaded: a quantised layer's packed weight where it
-    runs `quantized_matmul` for one row, its fp32 copy where it does not."""
+    """Weight bytes a one-row frame reads as loaded: a quantised layer's packed weight where one
+    row takes the packed product (or MLX's kernel), its fp32 copy where it does not."""
     from finetune.arrays import flat_items
     from finetune.runtime.quantized import CpuQuantizedLinear
 
     steps = int(model.talker.code_predictor.num_code_groups) - 1
     dense: dict[str, int] = {}
     for path, module in model.named_modules():
-        if isinstance(module, CpuQuantizedLinear) and module._quant_max_rows < 1:
+        if isinstance(module, CpuQuantizedLinear) and module._packed_max_rows < 1:
             dense[path] = int(module["_dense"].nbytes)
     total = 0
     for key, value in flat_items(model.parameters()):
@@ -373,12 +374,20 @@ def _time_shape(out_dims: int, in_dims: int, rows: int, n: int) -> dict[str, flo
             ]
         )
 
+    def packed_product(bits: int) -> None:
+        mx.eval([kernel.matmul(x, *p, 64, bits) for p in packed[bits]])
+
+    from finetune.runtime import packed as packed_runtime
+
+    kernel = packed_runtime.load()
     variants: dict[str, Callable[[], None]] = {
         "fp32": lambda: mx.eval([x @ w.T for w in weights]),
         "bf16": lambda: mx.eval([xh @ w.T for w in halves]),
         "q8": lambda: qmm(8),
         "q4": lambda: qmm(4),
     }
+    if kernel is not None:  # not in the run without the decode GEMM (it holds the kernel)
+        variants.update(p8=lambda: packed_product(8), p4=lambda: packed_product(4))
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(5):
         for name, step in variants.items():
@@ -390,7 +399,7 @@ def _time_shape(out_dims: int, in_dims: int, rows: int, n: int) -> dict[str, flo
 
 def child_shapes() -> None:
     import finetune  # noqa: F401  (BLAS before mlx)
-    from finetune.runtime.quantized import quant_max_rows
+    from finetune.runtime.quantized import PACKED_MAX_ROWS
 
     target = 192 * 2**20  # each variant cycles through this many fp32 bytes: past the caches
     table = []
@@ -399,8 +408,7 @@ def child_shapes() -> None:
         for rows in SHAPE_ROWS:
             row: dict[str, Any] = {"shape": [out_dims, in_dims], "rows": rows}
             row.update(_time_shape(out_dims, in_dims, rows, n))
-            for bits in (8, 4):
-                row[f"q{bits}_picked"] = rows <= quant_max_rows(bits, out_dims, in_dims)
+            row["packed_picked"] = rows <= PACKED_MAX_ROWS
             table.append(row)
     print(json.dumps(table))
 
@@ -415,22 +423,24 @@ def shapes_table() -> None:
         "\nper call, best of 5 interleaved rounds (us); fp32: MLX with the decode GEMM "
         "(finetune/runtime/csrc/decode_gemm.c), sgemm: the same product in a process without it "
         "(VOICEFOUNDRY_DECODE_GEMM=off); GB/s: the fp32 weight's bytes over the fp32 time; "
+        "q8 / q4: MLX's quantized_matmul; p8 / p4: our packed product "
+        "(finetune/runtime/packed.py); "
         "'uses' is what finetune/runtime/quantized.py runs for that call with dense copies on"
     )
     print(
         f"{'(out, in)':>12s} {'rows':>4s} {'fp32':>8s} {'GB/s':>5s} {'sgemm':>8s} "
-        f"{'sgemm/fp32':>10s} {'bf16':>8s} {'q8':>8s} {'q4':>8s}  {'q8/fp32':>7s} "
-        f"{'q4/fp32':>7s}  uses (8-bit, 4-bit)"
+        f"{'sgemm/fp32':>10s} {'bf16':>8s} {'q8':>8s} {'q4':>8s} {'p8':>8s} {'p4':>8s}  "
+        f"{'p8/fp32':>7s} {'p4/fp32':>7s}  uses"
     )
     for r in table:
         out_dims, in_dims = r["shape"]
-        uses = ", ".join("quantised" if r[f"q{b}_picked"] else "fp32 copy" for b in (8, 4))
         print(
             f"{f'({out_dims}, {in_dims})':>12s} {r['rows']:4d} {r['fp32'] * 1e6:8.0f} "
             f"{out_dims * in_dims * 4 / r['fp32'] / 1e9:5.1f} {r['fp32_sgemm'] * 1e6:8.0f} "
             f"{r['fp32_sgemm'] / r['fp32']:9.2f}x {r['bf16'] * 1e6:8.0f} "
-            f"{r['q8'] * 1e6:8.0f} {r['q4'] * 1e6:8.0f}  {r['q8'] / r['fp32']:6.2f}x "
-            f"{r['q4'] / r['fp32']:6.2f}x  {uses}"
+            f"{r['q8'] * 1e6:8.0f} {r['q4'] * 1e6:8.0f} {r['p8'] * 1e6:8.0f} "
+            f"{r['p4'] * 1e6:8.0f}  {r['p8'] / r['fp32']:6.2f}x {r['p4'] / r['fp32']:6.2f}x  "
+            f"{'packed' if r['packed_picked'] else 'fp32 copy'}"
         )
 
 
@@ -503,9 +513,9 @@ def run_real(args: argparse.Namespace, stock_real: dict[str, float] | None) -> N
     )
     print(
         "fp32 sgemm: fp32 with VOICEFOUNDRY_DECODE_GEMM=off (every product through OpenBLAS's "
-        "sgemm, as before finetune/runtime/csrc/decode_gemm.c); 8-bit / 4-bit: packed weights "
-        "with their fp32 copies (the default); 'packed': VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0, "
-        "quantized_matmul for every product"
+        "sgemm, as before finetune/runtime/csrc/decode_gemm.c); 8-bit / 4-bit: the packed "
+        "product up to 8 rows, fp32 copies above (the default); 'packed': "
+        "VOICEFOUNDRY_CPU_DENSE_QUANTIZED=0, the packed product for every product"
     )
     print(
         f"real 0.6B shape, random weights, {args.frames} frames after 2, same text; per frame: "

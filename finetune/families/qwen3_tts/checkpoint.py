@@ -21,7 +21,7 @@ from finetune.loading import (
     tail,
 )
 from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
-from finetune.runtime.quantized import dense_copies_wanted, install_cpu_quantized
+from finetune.runtime.quantized import install_cpu_quantized
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,7 +89,7 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
             raise RuntimeError("could not replace mlx-audio's compiled vocoder")
     use_sliding_window(model)  # the decoder attends as the official one (vocoder.py)
     runtime = prepare_model(model)
-    if runtime.fast_cpu and dense_copies_wanted():  # after the fp32 cast: the fp32 scales
+    if runtime.fast_cpu:  # after the fp32 cast: the fp32 scales
         runtime.swapped.update(install_cpu_quantized(model))
     return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
 

@@ -1,0 +1,95 @@
+"""Products with a packed 4/8-bit weight on MLX's CPU backend, the weight read packed.
+
+`matmul(x, layer)` is `x @ dequantise(layer.weight).T` for an affine 4- or 8-bit QuantizedLinear:
+an MLX graph node (a primitive of the C++ extension csrc/packed_matmul.cpp) whose CPU work is the
+decode GEMM library's `vf_qgemm` (csrc/decode_gemm.c: AVX2, the library's threads). The weight is
+never unpacked in memory: 0.53 bytes a weight read for 4-bit, 1.03 for 8-bit (fp32 scales and
+biases), against 4 for the fp32 copy the CPU path used before. Sums are taken in one order
+whatever the batch, so a row of a batch equals the row alone bit for bit.
+
+Available where the decode GEMM library is active (an x86-64 CPU with AVX2 and FMA, the fast CPU
+paths on), a C++ compiler and nanobind are at hand (the extension is built once per source and
+toolchain, like the C libraries: finetune/runtime/native.py), and the layer's layout is one the
+kernel takes (`supports`). Anything else keeps the previous paths; `problem()` says why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+EXTENSION = "packed_matmul"
+# Values a 32-byte load of the packed weight holds: a group must be whole loads.
+_CHUNK = {4: 64, 8: 32}
+
+_module: ModuleType | None = None
+_problem: str | None = None
+_tried = False
+
+
+def load() -> ModuleType | None:
+    """The bound extension, built on first use; None (and `problem()` says why) where it is not
+    available. Never raises: a model then serves through the other paths."""
+    global _module, _problem, _tried
+    if _tried:
+        return _module
+    _tried = True
+    from finetune.runtime import blas
+    from finetune.runtime.native import NativeBuildError, mlx_extension
+
+    address = blas.packed_kernel_address()
+    if address is None:
+        _problem = "the decode GEMM library is not active (see blas_decode_gemm)"
+        return None
+    try:
+        path = mlx_extension(EXTENSION)
+        spec = importlib.util.spec_from_file_location(EXTENSION, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.bind(address)
+    except (NativeBuildError, ImportError, OSError, AttributeError, TypeError) as exc:
+        _problem = f"{type(exc).__name__}: {exc}"
+        return None
+    _module = module
+    return module
+
+
+def problem() -> str | None:
+    return _problem
+
+
+def describe() -> str:
+    """One line for the doctor: what packed products run on, or why they do not."""
+    module = load()
+    if module is None:
+        return f"off ({_problem})"
+    return f"on: 4- and 8-bit affine, AVX2 ({module.__file__})"
+
+
+def supports(layer: nn.QuantizedLinear) -> bool:
+    """Whether the kernel takes this layer's layout: affine, 4 or 8 bits, groups of whole loads,
+    fp32 scales and biases (the CPU path's cast)."""
+    biases: Any = layer.get("biases")
+    return (
+        getattr(layer, "mode", "affine") == "affine"
+        and layer.bits in _CHUNK
+        and layer.group_size % _CHUNK[layer.bits] == 0
+        and layer["scales"].dtype == mx.float32
+        and biases is not None
+        and biases.dtype == mx.float32
+    )
+
+
+def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
+    """x @ dequantise(weight).T (no bias added); call only where `load()` and `supports(layer)`."""
+    module = _module
+    assert module is not None, "packed.matmul before packed.load()"
+    return module.matmul(
+        x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits
+    )
