@@ -124,16 +124,19 @@ def decode_gemm_counts() -> dict[str, int] | None:
     """How this process's sgemm calls went; None when the decode GEMM is not active."""
     if _decode is None:
         return None
-    names = ("few_rows", "sgemv", "sgemm", "packed")
+    names = ("few_rows", "sgemv", "sgemm", "packed", "bf16")
     return {name: int(_decode.vf_count(i)) for i, name in enumerate(names)}
 
 
-def packed_kernel_address() -> int | None:
-    """The address of the decode GEMM's packed 4/8-bit product (`vf_qgemm`), for the MLX
-    extension that calls it (finetune/runtime/packed.py); None when the library is not active."""
+def stored_weight_kernels() -> tuple[int, int] | None:
+    """The addresses of the decode GEMM's products with a weight as stored (`vf_qgemm`: packed
+    4/8-bit, `vf_bgemm`: bf16), for the MLX extension that calls them
+    (finetune/runtime/packed.py); None when the library is not active."""
     if _decode is None:
         return None
-    return ctypes.cast(_decode.vf_qgemm, ctypes.c_void_p).value
+    packed = ctypes.cast(_decode.vf_qgemm, ctypes.c_void_p).value
+    half = ctypes.cast(_decode.vf_bgemm, ctypes.c_void_p).value
+    return None if packed is None or half is None else (packed, half)
 
 
 def thread_count() -> int:

@@ -75,14 +75,15 @@ def mlx_extension(name: str) -> Path:
     over); compiled when no build of it exists. Import it from the returned file's folder."""
     import sysconfig
 
-    import mlx
     import mlx.core as mx
     import nanobind
 
     cxx = cxx_compiler()
     if cxx is None:
         raise NativeBuildError("no C++ compiler (c++, g++ or clang++; or set CXX)")
-    mlx_root = Path(mlx.__path__[0])
+    # mlx is a namespace package (any folder named mlx on sys.path joins it): locate the
+    # installed one by its compiled core.
+    mlx_root = Path(str(mx.__file__)).parent
     includes = (
         f"-I{mlx_root / 'include'}",
         f"-I{nanobind.include_dir()}",

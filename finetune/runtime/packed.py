@@ -1,11 +1,12 @@
-"""Products with a packed 4/8-bit weight on MLX's CPU backend, the weight read packed.
+"""Products with a weight as stored on MLX's CPU backend: packed 4/8-bit, or bf16.
 
-`matmul(x, layer)` is `x @ dequantise(layer.weight).T` for an affine 4- or 8-bit QuantizedLinear:
-an MLX graph node (a primitive of the C++ extension csrc/packed_matmul.cpp) whose CPU work is the
-decode GEMM library's `vf_qgemm` (csrc/decode_gemm.c: AVX2, the library's threads). The weight is
-never unpacked in memory: 0.53 bytes a weight read for 4-bit, 1.03 for 8-bit (fp32 scales and
-biases), against 4 for the fp32 copy the CPU path used before. Sums are taken in one order
-whatever the batch, so a row of a batch equals the row alone bit for bit.
+`matmul(x, layer)` is `x @ dequantise(layer.weight).T` for an affine 4- or 8-bit QuantizedLinear,
+`bf16_matmul(x, weight)` is `x @ weight.T` for a bf16 weight: MLX graph nodes (primitives of the
+C++ extension csrc/packed_matmul.cpp) whose CPU work is the decode GEMM library's `vf_qgemm` /
+`vf_bgemm` (csrc/decode_gemm.c: AVX2, the library's threads). The weight is never widened in
+memory: 0.53 bytes a weight read for 4-bit, 1.03 for 8-bit (fp32 scales and biases), 2 for bf16,
+against 4 for the fp32 copies the CPU path used before. Sums are taken in one order whatever the
+batch, so a row of a batch equals the row alone bit for bit.
 
 Available where the decode GEMM library is active (an x86-64 CPU with AVX2 and FMA, the fast CPU
 paths on), a C++ compiler and nanobind are at hand (the extension is built once per source and
@@ -41,8 +42,8 @@ def load() -> ModuleType | None:
     from finetune.runtime import blas
     from finetune.runtime.native import NativeBuildError, mlx_extension
 
-    address = blas.packed_kernel_address()
-    if address is None:
+    addresses = blas.stored_weight_kernels()
+    if addresses is None:
         _problem = "the decode GEMM library is not active (see blas_decode_gemm)"
         return None
     try:
@@ -52,7 +53,7 @@ def load() -> ModuleType | None:
             raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.bind(address)
+        module.bind(*addresses)
     except (NativeBuildError, ImportError, OSError, AttributeError, TypeError) as exc:
         _problem = f"{type(exc).__name__}: {exc}"
         return None
@@ -69,7 +70,7 @@ def describe() -> str:
     module = load()
     if module is None:
         return f"off ({_problem})"
-    return f"on: 4- and 8-bit affine, AVX2 ({module.__file__})"
+    return f"on: 4- and 8-bit affine and bf16, AVX2 ({module.__file__})"
 
 
 def supports(layer: nn.QuantizedLinear) -> bool:
@@ -86,6 +87,14 @@ def supports(layer: nn.QuantizedLinear) -> bool:
     )
 
 
+def rows(x: mx.array) -> int:
+    """The rows of a product with `x`: every axis but the last."""
+    count = 1
+    for dim in x.shape[:-1]:
+        count *= int(dim)
+    return count
+
+
 def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     """x @ dequantise(weight).T (no bias added); call only where `load()` and `supports(layer)`."""
     module = _module
@@ -93,3 +102,10 @@ def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     return module.matmul(
         x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits
     )
+
+
+def bf16_matmul(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T for a bf16 weight [output, input], in fp32; call only where `load()`."""
+    module = _module
+    assert module is not None, "packed.bf16_matmul before packed.load()"
+    return module.bf16_matmul(x, weight)

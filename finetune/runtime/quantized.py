@@ -45,13 +45,6 @@ PACKED_MAX_ROWS = 8
 UNLIMITED = 1 << 30
 
 
-def _rows(x: mx.array) -> int:
-    rows = 1
-    for dim in x.shape[:-1]:
-        rows *= int(dim)
-    return rows
-
-
 class CpuQuantizedLinear(nn.QuantizedLinear):
     """A QuantizedLinear that multiplies by its packed weight through our kernel up to
     `_packed_max_rows` rows, by its fp32 copy above, and through MLX's kernel where neither is
@@ -61,7 +54,7 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         dense = self.get("_dense")
-        if _rows(x) <= self._packed_max_rows:
+        if packed.rows(x) <= self._packed_max_rows:
             y = packed.matmul(x, self)
         elif dense is not None:
             y = mx.matmul(x, dense.T)

@@ -65,7 +65,7 @@ def child_load(path: str) -> None:
 
     base = _rss_mib("VmRSS")
     start = time.perf_counter()
-    loaded = load_qwen3_tts(path)
+    loaded = load_qwen3_tts(path, serving=True)
     mx.eval(loaded.model.parameters())
     load_s = time.perf_counter() - start
     dtypes = sorted({str(v.dtype) for v in _params(loaded.model.talker)})

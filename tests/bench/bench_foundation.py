@@ -176,7 +176,7 @@ def child(args: argparse.Namespace) -> None:
         if path is None:
             continue
         start = time.perf_counter()
-        model = load_qwen3_tts(path).model
+        model = load_qwen3_tts(path, serving=True).model
         out[f"{label}_load_s"] = time.perf_counter() - start
         frames = FRAMES if label == "tiny" else args.frames
         for key, value in measure_generation(model, frames).items():
@@ -250,7 +250,7 @@ def child_format(path: Path, frames: int) -> None:
 
     base = _rss_mib("VmRSS")
     start = time.perf_counter()
-    loaded = load_qwen3_tts(path)
+    loaded = load_qwen3_tts(path, serving=True)
     mx.eval(loaded.model.parameters())
     out: dict[str, Any] = {
         "load_s": time.perf_counter() - start,

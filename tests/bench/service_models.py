@@ -116,7 +116,7 @@ def direct(exports: dict[str, tuple[str, str | None]]) -> None:
     import mlx.core as mx
     import numpy as np
 
-    loaded = {name: load_qwen3_tts(path) for name, (path, _) in exports.items()}
+    loaded = {name: load_qwen3_tts(path, serving=True) for name, (path, _) in exports.items()}
     for name, model in loaded.items():
         lang = exports[name][1] or "auto"
         list(model.model.generate(TEXT, voice=VOICE, lang_code=lang, max_tokens=2))

@@ -21,6 +21,7 @@ from finetune.loading import (
     tail,
 )
 from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
+from finetune.runtime.half import bf16_linears, keep_bf16
 from finetune.runtime.quantized import install_cpu_quantized
 
 import mlx.core as mx
@@ -45,7 +46,9 @@ class LoadedQwen3TTS:
         return quant if isinstance(quant, dict) else None
 
 
-def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
+def load_qwen3_tts(name: str | Path, *, serving: bool = False) -> LoadedQwen3TTS:
+    """Load and verify a checkpoint; `serving`: for inference only (a bf16 talker stays bf16 on
+    the CPU backend, finetune/runtime/half.py), not for training."""
     from finetune.families.qwen3_tts.vocoder import use_sliding_window
 
     from mlx_audio.tts.utils import load_model
@@ -88,9 +91,13 @@ def load_qwen3_tts(name: str | Path) -> LoadedQwen3TTS:
         if model.speech_tokenizer.decoder is not decoder:
             raise RuntimeError("could not replace mlx-audio's compiled vocoder")
     use_sliding_window(model)  # the decoder attends as the official one (vocoder.py)
+    # The talker decodes frame by frame, reading every weight a step: its bf16 layers stay bf16.
+    # The vocoder's products have many rows (compute-bound): fp32 there.
+    half = bf16_linears(model.talker) if serving else []
     runtime = prepare_model(model)
     if runtime.fast_cpu:  # after the fp32 cast: the fp32 scales
         runtime.swapped.update(install_cpu_quantized(model))
+        runtime.swapped.update(keep_bf16(half))
     return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
 
 

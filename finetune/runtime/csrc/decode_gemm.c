@@ -47,16 +47,18 @@ typedef void (*rows_fn)(int, int, const float *, int, const float *, int, float 
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 static rows_fn kernel_rows;
-static unsigned long counts[4]; /* few-row kernel, sgemv, real sgemm, packed */
+static unsigned long counts[5]; /* few-row kernel, sgemv, real sgemm, packed, bf16 */
 
 /* --- the few-row kernel ------------------------------------------------------------------- */
 /* Fully unrolled block loops keep the MB x NB sums in registers, not on the stack. */
 #define UNROLL _Pragma("GCC unroll 16")
 /* y[i, j] = alpha * sum_k x[i, k] w[j, k] + beta * y[i, j] for MB input rows and NB weight rows;
- * every (i, j) is summed lane-wise over k in steps of LANES, then across lanes, then the tail. */
-#define BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, MB, NB)                             \
+ * every (i, j) is summed lane-wise over k in steps of LANES, then across lanes, then the tail.
+ * The weight's elements are WT (float, or bf16 widened exactly by WLOAD / WGET): the same sums
+ * over the same values, so a bf16 weight gives the fp32 kernel's bits on its fp32 cast. */
+#define BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, MB, NB)             \
     TARGET static inline void ISA##_block_##MB##_##NB(int k, const float *x, int ldx,              \
-                                                      const float *w, int ldw, float *y, int ldy,  \
+                                                      const WT *w, int ldw, float *y, int ldy,     \
                                                       float alpha, float beta) {                   \
         VEC acc[MB][NB];                                                                           \
         UNROLL for (int i = 0; i < MB; ++i)                                                        \
@@ -64,7 +66,7 @@ static unsigned long counts[4]; /* few-row kernel, sgemv, real sgemm, packed */
         int kv = k - k % LANES;                                                                    \
         for (int kk = 0; kk < kv; kk += LANES) {                                                   \
             VEC wv[NB];                                                                            \
-            UNROLL for (int j = 0; j < NB; ++j) wv[j] = LOAD(w + (size_t)j * ldw + kk);            \
+            UNROLL for (int j = 0; j < NB; ++j) wv[j] = WLOAD(w + (size_t)j * ldw + kk);           \
             UNROLL for (int i = 0; i < MB; ++i) {                                                  \
                 VEC xv = LOAD(x + (size_t)i * ldx + kk);                                           \
                 UNROLL for (int j = 0; j < NB; ++j) acc[i][j] = FMA(xv, wv[j], acc[i][j]);         \
@@ -74,15 +76,15 @@ static unsigned long counts[4]; /* few-row kernel, sgemv, real sgemm, packed */
             for (int j = 0; j < NB; ++j) {                                                         \
                 float s = HSUM(acc[i][j]);                                                         \
                 for (int kk = kv; kk < k; ++kk)                                                    \
-                    s += x[(size_t)i * ldx + kk] * w[(size_t)j * ldw + kk];                        \
+                    s += x[(size_t)i * ldx + kk] * WGET(w[(size_t)j * ldw + kk]);                  \
                 float *out = y + (size_t)i * ldy + j;                                              \
                 *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out;                         \
             }                                                                                      \
     }
 
 /* y[:, o0:o1] for m <= few_rows_max rows: weight blocks outside, each read from memory once. */
-#define ROWS(ISA, TARGET, NB)                                                                      \
-    TARGET static void ISA##_rows(int m, int k, const float *x, int ldx, const float *w, int ldw, \
+#define ROWS(ISA, TARGET, WT, NB)                                                                  \
+    TARGET static void ISA##_rows(int m, int k, const float *x, int ldx, const WT *w, int ldw,    \
                                   float *y, int ldy, int o0, int o1, float alpha, float beta) {    \
         for (int o = o0; o < o1; o += NB) {                                                        \
             int full = o1 - o >= NB;                                                               \
@@ -90,7 +92,7 @@ static unsigned long counts[4]; /* few-row kernel, sgemv, real sgemm, packed */
                 int mb = m - m0 < 4 ? m - m0 : 4;                                                  \
                 const float *xm = x + (size_t)m0 * ldx;                                            \
                 for (int j = 0; j < (full ? 1 : o1 - o); ++j) {                                    \
-                    const float *wo = w + (size_t)(o + j) * ldw;                                   \
+                    const WT *wo = w + (size_t)(o + j) * ldw;                                      \
                     float *ym = y + (size_t)m0 * ldy + o + j;                                      \
                     if (full) {                                                                    \
                         switch (mb) {                                                              \
@@ -112,22 +114,24 @@ static unsigned long counts[4]; /* few-row kernel, sgemv, real sgemm, packed */
         }                                                                                          \
     }
 
-#define KERNELS(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, NB)                                \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 1, NB)                                   \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 2, NB)                                   \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 3, NB)                                   \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 4, NB)                                   \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 1, 1)                                    \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 2, 1)                                    \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 3, 1)                                    \
-    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, 4, 1)                                    \
-    ROWS(ISA, TARGET, NB)
+#define KERNELS(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, NB)              \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 1, NB)                  \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 2, NB)                  \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 3, NB)                  \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 4, NB)                  \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 1, 1)                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 2, 1)                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 3, 1)                   \
+    BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, 4, 1)                   \
+    ROWS(ISA, TARGET, WT, NB)
+#define SAME(v) (v)
 
 #ifdef HAVE_X86_KERNELS
 #define T512 __attribute__((target("avx512f,fma")))
 T512 static inline __m512 z512(void) { return _mm512_setzero_ps(); }
 T512 static inline float h512(__m512 v) { return _mm512_reduce_add_ps(v); }
-KERNELS(avx512, T512, __m512, 16, z512, _mm512_loadu_ps, _mm512_fmadd_ps, h512, 4)
+KERNELS(avx512, T512, __m512, 16, z512, _mm512_loadu_ps, _mm512_fmadd_ps, h512, float,
+        _mm512_loadu_ps, SAME, 4)
 
 #define T256 __attribute__((target("avx2,fma")))
 T256 static inline __m256 z256(void) { return _mm256_setzero_ps(); }
@@ -140,7 +144,20 @@ T256 static inline float h256(__m256 v) {
 /* 16 ymm registers: blocks of 4 x 3 keep the 12 sums, 3 weights and an input in registers. On a
  * 2-core AVX2 EPYC this is 10-25 % faster than 4 x 2 from 4 rows up (batched decode is
  * compute-bound there) and the same for one row; the sums are the same either way. */
-KERNELS(avx2, T256, __m256, 8, z256, _mm256_loadu_ps, _mm256_fmadd_ps, h256, 3)
+KERNELS(avx2, T256, __m256, 8, z256, _mm256_loadu_ps, _mm256_fmadd_ps, h256, float,
+        _mm256_loadu_ps, SAME, 3)
+
+/* bf16 weights (the top half of an fp32), widened exactly: half the bytes of an fp32 copy. */
+static inline float bf16_value(uint16_t v) {
+    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16};
+    return bits.f;
+}
+T256 static inline __m256 load_bf16(const uint16_t *w) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+KERNELS(avx2bf16, T256, __m256, 8, z256, _mm256_loadu_ps, _mm256_fmadd_ps, h256, uint16_t,
+        load_bf16, bf16_value, 3)
 #endif
 
 /* --- threads: the caller and up to MAX_THREADS - 1 workers, each a share of the weight rows -- */
@@ -152,6 +169,7 @@ struct job {
     /* A packed product's weight (MLX's affine layout), its per-group scales and biases. */
     const uint32_t *wq;
     const float *scales, *biases;
+    const uint16_t *wh; /* a bf16 product's weight */
     int bits, group;
     void (*rows)(const struct job *, int o0, int o1); /* y[:, o0:o1] */
 };
@@ -429,6 +447,36 @@ int vf_qgemm(int m, int n, int k, const float *x, const uint32_t *wq, const floa
 #endif
 }
 
+#ifdef HAVE_X86_KERNELS
+static void bf16_rows(const struct job *j, int o0, int o1) {
+    avx2bf16_rows(j->m, j->k, j->x, j->ldx, j->wh, j->ldw, j->y, j->ldy, o0, o1, 1.0f, 0.0f);
+}
+#endif
+
+/* y[m, n] = x[m, k] @ w[n, k]^T with w bf16 (uint16 bit patterns), x and y fp32, all row-major
+ * and contiguous: the AVX2 few-row kernel's blocks and order of sums, so each output equals the
+ * fp32 kernel's on the weight cast to fp32, bit for bit, whatever the row count. Returns 0, or -1
+ * when this CPU has no AVX2 / FMA (the caller then takes another path). */
+int vf_bgemm(int m, int n, int k, const float *x, const uint16_t *w, float *y) {
+#ifdef HAVE_X86_KERNELS
+    static int avx2 = -1;
+    if (avx2 < 0) {
+        __builtin_cpu_init();
+        avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    if (!avx2) return -1;
+    if (m <= 0 || n <= 0) return 0;
+    struct job j = {.m = m, .k = k, .ldx = k, .ldw = k, .ldy = n, .o_total = n, .parts = 1, .x = x,
+                    .y = y, .alpha = 1.0f, .wh = w, .rows = bf16_rows};
+    run_job(j);
+    __atomic_add_fetch(&counts[4], 1, __ATOMIC_RELAXED);
+    return 0;
+#else
+    (void)m, (void)n, (void)k, (void)x, (void)w, (void)y;
+    return -1;
+#endif
+}
+
 /* --- binding ------------------------------------------------------------------------------ */
 static int pick_kernel(int wanted) {
 #ifdef HAVE_X86_KERNELS
@@ -472,7 +520,7 @@ int vf_bind(const char *blas_path, int threads, int kernel) {
 int vf_few_rows_max(void) { return kernel_rows != NULL ? few_rows_max : 0; }
 
 unsigned long vf_count(int which) {
-    return which >= 0 && which < 4 ? __atomic_load_n(&counts[which], __ATOMIC_RELAXED) : 0;
+    return which >= 0 && which < 5 ? __atomic_load_n(&counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static int transposed(int op) { return op == TRANS || op == CONJ_TRANS; }

@@ -91,7 +91,7 @@ class Qwen3Model:
 
     @classmethod
     def load(cls, name: str, path: str, *, slots: int, max_rank: int, max_bytes: int) -> Qwen3Model:
-        loaded = load_qwen3_tts(path)
+        loaded = load_qwen3_tts(path, serving=True)
         bank = AdapterBank(
             loaded.model.talker,
             QWEN3_TALKER_TARGETS + QWEN3_CODE_PREDICTOR_TARGETS,

@@ -1,0 +1,126 @@
+"""A bf16 checkpoint served on MLX's CPU backend keeps its talker's Linear weights in bf16
+(finetune/runtime/half.py): our kernel reads 2 bytes a weight where the fp32 cast read 4.
+
+Exactness: the bf16 -> fp32 widening is exact and the kernel uses the AVX2 few-row kernel's
+blocks and order of sums, so every output is the fp32 path's bit for bit (one row to 64; above,
+both take the same fp32 product), and greedy codes are identical. A wrong widening (a byte
+order, a shift) or a wrong block changes outputs at the 1e-2 level: caught by the layer test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
+from finetune.families.qwen3_tts.conditioning import Conditioning
+from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
+from finetune.runtime import fast_cpu_active, packed
+from finetune.runtime.half import HALF_MAX_ROWS, KEEP_BF16_ENV, CpuBf16Linear
+from finetune.sampling import Sampling
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+GREEDY = Sampling(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_tokens=8)
+TEXTS = ("Hello half precision.", "A second, longer row of text to speak.")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_qwen3_base: Path):
+    assert fast_cpu_active(), "these tests are about MLX's CPU backend with the fast paths on"
+    return load_qwen3_tts(tiny_qwen3_base, serving=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen3_base: Path):
+    return load_qwen3_tts(tiny_qwen3_base)
+
+
+def _halves(model: nn.Module) -> list[CpuBf16Linear]:
+    return [m for _, m in model.named_modules() if isinstance(m, CpuBf16Linear)]
+
+
+def test_served_talker_layers_stay_bf16_and_training_keeps_fp32(served, trained) -> None:
+    assert packed.load() is not None, packed.problem()
+    halves = _halves(served.model)
+    plain = [m for _, m in served.model.talker.named_modules() if type(m) is nn.Linear]
+    assert halves and not plain  # every talker Linear of a bf16 checkpoint
+    assert served.runtime.swapped[CpuBf16Linear.__name__] == len(halves)
+    assert all(layer["weight"].dtype == mx.bfloat16 for layer in halves)
+    # The vocoder keeps fp32 (its products have many rows), and so does a model for training.
+    assert not _halves(served.model.speech_tokenizer)
+    assert not _halves(trained.model)
+    assert {p.dtype for _, p in _flat(trained.model.talker)} == {mx.float32}
+
+
+def _flat(module: nn.Module) -> list[tuple[str, mx.array]]:
+    from finetune.arrays import flat_items
+
+    return list(flat_items(module.parameters()))
+
+
+def test_each_layer_gives_the_fp32_paths_bits_at_every_row_count(served) -> None:
+    layers = _halves(served.model)
+    with_bias = [layer for layer in layers if "bias" in layer]
+    for layer in [layers[0], layers[-1], *with_bias[:1]]:
+        weight32 = layer["weight"].astype(mx.float32)
+        in_dims = weight32.shape[1]
+        for rows in (1, 2, 5, 33, HALF_MAX_ROWS, HALF_MAX_ROWS + 1):
+            x = mx.random.normal((rows, in_dims), key=mx.random.key(rows))
+            fp32 = nn.Linear.__call__(_as_fp32(layer, weight32), x)
+            ours = layer(x)
+            assert ours.dtype == mx.float32
+            assert mx.array_equal(ours, fp32).item(), (rows, mx.abs(ours - fp32).max().item())
+        # The leading axes of a batch are rows too.
+        x3 = mx.random.normal((2, 3, in_dims), key=mx.random.key(9))
+        assert mx.array_equal(layer(x3), layer(x3.reshape(6, in_dims)).reshape(2, 3, -1)).item()
+
+
+def _as_fp32(layer: CpuBf16Linear, weight32: mx.array) -> nn.Linear:
+    twin = nn.Linear(weight32.shape[1], weight32.shape[0], bias="bias" in layer)
+    twin.weight = weight32
+    if "bias" in layer:
+        twin.bias = layer["bias"]
+    return twin
+
+
+def test_greedy_codes_equal_the_fp32_models(served, trained) -> None:
+    def codes(loaded, batch_texts: tuple[str, ...]) -> list[np.ndarray]:
+        prompter = Qwen3Prompter(loaded.model)
+        rows = [Row(prompter.prompt(t, Conditioning(), None), GREEDY) for t in batch_texts]
+        Qwen3BatchGenerator(loaded.model, lambda _: None).run(rows)
+        assert all(row.frames for row in rows)
+        return [np.array(row.frames) for row in rows]
+
+    for batch in (TEXTS[:1], TEXTS):
+        for ours, theirs in zip(codes(served, batch), codes(trained, batch), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_bf16_product_is_differentiable_in_input_and_weight(served) -> None:
+    layer = _halves(served.model)[0]
+    weight = layer["weight"]
+    x = mx.random.normal((2, 3, weight.shape[1]), key=mx.random.key(4))
+    cotangent = mx.random.normal((2, 3, weight.shape[0]), key=mx.random.key(5))
+
+    def ours(v: mx.array, w: mx.array) -> mx.array:
+        return (packed.bf16_matmul(v, w) * cotangent).sum()
+
+    def plain(v: mx.array, w: mx.array) -> mx.array:
+        return ((v @ w.astype(mx.float32).T) * cotangent).sum()
+
+    got = mx.grad(ours, argnums=(0, 1))(x, weight)
+    want = mx.grad(plain, argnums=(0, 1))(x, weight)
+    assert mx.allclose(got[0], want[0], atol=1e-4).item()
+    assert got[1].dtype == mx.bfloat16
+    assert mx.allclose(got[1].astype(mx.float32), want[1].astype(mx.float32), atol=1e-2).item()
+    with pytest.raises(ValueError, match="bfloat16"):
+        packed.bf16_matmul(x, weight.astype(mx.float32))
+
+
+def test_keeping_bf16_can_be_turned_off(tiny_qwen3_base: Path, monkeypatch) -> None:
+    monkeypatch.setenv(KEEP_BF16_ENV, "0")
+    loaded = load_qwen3_tts(tiny_qwen3_base, serving=True)
+    assert not _halves(loaded.model)
+    assert CpuBf16Linear.__name__ not in loaded.runtime.swapped
