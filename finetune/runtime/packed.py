@@ -17,6 +17,7 @@ kernel takes (`supports`). Anything else keeps the previous paths; `problem()` s
 from __future__ import annotations
 
 import importlib.util
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -30,11 +31,17 @@ _CHUNK = {4: 64, 8: 32}
 _module: ModuleType | None = None
 _problem: str | None = None
 _tried = False
+_loading = threading.Lock()  # models may load on several threads: one build, one import
 
 
 def load() -> ModuleType | None:
     """The bound extension, built on first use; None (and `problem()` says why) where it is not
     available. Never raises: a model then serves through the other paths."""
+    with _loading:
+        return _load_once()
+
+
+def _load_once() -> ModuleType | None:
     global _module, _problem, _tried
     if _tried:
         return _module
