@@ -40,7 +40,7 @@ import mlx.nn as nn
 
 # The most rows a call may have and still take the packed product while an fp32 copy exists.
 # Measured by `tests/bench/bench_foundation.py --shapes` on the 0.6B's decode shapes (weights
-# cycled past the caches, 2-core AVX2 EPYC): against the fp32 copy, 4-bit 0.41-0.57x of its time
+# cycled past the caches, 2-core AVX2 EPYC): against the fp32 copy, 4-bit 0.41-0.87x of its time
 # at 1-4 rows and 0.65-0.88x at 8, 8-bit 0.54-0.96x and 0.80-1.02x; more rows (a prefill) widen
 # each value for too few rows' worth of reuse.
 PACKED_MAX_ROWS = 8
