@@ -1,9 +1,10 @@
 """A bf16 checkpoint served on MLX's CPU backend keeps its talker's Linear weights in bf16
 (finetune/runtime/half.py): our kernel reads 2 bytes a weight where the fp32 cast read 4.
 
-Exactness: the bf16 -> fp32 widening is exact and the kernel uses the AVX2 few-row kernel's
-blocks and order of sums, so every output is the fp32 path's bit for bit (one row to 64; above,
-both take the same fp32 product), and greedy codes are identical. A wrong widening (a byte
+Exactness: the bf16 -> fp32 widening is exact and the kernel uses the few-row kernel's ISA,
+blocks and order of sums, so every output is the fp32 path's bit for bit (one row to the few-row
+kernel's limit, 64 on AVX2 and 16 on AVX-512; above, both take the same fp32 product), and greedy
+codes are identical. A wrong widening (a byte
 order, a shift) or a wrong block changes outputs at the 1e-2 level: caught by the layer test."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
 from finetune.families.qwen3_tts.conditioning import Conditioning
 from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
-from finetune.runtime import fast_cpu_active, packed
-from finetune.runtime.half import HALF_MAX_ROWS, KEEP_BF16_ENV, CpuBf16Linear
+from finetune.runtime import blas, fast_cpu_active, packed
+from finetune.runtime.half import KEEP_BF16_ENV, CpuBf16Linear
 from finetune.sampling import Sampling
 
 import mlx.core as mx
@@ -48,6 +49,7 @@ def test_served_talker_layers_stay_bf16_and_training_keeps_fp32(served, trained)
     assert halves and not plain  # every talker Linear of a bf16 checkpoint
     assert served.runtime.swapped[CpuBf16Linear.__name__] == len(halves)
     assert all(layer["weight"].dtype == mx.bfloat16 for layer in halves)
+    assert {layer._half_max_rows for layer in halves} == {blas.few_rows_max()} != {0}
     # The vocoder keeps fp32 (its products have many rows), and so does a model for training.
     assert not _halves(served.model.speech_tokenizer)
     assert not _halves(trained.model)
@@ -66,7 +68,8 @@ def test_each_layer_gives_the_fp32_paths_bits_at_every_row_count(served) -> None
     for layer in [layers[0], layers[-1], *with_bias[:1]]:
         weight32 = layer["weight"].astype(mx.float32)
         in_dims = weight32.shape[1]
-        for rows in (1, 2, 5, 33, HALF_MAX_ROWS, HALF_MAX_ROWS + 1):
+        most = layer._half_max_rows
+        for rows in sorted({1, 2, 5, 16, 17, 33, most, most + 1}):
             x = mx.random.normal((rows, in_dims), key=mx.random.key(rows))
             fp32 = nn.Linear.__call__(_as_fp32(layer, weight32), x)
             ours = layer(x)

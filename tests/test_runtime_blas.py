@@ -369,3 +369,32 @@ def test_the_packed_product_equals_the_dequantised_one_and_each_row_alone(
     assert _qgemm(lib, x, q, ones, ones, 4, 32)[0] == -1  # a group less than one 64-value load
     assert _qgemm(lib, x, q, ones, ones, 3, 64)[0] == -1  # 3 bits
     assert _qgemm(lib, np.ones((1, 96), np.float32), q, ones, ones, 4, 64)[0] == -1  # k % group
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bf16_product_is_the_fp32_kernels_on_the_widened_weight(tmp_path, monkeypatch, threads):
+    """vf_bgemm with each kernel this CPU has (AVX2; AVX-512 where present): every output equals
+    the fp32 few-row kernel's on the weight widened to fp32, bit for bit, up to its row limit."""
+    from finetune.runtime.blas import find_blas
+
+    lib = _private_library(tmp_path, monkeypatch)
+    lib.vf_bgemm.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
+    rng = np.random.default_rng(4)
+    # Odd sizes: weight rows off the blocks, inputs off the vector width.
+    w32 = rng.standard_normal((1031, 523)).astype(np.float32)
+    half = (w32.view(np.uint32) >> 16).astype(np.uint16)
+    widened = (half.astype(np.uint32) << 16).view(np.float32)
+    for kernel in _kernels():
+        lib.vf_bind(str(find_blas()).encode(), threads, kernel)
+        most = lib.vf_few_rows_max()
+        before = lib.vf_count(4)
+        for rows in sorted({1, 2, 3, 5, 16, most}):
+            x = rng.standard_normal((rows, 523)).astype(np.float32)
+            ours = np.full((rows, 1031), np.nan, np.float32)
+            assert (
+                lib.vf_bgemm(rows, 1031, 523, x.ctypes.data, half.ctypes.data, ours.ctypes.data)
+                == 0
+            )
+            assert np.array_equal(ours, _xwt(lib, x, widened)), (kernel, threads, rows)
+        assert lib.vf_count(4) - before == len({1, 2, 3, 5, 16, most})

@@ -128,6 +128,11 @@ def decode_gemm_counts() -> dict[str, int] | None:
     return {name: int(_decode.vf_count(i)) for i, name in enumerate(names)}
 
 
+def few_rows_max() -> int:
+    """The most rows the bound few-row kernel takes in one product (0: none bound)."""
+    return int(_decode.vf_few_rows_max()) if _decode is not None else 0
+
+
 def stored_weight_kernels() -> tuple[int, int] | None:
     """The addresses of the decode GEMM's products with a weight as stored (`vf_qgemm`: packed
     4/8-bit, `vf_bgemm`: bf16), for the MLX extension that calls them

@@ -2,12 +2,12 @@
 
 On this backend every floating weight is cast to fp32 (only fp32 matmuls reach the decode GEMM /
 BLAS; MLX's CPU bf16 matmul is slower), so a bf16 checkpoint decodes reading 4 bytes a weight.
-Kept in bf16, a layer's products of up to `HALF_MAX_ROWS` rows go to our kernel
-(`packed.bf16_matmul`: the decode GEMM's AVX2 blocks, the weight widened exactly in registers),
-reading 2; a larger product (a long prompt's prefill) casts the weight to fp32 for the call. The
-values are the fp32 path's: the cast back to bf16 is exact (the fp32 weights came from bf16), and
-on an AVX2 CPU each output equals the fp32 few-row kernel's bit for bit (same blocks, same order of
-sums; tests/test_half_linear.py).
+Kept in bf16, a layer's products of up to as many rows as the fp32 few-row kernel takes (64 on
+AVX2, 16 on AVX-512) go to our kernel (`packed.bf16_matmul`: that kernel's ISA and blocks, the
+weight widened exactly in registers), reading 2; a larger product (a long prompt's prefill)
+casts the weight to fp32 for the call, as the fp32 path would multiply it. So the values are the
+fp32 path's bit for bit: the cast back to bf16 is exact (the fp32 weights came from bf16) and the
+sums are taken in the same order (tests/test_half_linear.py).
 
 Serving only (`load_qwen3_tts(..., serving=True)`): training keeps fp32 parameters, whose
 optimiser updates would lose precision in bf16. On by default where the kernel is available;
@@ -25,18 +25,18 @@ from finetune.runtime import packed
 import mlx.core as mx
 import mlx.nn as nn
 
-# Our kernel takes products of up to this many rows (the AVX2 few-row kernel's own limit, where it
-# beats OpenBLAS's sgemm); more cast the weight to fp32 for the call.
-HALF_MAX_ROWS = 64
 KEEP_BF16_ENV = "VOICEFOUNDRY_CPU_KEEP_BF16"
 
 
 class CpuBf16Linear(nn.Linear):
-    """A Linear whose weight stays bf16: our kernel up to `HALF_MAX_ROWS` rows, fp32 above."""
+    """A Linear whose weight stays bf16: our kernel up to `_half_max_rows` rows (where the fp32
+    path would take the few-row kernel), the weight cast to fp32 for larger products."""
+
+    _half_max_rows: int = 0
 
     def __call__(self, x: mx.array) -> mx.array:
         weight = self["weight"]
-        if packed.rows(x) <= HALF_MAX_ROWS:
+        if packed.rows(x) <= self._half_max_rows:
             y = packed.bf16_matmul(x, weight)
         else:
             y = mx.matmul(x.astype(mx.float32), weight.astype(mx.float32).T)
@@ -61,14 +61,17 @@ def bf16_linears(module: nn.Module) -> list[nn.Linear]:
 def keep_bf16(layers: list[nn.Linear]) -> Counter[str]:
     """Give each layer (from `bf16_linears`, now cast to fp32) its bf16 weight back and re-class
     it, where the kernel is available and wanted; returns how many it re-classed."""
+    from finetune.runtime import blas
     from finetune.runtime.accelerate import is_cpu_backend
 
     done: Counter[str] = Counter()
     if not layers or not keep_bf16_wanted() or not is_cpu_backend() or packed.load() is None:
         return done
+    most = blas.few_rows_max()
     for layer in layers:
         layer["weight"] = layer["weight"].astype(mx.bfloat16)
         layer.__class__ = CpuBf16Linear
+        layer._half_max_rows = most
         done[CpuBf16Linear.__name__] += 1
     mx.eval([layer["weight"] for layer in layers])
     return done

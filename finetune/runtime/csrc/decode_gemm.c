@@ -127,11 +127,24 @@ static unsigned long counts[5]; /* few-row kernel, sgemv, real sgemm, packed, bf
 #define SAME(v) (v)
 
 #ifdef HAVE_X86_KERNELS
+/* bf16 weights (the top half of an fp32), widened exactly: half the bytes of an fp32 copy. Each
+ * ISA's bf16 kernel has its fp32 kernel's blocks and order of sums. */
+static inline float bf16_value(uint16_t v) {
+    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16};
+    return bits.f;
+}
+
 #define T512 __attribute__((target("avx512f,fma")))
 T512 static inline __m512 z512(void) { return _mm512_setzero_ps(); }
 T512 static inline float h512(__m512 v) { return _mm512_reduce_add_ps(v); }
 KERNELS(avx512, T512, __m512, 16, z512, _mm512_loadu_ps, _mm512_fmadd_ps, h512, float,
         _mm512_loadu_ps, SAME, 4)
+T512 static inline __m512 load_bf16_512(const uint16_t *w) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+KERNELS(avx512bf16, T512, __m512, 16, z512, _mm512_loadu_ps, _mm512_fmadd_ps, h512, uint16_t,
+        load_bf16_512, bf16_value, 4)
 
 #define T256 __attribute__((target("avx2,fma")))
 T256 static inline __m256 z256(void) { return _mm256_setzero_ps(); }
@@ -147,11 +160,6 @@ T256 static inline float h256(__m256 v) {
 KERNELS(avx2, T256, __m256, 8, z256, _mm256_loadu_ps, _mm256_fmadd_ps, h256, float,
         _mm256_loadu_ps, SAME, 3)
 
-/* bf16 weights (the top half of an fp32), widened exactly: half the bytes of an fp32 copy. */
-static inline float bf16_value(uint16_t v) {
-    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16};
-    return bits.f;
-}
 T256 static inline __m256 load_bf16(const uint16_t *w) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -448,15 +456,19 @@ int vf_qgemm(int m, int n, int k, const float *x, const uint32_t *wq, const floa
 }
 
 #ifdef HAVE_X86_KERNELS
-static void bf16_rows(const struct job *j, int o0, int o1) {
+static void bf16_rows_avx2(const struct job *j, int o0, int o1) {
     avx2bf16_rows(j->m, j->k, j->x, j->ldx, j->wh, j->ldw, j->y, j->ldy, o0, o1, 1.0f, 0.0f);
+}
+static void bf16_rows_avx512(const struct job *j, int o0, int o1) {
+    avx512bf16_rows(j->m, j->k, j->x, j->ldx, j->wh, j->ldw, j->y, j->ldy, o0, o1, 1.0f, 0.0f);
 }
 #endif
 
 /* y[m, n] = x[m, k] @ w[n, k]^T with w bf16 (uint16 bit patterns), x and y fp32, all row-major
- * and contiguous: the AVX2 few-row kernel's blocks and order of sums, so each output equals the
- * fp32 kernel's on the weight cast to fp32, bit for bit, whatever the row count. Returns 0, or -1
- * when this CPU has no AVX2 / FMA (the caller then takes another path). */
+ * and contiguous: the bound few-row kernel's ISA, blocks and order of sums (AVX-512 where it is
+ * bound, else AVX2), so up to vf_few_rows_max() rows each output equals the fp32 kernel's on the
+ * weight cast to fp32, bit for bit. Returns 0, or -1 when this CPU has no AVX2 / FMA (the caller
+ * then takes another path). */
 int vf_bgemm(int m, int n, int k, const float *x, const uint16_t *w, float *y) {
 #ifdef HAVE_X86_KERNELS
     static int avx2 = -1;
@@ -467,7 +479,8 @@ int vf_bgemm(int m, int n, int k, const float *x, const uint16_t *w, float *y) {
     if (!avx2) return -1;
     if (m <= 0 || n <= 0) return 0;
     struct job j = {.m = m, .k = k, .ldx = k, .ldw = k, .ldy = n, .o_total = n, .parts = 1, .x = x,
-                    .y = y, .alpha = 1.0f, .wh = w, .rows = bf16_rows};
+                    .y = y, .alpha = 1.0f, .wh = w,
+                    .rows = kernel_rows == avx512_rows ? bf16_rows_avx512 : bf16_rows_avx2};
     run_job(j);
     __atomic_add_fetch(&counts[4], 1, __ATOMIC_RELAXED);
     return 0;
