@@ -134,14 +134,21 @@ def test_decode_gemm_can_be_turned_off_and_needs_a_compiler(tmp_path):
     assert max(bare["errors"].values()) < 1e-4  # plain OpenBLAS still does the products
 
 
-def _private_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    """Its own copy: binding it leaves the one under this process's MLX alone."""
+@pytest.fixture(scope="module")
+def fresh_decode_gemm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The library built from this checkout's source, once for the module."""
     from finetune.runtime.blas import DECODE_GEMM_LINK
     from finetune.runtime.native import library
 
-    monkeypatch.setenv("VOICEFOUNDRY_NATIVE_DIR", str(tmp_path))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VOICEFOUNDRY_NATIVE_DIR", str(tmp_path_factory.mktemp("native")))
+        return library("decode_gemm", link=DECODE_GEMM_LINK)
+
+
+def _private_library(tmp_path: Path, built: Path) -> ctypes.CDLL:
+    """Its own copy: binding it leaves the one under this process's MLX alone."""
     copy = tmp_path / "private_decode_gemm.so"
-    shutil.copy(library("decode_gemm", link=DECODE_GEMM_LINK), copy)
+    shutil.copy(built, copy)
     lib = ctypes.CDLL(str(copy))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -157,11 +164,11 @@ def _kernels() -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
-def test_sgemm_follows_the_blas_contract_for_every_path(tmp_path, monkeypatch):
+def test_sgemm_follows_the_blas_contract_for_every_path(tmp_path, fresh_decode_gemm):
     """Every layout, transpose and beta, few rows and one column, each kernel, against numpy."""
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path, monkeypatch)
+    lib = _private_library(tmp_path, fresh_decode_gemm)
     rng = np.random.default_rng(1)
     for kernel in [0, *_kernels()]:
         for threads in (1, 2):
@@ -201,10 +208,12 @@ def _check_product(lib, rng, order, ta, tb, m, n, k, beta) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(tmp_path, monkeypatch, threads):
+def test_each_row_of_a_few_row_product_is_bit_exact_to_it_alone(
+    tmp_path, fresh_decode_gemm, threads
+):
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path, monkeypatch)
+    lib = _private_library(tmp_path, fresh_decode_gemm)
     rng = np.random.default_rng(2)
     # Odd sizes: weight rows not a multiple of the 4-row blocks, inputs not of the vector width.
     w = rng.standard_normal((4099, 1037)).astype(np.float32)
@@ -327,13 +336,13 @@ def _qgemm(lib, x: np.ndarray, packed: np.ndarray, scales, biases, bits: int, gr
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_packed_product_equals_the_dequantised_one_and_each_row_alone(
-    tmp_path, monkeypatch, threads
+    tmp_path, fresh_decode_gemm, threads
 ):
     """vf_qgemm against numpy on weights packed here: 4 and 8 bits, groups of one and several
     loads, output counts off the kernel's blocks, 1-9 rows; each row bit-exact to it alone."""
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path, monkeypatch)
+    lib = _private_library(tmp_path, fresh_decode_gemm)
     if lib.vf_bind(str(find_blas()).encode(), threads, 1) != 1:
         pytest.fail("this CPU has no AVX2 / FMA: the packed product's kernel cannot run")
     rng = np.random.default_rng(3)
@@ -373,12 +382,14 @@ def test_the_packed_product_equals_the_dequantised_one_and_each_row_alone(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU fast paths")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_bf16_product_is_the_fp32_kernels_on_the_widened_weight(tmp_path, monkeypatch, threads):
+def test_the_bf16_product_is_the_fp32_kernels_on_the_widened_weight(
+    tmp_path, fresh_decode_gemm, threads
+):
     """vf_bgemm with each kernel this CPU has (AVX2; AVX-512 where present): every output equals
     the fp32 few-row kernel's on the weight widened to fp32, bit for bit, up to its row limit."""
     from finetune.runtime.blas import find_blas
 
-    lib = _private_library(tmp_path, monkeypatch)
+    lib = _private_library(tmp_path, fresh_decode_gemm)
     lib.vf_bgemm.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     rng = np.random.default_rng(4)
     # Odd sizes: weight rows off the blocks, inputs off the vector width.
