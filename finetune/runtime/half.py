@@ -17,10 +17,10 @@ stored dtypes anyway (no fp32 cast there).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 from finetune.runtime import packed
+from finetune.runtime.settings import on_unless_turned_off
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,7 +46,7 @@ class CpuBf16Linear(nn.Linear):
 
 
 def keep_bf16_wanted() -> bool:
-    return os.environ.get(KEEP_BF16_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return on_unless_turned_off(KEEP_BF16_ENV)
 
 
 def bf16_linears(module: nn.Module) -> list[nn.Linear]:

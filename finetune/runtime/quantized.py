@@ -29,11 +29,11 @@ off the CPU backend.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
 from finetune.runtime import packed
+from finetune.runtime.settings import on_unless_turned_off
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -84,7 +84,7 @@ DENSE_ENV = "VOICEFOUNDRY_CPU_DENSE_QUANTIZED"
 
 def dense_copies_wanted() -> bool:
     """Whether the fp32 copies are wanted (see the module docstring: on unless turned off)."""
-    return os.environ.get(DENSE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return on_unless_turned_off(DENSE_ENV)
 
 
 def install_cpu_quantized(model: nn.Module, dense_copies: bool | None = None) -> Counter[str]:

@@ -17,6 +17,12 @@ DEFAULT_CACHE_MIB = 1024
 _FALSE = {"0", "false", "no", "off"}
 
 
+def on_unless_turned_off(name: str) -> bool:
+    """A switch that is on by default: off only where the environment sets `name` to 0, false,
+    no or off (any case)."""
+    return os.environ.get(name, "").strip().lower() not in _FALSE
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """`fast_cpu` None means auto: on where it helps (Linux, no GPU backend in use)."""

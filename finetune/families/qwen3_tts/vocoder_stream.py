@@ -21,10 +21,11 @@ only the row's own frames. The transformer runs row by row (each at its own posi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from finetune.runtime.settings import on_unless_turned_off
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +43,7 @@ __all__ = ["StreamingVocoder", "VocoderStream", "vocoder_batch_wanted"]
 def vocoder_batch_wanted() -> bool:
     """Whether servers decode the due chunks of several rows in one pass (the default;
     VOICEFOUNDRY_VOCODER_BATCH=0 turns it off: see server/engine/families/qwen3.py)."""
-    return os.environ.get(BATCH_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return on_unless_turned_off(BATCH_ENV)
 
 
 @dataclass
