@@ -127,6 +127,16 @@ static unsigned long counts[5]; /* few-row kernel, sgemv, real sgemm, packed, bf
 #define SAME(v) (v)
 
 #ifdef HAVE_X86_KERNELS
+/* What this CPU runs (the compiler's cpu-model check, initialised on first use). */
+static int has_avx2_fma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+static int has_avx512f(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
 /* bf16 weights (the top half of an fp32), widened exactly: half the bytes of an fp32 copy. Each
  * ISA's bf16 kernel has its fp32 kernel's blocks and order of sums. */
 static inline float bf16_value(uint16_t v) {
@@ -242,7 +252,8 @@ T256 static inline float dot256(int n, const float *a, const float *b) {
                 _mm_prefetch(ahead + line, _MM_HINT_T0);                                           \
         }                                                                                          \
         __m256 acc[MB][NB];                                                                        \
-        UNROLL for (int i = 0; i < MB; ++i) UNROLL for (int n = 0; n < NB; ++n) acc[i][n] = z256(); \
+        UNROLL for (int i = 0; i < MB; ++i)                                                        \
+            UNROLL for (int n = 0; n < NB; ++n) acc[i][n] = z256();                                \
         for (int g = 0; g < groups; ++g) {                                                         \
             __m256 part[MB][NB];                                                                   \
             UNROLL for (int i = 0; i < MB; ++i) UNROLL for (int n = 0; n < NB; ++n)                \
@@ -425,12 +436,8 @@ static void few_rows(int m, int n, int k, float alpha, const float *x, int ldx, 
 int vf_qgemm(int m, int n, int k, const float *x, const uint32_t *wq, const float *scales,
              const float *biases, int bits, int group, float *y) {
 #ifdef HAVE_X86_KERNELS
-    static int avx2 = -1;
-    if (avx2 < 0) {
-        __builtin_cpu_init();
-        avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    if (!avx2 || (bits != 4 && bits != 8) || group <= 0 || group % CHUNK(bits) || k % group)
+    if (!has_avx2_fma() || (bits != 4 && bits != 8) || group <= 0 || group % CHUNK(bits) ||
+        k % group)
         return -1;
     if (m <= 0 || n <= 0) return 0;
     const int groups = k / group;
@@ -471,12 +478,7 @@ static void bf16_rows_avx512(const struct job *j, int o0, int o1) {
  * then takes another path). */
 int vf_bgemm(int m, int n, int k, const float *x, const uint16_t *w, float *y) {
 #ifdef HAVE_X86_KERNELS
-    static int avx2 = -1;
-    if (avx2 < 0) {
-        __builtin_cpu_init();
-        avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    if (!avx2) return -1;
+    if (!has_avx2_fma()) return -1;
     if (m <= 0 || n <= 0) return 0;
     struct job j = {.m = m, .k = k, .ldx = k, .ldw = k, .ldy = n, .o_total = n, .parts = 1, .x = x,
                     .y = y, .alpha = 1.0f, .wh = w,
@@ -493,9 +495,8 @@ int vf_bgemm(int m, int n, int k, const float *x, const uint16_t *w, float *y) {
 /* --- binding ------------------------------------------------------------------------------ */
 static int pick_kernel(int wanted) {
 #ifdef HAVE_X86_KERNELS
-    __builtin_cpu_init();
-    int avx512 = __builtin_cpu_supports("avx512f");
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx512 = has_avx512f();
+    int avx2 = has_avx2_fma();
     if (wanted < 0) wanted = avx512 ? KERNEL_AVX512 : (avx2 ? KERNEL_AVX2 : KERNEL_NONE);
     if (wanted == KERNEL_AVX512 && avx512) {
         kernel_rows = avx512_rows;
