@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
+#include <string>
 
 #include <nanobind/nanobind.h>
 
@@ -53,10 +54,31 @@ Dims dims(const mx::array& x, const mx::array& out) {
   return {k > 0 ? static_cast<int>(x.size() / k) : 0, out.shape(-1), k};
 }
 
-class PackedMatmul : public mx::UnaryPrimitive {
+// x[..., k] @ W[n, k]^T: [..., n].
+mx::Shape product_shape(const mx::array& x, int n) {
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return shape;
+}
+
+// A product with a stored weight (inputs[1], [n, k]) on the CPU stream: its shape, and no GPU.
+class CpuMatmul : public mx::UnaryPrimitive {
+ public:
+  using mx::UnaryPrimitive::UnaryPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {product_shape(inputs[0], inputs[1].shape(0))};
+  }
+};
+
+class PackedMatmul : public CpuMatmul {
  public:
   PackedMatmul(mx::Stream stream, int group_size, int bits)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+      : CpuMatmul(stream), group_size_(group_size), bits_(bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
@@ -74,10 +96,6 @@ class PackedMatmul : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("packed_matmul runs on the CPU backend only");
-  }
-
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
                              const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums,
@@ -92,12 +110,6 @@ class PackedMatmul : public mx::UnaryPrimitive {
                                  /*transpose=*/false, group_size_, bits_, "affine", stream())};
   }
 
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
-    return {shape};
-  }
-
   const char* name() const override { return "PackedMatmul"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -110,9 +122,9 @@ class PackedMatmul : public mx::UnaryPrimitive {
   int bits_;
 };
 
-class Bf16Matmul : public mx::UnaryPrimitive {
+class Bf16Matmul : public CpuMatmul {
  public:
-  explicit Bf16Matmul(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit Bf16Matmul(mx::Stream stream) : CpuMatmul(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
@@ -123,10 +135,6 @@ class Bf16Matmul : public mx::UnaryPrimitive {
         throw std::runtime_error("vf_bgemm refused a product bf16_matmul accepted");
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("bf16_matmul runs on the CPU backend only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
@@ -152,12 +160,6 @@ class Bf16Matmul : public mx::UnaryPrimitive {
       }
     }
     return grads;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
-    return {shape};
   }
 
   const char* name() const override { return "Bf16Matmul"; }
@@ -192,9 +194,7 @@ mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array&
   check(x.ndim() >= 1 && x.shape(-1) == k, "the input's last axis must match the weight");
   mx::Stream stream = cpu_stream();
   auto contiguous = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
-  mx::Shape shape = x.shape();
-  shape.back() = n;
-  return mx::array(shape, mx::float32,
+  return mx::array(product_shape(x, n), mx::float32,
                    std::make_shared<PackedMatmul>(stream, group_size, bits),
                    {as_rows(x, stream), contiguous(w), contiguous(scales), contiguous(biases)});
 }
@@ -204,9 +204,7 @@ mx::array bf16_matmul(const mx::array& x, const mx::array& w) {
   check(w.ndim() == 2 && w.dtype() == mx::bfloat16, "the weight must be a 2-D bfloat16 array");
   check(x.ndim() >= 1 && x.shape(-1) == w.shape(1), "the input's last axis must match the weight");
   mx::Stream stream = cpu_stream();
-  mx::Shape shape = x.shape();
-  shape.back() = w.shape(0);
-  return mx::array(shape, mx::float32, std::make_shared<Bf16Matmul>(stream),
+  return mx::array(product_shape(x, w.shape(0)), mx::float32, std::make_shared<Bf16Matmul>(stream),
                    {as_rows(x, stream), mx::contiguous(w, false, stream)});
 }
 
