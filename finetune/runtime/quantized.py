@@ -87,17 +87,16 @@ def dense_copies_wanted() -> bool:
     return on_unless_turned_off(DENSE_ENV)
 
 
-def install_cpu_quantized(model: nn.Module, dense_copies: bool | None = None) -> Counter[str]:
+def install_cpu_quantized(model: nn.Module) -> Counter[str]:
     """Re-class every fp32-scaled QuantizedLinear of `model` to take the packed product where our
-    kernel takes its layout and an fp32 copy where wanted (`dense_copies`, default: the setting);
-    returns how many layers it re-classed. Call after the model is cast to fp32."""
+    kernel takes its layout and an fp32 copy where the setting wants one; returns how many layers
+    it re-classed. Call after the model is cast to fp32."""
     from finetune.runtime.accelerate import is_cpu_backend
 
     installed: Counter[str] = Counter()
     if not is_cpu_backend():
         return installed
-    if dense_copies is None:
-        dense_copies = dense_copies_wanted()
+    dense_copies = dense_copies_wanted()
     kernel = packed.load() is not None
     for _, layer in model.named_modules():
         if type(layer) is not nn.QuantizedLinear or layer["scales"].dtype != mx.float32:
