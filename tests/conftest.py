@@ -79,6 +79,18 @@ def loaded_personaplex(tiny_personaplex: Path):
 
 
 @pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir that a real `serve --demo` process built from nothing (its models and demo
+    voices), once per session; modules serve copies of it (`service_helpers.copy_demo_data`)."""
+    from tests.service_helpers import server_process
+
+    data = tmp_path_factory.mktemp("demo_build") / "data"
+    with server_process({"demo": True, "data_dir": str(data)}, timeout=600):
+        pass
+    return data
+
+
+@pytest.fixture(scope="session")
 def speaker_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six synthetic clips of one 'speaker' with a ref clip: train.jsonl (+ val.jsonl)."""
     from finetune.data import synthetic_dataset

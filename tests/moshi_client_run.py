@@ -35,13 +35,13 @@ def main() -> None:
     seconds = float(os.environ["FAKE_SD_SECONDS"])
     # The user presses Ctrl-C, and once more if the client has not gone after a while (as
     # people do): its first interrupt cancels the conversation, a second one ends asyncio.run.
-    presses = [threading.Timer(at, _press_ctrl_c) for at in (seconds, seconds + 15)]
+    presses = [threading.Timer(at, _press_ctrl_c) for at in (seconds, seconds + 4)]
     for press in presses:
         press.daemon = True
         press.start()
     # The client's own teardown after Ctrl-C has been seen to hang (in full-suite runs only):
     # past this, the harness shows every thread's stack and ends it, keeping what was played.
-    watchdog = threading.Timer(seconds + 25, _end_hung_client)
+    watchdog = threading.Timer(seconds + 12, _end_hung_client)
     watchdog.daemon = True
     watchdog.start()
     sys.argv = ["moshi-client", *sys.argv[1:]]

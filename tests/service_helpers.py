@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,6 +129,13 @@ def job_clips(folder: Path, count: int = 8, seed: int = 7) -> JobClips:
     paths = [train.parent / r["audio"] for r in rows]
     texts = {p.name: r["text"] for p, r in zip(paths, rows, strict=True)}
     return paths, texts, train.parent / "ref.wav"
+
+
+def copy_demo_data(built: Path, data_dir: Path) -> Path:
+    """A copy of the session's demo build (conftest `demo_data_dir`) at `data_dir`, without the
+    building server's settings and logs: a `serve --demo` there finds everything built."""
+    shutil.copytree(built, data_dir, ignore=shutil.ignore_patterns("settings-*"))
+    return data_dir
 
 
 def job_form(clips: JobClips, name: str, **fields: str) -> tuple[list, dict]:

@@ -20,7 +20,7 @@ import soundfile as sf
 from voicefoundry_client import Client, ProgressEvent
 
 from server.auth import KeyStore
-from tests.service_helpers import ROOT, free_port, server_process
+from tests.service_helpers import ROOT, copy_demo_data, free_port, server_process
 
 DEMO_VOICES = {"demo-baked", "demo-adapter", "demo-clone"}
 BASE = "qwen3-tiny"  # the demo's Qwen3-TTS model (it serves a CSM model beside it)
@@ -34,8 +34,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path):
     root = tmp_path_factory.mktemp("cli_server")
+    copy_demo_data(demo_data_dir, root / "data")
     keys = KeyStore()
     key, _ = keys.add("admin", "cli tests")
     keys.save(root / "keys.json")

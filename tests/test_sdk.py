@@ -44,7 +44,7 @@ from voicefoundry_client import (
 )
 
 from server.auth import KeyStore
-from tests.service_helpers import server_process
+from tests.service_helpers import copy_demo_data, server_process
 
 DEMO_VOICES = {"demo-baked", "demo-adapter", "demo-clone"}
 BASE = "qwen3-tiny"  # the demo's Qwen3-TTS model (it serves a CSM model beside it)
@@ -60,8 +60,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path):
     root = tmp_path_factory.mktemp("sdk_server")
+    copy_demo_data(demo_data_dir, root / "data")
     keys = KeyStore()
     admin_key, _ = keys.add("admin", "sdk tests")
     speak_key, _ = keys.add("speak", "sdk tests")

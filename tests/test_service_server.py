@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from server.voices import pack_directory
-from tests.service_helpers import server_process, wav_samples
+from tests.service_helpers import copy_demo_data, server_process, wav_samples
 
 MODEL = "tiny"
 
@@ -235,13 +235,16 @@ def test_a_client_that_disconnects_frees_the_engine(server):
     assert depth == ["voicefoundry_queue_depth 0"]
 
 
-def test_demo_mode_serves_every_family_offline(tmp_path):
-    """The README's first command: `serve --demo` builds everything it needs, then serves:
-    Qwen3-TTS voices (baked, adapter, clone), CSM speakers and a PersonaPlex duplex voice."""
+def test_demo_mode_serves_every_family_offline(tmp_path, demo_data_dir):
+    """The README's first command: `serve --demo` builds everything it needs (the session's
+    `demo_data_dir`: a real `serve --demo` on an empty data dir), then serves, here from a copy
+    of what it built: Qwen3-TTS voices (baked, adapter, clone), CSM speakers and a PersonaPlex
+    duplex voice."""
     from server.duplex.demo import PROMPT_VOICES
     from tests.duplex_helpers import converse, user_audio, ws_url
 
-    settings = {"data_dir": str(tmp_path / "data"), "demo": True, "max_tokens_per_sentence": 4}
+    data = copy_demo_data(demo_data_dir, tmp_path / "data")
+    settings = {"data_dir": str(data), "demo": True, "max_tokens_per_sentence": 4}
     with server_process(settings, timeout=600) as url:
         voices = {v["name"]: v["kind"] for v in httpx.get(f"{url}/voices").json()["voices"]}
         assert voices == {
