@@ -1,5 +1,7 @@
-"""A bf16 checkpoint served on MLX's CPU backend keeps its talker's Linear weights in bf16
-(finetune/runtime/half.py): our kernel reads 2 bytes a weight where the fp32 cast read 4.
+"""A bf16 checkpoint served on MLX's CPU backend keeps the Linear weights of its frame-by-frame
+decode path in bf16 (finetune/runtime/half.py): Qwen3-TTS's talker, CSM's backbone and depth
+decoder, PersonaPlex's temporal transformer and depformer. Our kernel reads 2 bytes a weight
+where the fp32 cast read 4.
 
 Exactness: the bf16 -> fp32 widening is exact and the kernel uses the few-row kernel's ISA,
 blocks and order of sums, so every output is the fp32 path's bit for bit (one row to the few-row
@@ -9,8 +11,14 @@ order, a shift) or a wrong block changes outputs at the 1e-2 level: caught by th
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+from finetune.families.csm.checkpoint import load_csm
+from finetune.families.csm.generate import generate_codes
+from finetune.families.personaplex.checkpoint import load_personaplex
+from finetune.families.personaplex.runtime import PersonaPlexRuntime
 from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
 from finetune.families.qwen3_tts.conditioning import Conditioning
 from finetune.families.qwen3_tts.serving import Qwen3BatchGenerator, Qwen3Prompter, Row
@@ -127,3 +135,63 @@ def test_keeping_bf16_can_be_turned_off(tiny_qwen3_base: Path, monkeypatch) -> N
     loaded = load_qwen3_tts(tiny_qwen3_base, serving=True)
     assert not _halves(loaded.model)
     assert CpuBf16Linear.__name__ not in loaded.runtime.swapped
+
+
+@pytest.fixture(scope="module")
+def bf16_csm(tiny_csm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CSM stored in bf16, as Sesame's checkpoint is (the tiny preset is fp32)."""
+    out = tmp_path_factory.mktemp("csm_bf16") / "csm"
+    shutil.copytree(tiny_csm, out)
+    weights, metadata = mx.load(str(out / "model.safetensors"), return_metadata=True)
+    halved = {
+        k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    mx.save_safetensors(str(out / "model.safetensors"), halved, metadata=metadata)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    return out
+
+
+def _only_halves(module: nn.Module) -> int:
+    """How many Linear layers of `module` are bf16-kept; none may be left a plain Linear."""
+    assert not [p for p, m in module.named_modules() if type(m) is nn.Linear]
+    return len(_halves(module))
+
+
+def test_a_served_csm_keeps_its_decode_layers_bf16_and_speaks_the_fp32_models_codes(
+    bf16_csm: Path,
+) -> None:
+    served, trained = load_csm(bf16_csm, serving=True), load_csm(bf16_csm)
+    kept = _only_halves(served.model.model)
+    assert kept == served.runtime.swapped[CpuBf16Linear.__name__] > 0
+    assert not _halves(trained.model) and CpuBf16Linear.__name__ not in trained.runtime.swapped
+    for seed, temperature, top_k in ((3, 0.0, 0), (4, 0.9, 50)):
+        kwargs = dict(speaker=1, seed=seed, max_audio_frames=6, temperature=temperature)
+        ours = generate_codes(served, TEXTS[1], top_k=top_k, **kwargs)
+        theirs = generate_codes(trained, TEXTS[1], top_k=top_k, **kwargs)
+        assert ours.shape == (6, served.num_codebooks)
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_served_personaplex_keeps_its_lm_bf16_and_steps_as_the_fp32_model(
+    tiny_personaplex: Path, loaded_personaplex
+) -> None:
+    served = load_personaplex(tiny_personaplex, serving=True)
+    assert _only_halves(served.lm) == served.runtime.swapped[CpuBf16Linear.__name__] > 0
+    assert not _halves(served.mimi) and not _halves(loaded_personaplex.lm)
+
+    def trace(loaded) -> list[tuple[int, tuple[int, ...], bytes]]:
+        runtime = PersonaPlexRuntime(loaded)
+        session = runtime.new_session(seed=5)
+        runtime.condition(session)
+        steps = []
+        for i in range(10):
+            user = np.random.default_rng(i).normal(0.0, 0.1, 1920).astype(np.float32)
+            out = runtime.step([session], [user])[0]
+            steps.append((out.text_token, tuple(session.last_tokens), out.pcm.tobytes()))
+        return steps
+
+    ours = trace(served)
+    assert len({step[0] for step in ours}) > 3  # text tokens move: the lm is really running
+    assert ours == trace(loaded_personaplex)

@@ -271,3 +271,79 @@ def test_without_a_cxx_compiler_quantised_layers_keep_their_fp32_copies(
     swapped = state["swapped"]
     assert swapped["CpuQuantizedLinear.dense"] == swapped["CpuQuantizedLinear"] > 0, swapped
     assert "CpuQuantizedLinear.packed" not in swapped, swapped
+
+
+# --- the other families: their quantised variants take the same paths (runtime.prepare_model) --
+@pytest.fixture(scope="module")
+def csm_q8(tiny_csm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.families.csm.quantize import quantize_csm
+
+    return quantize_csm(tiny_csm, tmp_path_factory.mktemp("csm_quantised") / "q8", "8")
+
+
+@pytest.fixture(scope="module")
+def personaplex_q4(tiny_personaplex: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.families.personaplex.quantize import quantize_personaplex
+
+    out = tmp_path_factory.mktemp("personaplex_quantised") / "q4"
+    return quantize_personaplex(tiny_personaplex, out, "4")
+
+
+def _every_path_agrees(model: nn.Module, codes) -> None:
+    """`codes()` (a greedy decode of `model`) is the same through MLX's kernel, the packed
+    product, the fp32 copy and as served (packed for few rows, the copy above)."""
+    layers = _layers(model)
+    assert layers and all("_dense" in layer for layer in layers)
+    assert {layer._packed_max_rows for layer in layers} == {PACKED_MAX_ROWS}
+
+    def through(path: str):
+        if path != "served":
+            _force(model, path)
+        try:
+            return codes()
+        finally:
+            _restore(model)
+
+    plain = through("mlx")
+    for path in ("packed", "dense", "served"):
+        np.testing.assert_array_equal(through(path), plain, err_msg=path)
+
+
+def test_a_quantised_csm_takes_the_packed_product_with_the_same_greedy_codes(csm_q8) -> None:
+    from finetune.families.csm.checkpoint import load_csm
+    from finetune.families.csm.generate import generate_codes
+
+    loaded = load_csm(csm_q8, serving=True)
+    assert loaded.runtime.swapped["CpuQuantizedLinear.packed"] == len(_layers(loaded.model))
+
+    def codes() -> np.ndarray:
+        frames = generate_codes(
+            loaded, TEXTS[1], speaker=0, seed=1, max_audio_frames=6, temperature=0.0, top_k=0
+        )
+        assert frames.shape == (6, loaded.num_codebooks)
+        return frames
+
+    _every_path_agrees(loaded.model, codes)
+
+
+def test_a_quantised_personaplex_takes_the_packed_product_with_the_same_greedy_tokens(
+    personaplex_q4,
+) -> None:
+    from finetune.families.personaplex.checkpoint import load_personaplex
+    from finetune.families.personaplex.runtime import PersonaPlexRuntime
+
+    loaded = load_personaplex(personaplex_q4, serving=True)
+    assert loaded.runtime.swapped["CpuQuantizedLinear.packed"] == len(_layers(loaded.lm))
+    runtime = PersonaPlexRuntime(loaded)
+
+    def codes() -> np.ndarray:
+        session = runtime.new_session(seed=2, text_temperature=0.0, audio_temperature=0.0)
+        runtime.condition(session)
+        steps = []
+        for i in range(8):
+            user = np.random.default_rng(i).normal(0.0, 0.1, 1920).astype(np.float32)
+            out = runtime.step([session], [user])[0]
+            steps.append([out.text_token, *session.last_tokens])
+        return np.array(steps)
+
+    _every_path_agrees(loaded.lm, codes)

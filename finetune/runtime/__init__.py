@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,15 +39,24 @@ class PreparedModel:
     swapped: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_model(model: nn.Module) -> PreparedModel:
-    """Apply the CPU fast paths to a freshly loaded model, when they are on."""
+def prepare_model(model: nn.Module, *, bf16_layers: Sequence[nn.Linear] = ()) -> PreparedModel:
+    """Apply the CPU fast paths to a freshly loaded model, when they are on: every floating
+    weight cast to fp32, the fast modules, quantised layers on the packed product
+    (runtime/quantized.py), and `bf16_layers` (serving only: `half.bf16_linears` of the
+    frame-by-frame decode path, taken before any fp32 cast) given their bf16 weight back
+    (runtime/half.py)."""
     if not fast_cpu_active():
         return PreparedModel(fast_cpu=False)
     from finetune.runtime.accelerate import install_fast_modules, to_float32
+    from finetune.runtime.half import keep_bf16
+    from finetune.runtime.quantized import install_cpu_quantized
 
     to_float32(model)
     keep_freed_buffers(settings().cache_mib)
-    return PreparedModel(fast_cpu=True, swapped=dict(install_fast_modules(model)))
+    swapped = install_fast_modules(model)
+    swapped.update(install_cpu_quantized(model))  # after the cast: the fp32 scales
+    swapped.update(keep_bf16(list(bf16_layers)))
+    return PreparedModel(fast_cpu=True, swapped=dict(swapped))
 
 
 def keep_freed_buffers(mib: int) -> None:

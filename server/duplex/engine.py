@@ -156,7 +156,7 @@ class DuplexModel:
     def load(cls, name: str, path: str, **bank: int) -> DuplexModel:
         from finetune.families.personaplex.checkpoint import load_personaplex
 
-        return cls(name, load_personaplex(path), **bank)
+        return cls(name, load_personaplex(path, serving=True), **bank)
 
     def voice_prompt(self, path: Path | None) -> np.ndarray | None:
         if path is None:

@@ -1,7 +1,9 @@
 """Duplex serving: per-tick step time (p50 / p95) at 1, 4 and 8 concurrent sessions (budget:
 80 ms a tick), batched (one forward for all sessions) vs one session at a time, and the tick as it
 was before its speed-ups (`PersonaPlexRuntime(fast=False)`: MLX's ELU in Mimi, a full sort for
-top-k, noise over the whole vocabulary) vs today's, measured interleaved tick by tick in one run;
+top-k, noise over the whole vocabulary) vs today's, and the checkpoint as served (its bf16
+Linear layers kept bf16, finetune/runtime/half.py) vs every weight cast to fp32, measured
+interleaved tick by tick in one run;
 sessions per 80 ms tick (the most sessions whose batched p95 fits 80 ms). On the tiny PersonaPlex
 and on a PersonaPlex-width slice (real widths: temporal 4096 / depformer 1024, few layers); then
 the time from connect to handshake through a real server and a real websockets client.
@@ -20,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -37,11 +40,12 @@ def _frames(n: int, seed: int) -> list[np.ndarray]:
     return [(0.1 * rng.standard_normal(FRAME)).astype(np.float32) for _ in range(n)]
 
 
-Variant = tuple[str, bool, bool]  # (label, fast, batched)
+Variant = tuple[str, bool, bool, bool]  # (label, fast, batched, served: bf16 layers kept)
 VARIANTS: list[Variant] = [
-    ("fast batched", True, True),
-    ("fast one-by-one", True, False),
-    ("old batched", False, True),
+    ("fast batched", True, True, True),
+    ("fast one-by-one", True, False, True),
+    ("old batched", False, True, True),
+    ("fp32 weights batched", True, True, False),
 ]
 
 
@@ -79,10 +83,13 @@ class Ticker:
 
 
 def interleaved(
-    loaded: object, sessions: int, ticks: int, variants: list[Variant]
+    models: Mapping[bool, object], sessions: int, ticks: int, variants: list[Variant]
 ) -> dict[str, list[float]]:
-    """Per-tick seconds of each variant, ticks taken in turn so machine load hits them alike."""
-    tickers = {label: Ticker(loaded, sessions, fast, b) for label, fast, b in variants}
+    """Per-tick seconds of each variant, ticks taken in turn so machine load hits them alike;
+    `models[served]`: the checkpoint as the server loads it (True) or cast to fp32 (False)."""
+    tickers = {
+        label: Ticker(models[served], sessions, fast, b) for label, fast, b, served in variants
+    }
     times: dict[str, list[float]] = {label: [] for label in tickers}
     for _ in range(ticks):
         for label, ticker in tickers.items():
@@ -100,24 +107,29 @@ def p50_p95(times: list[float]) -> tuple[float, float]:
 def report(label: str, path: Path, counts: list[int], ticks: int, max_sessions: int) -> None:
     from finetune.families.personaplex.checkpoint import load_personaplex
 
-    loaded = load_personaplex(path)
+    # As the server loads it (bf16 layers kept bf16 on CPU), and every weight cast to fp32.
+    models = {True: load_personaplex(path, serving=True), False: load_personaplex(path)}
     print(f"\n{label}: per-tick step time, ms (p50 / p95 over {ticks} ticks; budget 80 ms)")
-    header = "".join(f"{name:>22}" for name, _, _ in VARIANTS)
-    print(f"{'sessions':>8}{header}{'fast/old':>10}{'batch gain':>11}{'in budget':>10}")
+    header = "".join(f"{name:>22}" for name, *_ in VARIANTS)
+    print(
+        f"{'sessions':>8}{header}{'fast/old':>10}{'batch gain':>11}{'bf16 gain':>10}"
+        f"{'in budget':>10}"
+    )
     for n in counts:
-        times = interleaved(loaded, n, ticks, VARIANTS)
+        times = interleaved(models, n, ticks, VARIANTS)
         cells, p50 = "", {}
-        for name, _, _ in VARIANTS:
+        for name, *_ in VARIANTS:
             mid, high = p50_p95(times[name])
             p50[name] = mid
             cells += f"{mid * 1e3:>11.1f} / {high * 1e3:>7.1f}"
         speed = p50["old batched"] / p50["fast batched"]
         gain = p50["fast one-by-one"] / p50["fast batched"]
+        half = p50["fp32 weights batched"] / p50["fast batched"]
         ok = "yes" if p50_p95(times["fast batched"])[1] <= BUDGET_S else "no"
-        print(f"{n:>8}{cells}{speed:>9.2f}x{gain:>10.2f}x{ok:>10}")
+        print(f"{n:>8}{cells}{speed:>9.2f}x{gain:>10.2f}x{half:>9.2f}x{ok:>10}")
     fits = {
-        "fast": sessions_per_tick(loaded, True, ticks, max_sessions),
-        "old": sessions_per_tick(loaded, False, ticks, max_sessions),
+        "fast": sessions_per_tick(models[True], True, ticks, max_sessions),
+        "old": sessions_per_tick(models[True], False, ticks, max_sessions),
     }
     for name, (most, p95) in fits.items():
         shown = "none" if most == 0 else f"{most} (p95 {p95 * 1e3:.1f} ms)"
@@ -131,7 +143,7 @@ def sessions_per_tick(
     bisecting (a p95 grows with sessions, up to noise)."""
 
     def p95(n: int) -> float:
-        times = interleaved(loaded, n, ticks, [("x", fast, True)])["x"]
+        times = interleaved({True: loaded}, n, ticks, [("x", fast, True, True)])["x"]
         return p50_p95(times)[1]
 
     best, best_p95, n = 0, 0.0, 1

@@ -34,6 +34,7 @@ from finetune.loading import (
 )
 from finetune.runtime import PreparedModel, prepare_model
 from finetune.runtime.accelerate import to_float32
+from finetune.runtime.half import bf16_linears
 from finetune.variants import describe, quantize_loaded
 
 import mlx.core as mx
@@ -99,7 +100,9 @@ class LoadedCsm:
         }
 
 
-def load_csm(name: str | Path) -> LoadedCsm:
+def load_csm(name: str | Path, *, serving: bool = False) -> LoadedCsm:
+    """Load and verify a checkpoint; `serving`: for inference only (a bf16 checkpoint's Linear
+    layers stay bf16 on the CPU backend, finetune/runtime/half.py), not for training."""
     from mlx_audio.tts.utils import load_model
 
     path = resolve_model_path(name)
@@ -134,10 +137,12 @@ def load_csm(name: str | Path) -> LoadedCsm:
     if problems:
         raise CheckpointError(path, problems)
 
+    # The backbone and the depth decoder run frame by frame, reading every weight a step.
+    half = bf16_linears(model) if serving else []
     to_float32(model)
     assert mimi is not None
     to_float32(mimi)
-    runtime = prepare_model(model)
+    runtime = prepare_model(model, bf16_layers=half)
     mx.eval(model.parameters())
     model.eval()
     return LoadedCsm(

@@ -37,6 +37,7 @@ from finetune.families.personaplex.pytorch_names import (
 from finetune.families.personaplex.text_tokenizer import load_spm, tokenizer_problems
 from finetune.loading import CheckpointError, captured_output, offline_hub, resolve_model_path, tail
 from finetune.runtime import PreparedModel, prepare_model
+from finetune.runtime.half import bf16_linears
 
 import mlx.core as mx
 
@@ -99,7 +100,9 @@ def read_mimi_section(path: Path, config: dict[str, Any]) -> tuple[Any, list[str
         return None, [f"{file.name}: not a Mimi config this codec follows ({exc})"]
 
 
-def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
+def load_personaplex(name: str | Path, *, serving: bool = False) -> LoadedPersonaPlex:
+    """Load and verify a checkpoint; `serving`: for inference only (a bf16 checkpoint's Linear
+    layers stay bf16 on the CPU backend, finetune/runtime/half.py), not for training."""
     from mlx_audio.codec.models.mimi.mimi import Mimi
     from mlx_audio.sts.models.moshi.lm import Lm
 
@@ -151,8 +154,12 @@ def load_personaplex(name: str | Path) -> LoadedPersonaPlex:
     assert lm_cfg is not None and mimi_cfg is not None and tokenizer is not None
 
     lm = _load_lm(path, moshi_file, lm_cfg, quant)
+    # The temporal transformer and the depformer run every 80 ms tick, reading every weight.
+    half = bf16_linears(lm) if serving else []
+    lm.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+    mx.eval(lm.parameters())
     mimi = _load_mimi(path, mimi_file, mimi_cfg)
-    runtime = prepare_model(lm)
+    runtime = prepare_model(lm, bf16_layers=half)
     prepare_model(mimi)
     return LoadedPersonaPlex(
         path=path,
@@ -273,8 +280,6 @@ def _load_lm(path: Path, file: Path, cfg: Any, quant: dict[str, Any] | None = No
             ) from exc
     if "error" in printed.getvalue().lower():
         raise CheckpointError(path, [f"{file.name}: {tail(printed.getvalue())}"])
-    lm.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
-    mx.eval(lm.parameters())
     lm.eval()
     return lm
 

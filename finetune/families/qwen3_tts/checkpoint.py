@@ -21,8 +21,7 @@ from finetune.loading import (
     tail,
 )
 from finetune.runtime import PreparedModel, fast_cpu_active, prepare_model
-from finetune.runtime.half import bf16_linears, keep_bf16
-from finetune.runtime.quantized import install_cpu_quantized
+from finetune.runtime.half import bf16_linears
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,10 +93,7 @@ def load_qwen3_tts(name: str | Path, *, serving: bool = False) -> LoadedQwen3TTS
     # The talker decodes frame by frame, reading every weight a step: its bf16 layers stay bf16.
     # The vocoder's products have many rows (compute-bound): fp32 there.
     half = bf16_linears(model.talker) if serving else []
-    runtime = prepare_model(model)
-    if runtime.fast_cpu:  # after the fp32 cast: the fp32 scales
-        runtime.swapped.update(install_cpu_quantized(model))
-        runtime.swapped.update(keep_bf16(half))
+    runtime = prepare_model(model, bf16_layers=half)
     return LoadedQwen3TTS(model=model, path=path, config=config, runtime=runtime)
 
 

@@ -112,7 +112,7 @@ class CsmModel:
 
     @classmethod
     def load(cls, name: str, path: str, *, slots: int, max_rank: int, max_bytes: int) -> CsmModel:
-        loaded = load_csm(path)
+        loaded = load_csm(path, serving=True)
         bank = AdapterBank(
             loaded.backbone,
             list(CSM_BACKBONE_TARGETS) + list(CSM_DECODER_TARGETS),
