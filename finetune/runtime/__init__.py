@@ -43,19 +43,24 @@ def prepare_model(model: nn.Module, *, bf16_layers: Sequence[nn.Linear] = ()) ->
     """Apply the CPU fast paths to a freshly loaded model, when they are on: every floating
     weight cast to fp32, the fast modules, quantised layers on the packed product
     (runtime/quantized.py), and `bf16_layers` (serving only: `half.bf16_linears` of the
-    frame-by-frame decode path, taken before any fp32 cast) given their bf16 weight back
-    (runtime/half.py)."""
+    frame-by-frame decode path) kept in bf16 (runtime/half.py), never copied to fp32. A loader
+    that casts to fp32 on every backend does so after this call (`accelerate.to_float32`
+    passes the kept layers by)."""
     if not fast_cpu_active():
         return PreparedModel(fast_cpu=False)
     from finetune.runtime.accelerate import install_fast_modules, to_float32
     from finetune.runtime.half import keep_bf16
     from finetune.runtime.quantized import install_cpu_quantized
 
+    import mlx.core as mx
+
+    kept = keep_bf16(list(bf16_layers))  # before the cast, which passes their weights by
     to_float32(model)
+    mx.eval(model.parameters())  # the stored-dtype arrays go now, not at the first forward
     keep_freed_buffers(settings().cache_mib)
     swapped = install_fast_modules(model)
     swapped.update(install_cpu_quantized(model))  # after the cast: the fp32 scales
-    swapped.update(keep_bf16(list(bf16_layers)))
+    swapped.update(kept)
     return PreparedModel(fast_cpu=True, swapped=dict(swapped))
 
 

@@ -238,8 +238,21 @@ def _stored_as(weight: mx.array, order: tuple[int, ...]) -> mx.array:
 
 
 def to_float32(model: nn.Module) -> None:
-    """On CPU only fp32 matmuls go through BLAS: cast every floating parameter up."""
-    model.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+    """On CPU only fp32 matmuls go through BLAS: cast every floating parameter up, but for the
+    weights of layers kept in bf16 (`half.CpuBf16Linear`: our kernel reads them as bf16), which
+    are never copied to fp32, so a served bf16 model never holds both copies at once."""
+    from finetune.runtime.half import CpuBf16Linear
+
+    kept = [
+        (layer, layer.pop("weight"))
+        for _, layer in model.named_modules()
+        if isinstance(layer, CpuBf16Linear)
+    ]
+    try:
+        model.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+    finally:
+        for layer, weight in kept:
+            layer["weight"] = weight
 
 
 def is_cpu_backend() -> bool:

@@ -9,7 +9,7 @@ casts the weight to fp32 for the call, as the fp32 path would multiply it. So th
 fp32 path's bit for bit: the cast back to bf16 is exact (the fp32 weights came from bf16) and the
 sums are taken in the same order (tests/test_half_linear.py).
 
-Serving only (`load_qwen3_tts(..., serving=True)`): training keeps fp32 parameters, whose
+Serving only (the family loaders' `serving=True`): training keeps fp32 parameters, whose
 optimiser updates would lose precision in bf16. On by default where the kernel is available;
 `VOICEFOUNDRY_CPU_KEEP_BF16=0` turns it off (fp32 in memory, as before). Metal and CUDA keep their
 stored dtypes anyway (no fp32 cast there).
@@ -59,8 +59,10 @@ def bf16_linears(module: nn.Module) -> list[nn.Linear]:
 
 
 def keep_bf16(layers: list[nn.Linear]) -> Counter[str]:
-    """Give each layer (from `bf16_linears`, now cast to fp32) its bf16 weight back and re-class
-    it, where the kernel is available and wanted; returns how many it re-classed."""
+    """Re-class each layer (from `bf16_linears`) to keep its bf16 weight, where the kernel is
+    available and wanted; returns how many it re-classed. Before the fp32 cast, which then
+    passes them by (`accelerate.to_float32`); a weight cast to fp32 already is cast back (exact:
+    it came from bf16)."""
     from finetune.runtime import blas
     from finetune.runtime.accelerate import is_cpu_backend
 
@@ -69,7 +71,8 @@ def keep_bf16(layers: list[nn.Linear]) -> Counter[str]:
         return done
     most = blas.few_rows_max()
     for layer in layers:
-        layer["weight"] = layer["weight"].astype(mx.bfloat16)
+        if layer["weight"].dtype != mx.bfloat16:
+            layer["weight"] = layer["weight"].astype(mx.bfloat16)
         layer.__class__ = CpuBf16Linear
         layer._half_max_rows = most
         done[CpuBf16Linear.__name__] += 1

@@ -6,11 +6,13 @@ order), through the served model (`server.engine.families.csm.CsmModel`, Mimi au
 - batched: `run([4 rows])`, one backbone + depth-decoder forward per frame for all 4;
 - one by one: `run([row])` four times (the same code with one row);
 - before: the engine's previous CSM path, rows one after another through
-  `generate.iter_frames` (mlx-audio's `generate_frame`) and the shared Mimi streaming decoder.
+  `generate.iter_frames` (mlx-audio's `generate_frame`) and the shared Mimi streaming decoder;
+- batched fp32 (bf16 checkpoints: `wide`, `real-1b`): batched with every weight cast to fp32,
+  beside the served model, whose Linear layers stay bf16 on CPU (finetune/runtime/half.py).
 
-Presets: `tiny` (the test model), `wide` (defined here: a 1024-wide 8-layer backbone, a
+Presets: `tiny` (the test model, fp32), `wide` (defined here: a 1024-wide 8-layer backbone, a
 512-wide 4-layer depth decoder, 32 codebooks and the real Mimi's sizes, so the depth decoder
-dominates a frame as in the real model) and `real-1b` (Sesame's real shape: ~6 GB in fp32,
+dominates a frame as in the real model; bf16) and `real-1b` (Sesame's real shape: ~6 GB in fp32,
 minutes to build). Random weights never say EOS, so every row makes `--frames` frames.
 
     python tests/bench/bench_csm.py [--presets tiny,wide] [--frames 12] [--repeats 3]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -53,7 +56,7 @@ def _wide_preset() -> None:
             ),
             num_codebooks=32,
             mimi={},
-            dtype="float32",
+            dtype="bfloat16",  # stored as Sesame's checkpoint is
         ),
     )
 
@@ -98,8 +101,20 @@ def _before(model, frames: int) -> list:
     return out
 
 
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _parameter_mib(model) -> float:
+    from finetune.arrays import flat_items
+
+    return sum(v.nbytes for _, v in flat_items(model.loaded.model.parameters())) / 2**20
+
+
 def bench_preset(preset: str, frames: int, repeats: int, work: Path) -> None:
     from finetune.families.csm.tiny import make_tiny_csm
+    from finetune.runtime.half import KEEP_BF16_ENV, CpuBf16Linear
 
     import numpy as np
 
@@ -111,6 +126,18 @@ def bench_preset(preset: str, frames: int, repeats: int, work: Path) -> None:
         make_tiny_csm(path, seed=0, preset=preset)
         print(f"[{preset}] built the random checkpoint in {time.perf_counter() - start:.1f} s")
     model = CsmModel.load(f"csm-{preset}", str(path), slots=4, max_rank=8, max_bytes=1 << 26)
+    peak_after_served = _peak_rss_mib()
+    # A bf16 checkpoint is served with its Linear layers kept bf16 on CPU; beside it, the same
+    # checkpoint with every weight cast to fp32 (the switch that turns keeping off).
+    fp32_model = None
+    if any(isinstance(m, CpuBf16Linear) for _, m in model.loaded.model.named_modules()):
+        os.environ[KEEP_BF16_ENV] = "0"
+        try:
+            fp32_model = CsmModel.load(
+                f"csm-{preset}-fp32", str(path), slots=4, max_rank=8, max_bytes=1 << 26
+            )
+        finally:
+            del os.environ[KEEP_BF16_ENV]
     codes: dict[str, list] = {}
 
     def batched() -> None:
@@ -127,11 +154,19 @@ def bench_preset(preset: str, frames: int, repeats: int, work: Path) -> None:
     def before() -> None:
         codes["before"] = _before(model, frames)
 
+    def batched_fp32() -> None:
+        assert fp32_model is not None
+        rows = _rows(fp32_model, frames)
+        fp32_model.run(rows)
+        codes["batched fp32"] = [np.stack(r.frames) for r in rows]
+
     variants: dict[str, Callable[[], None]] = {
         "batched": batched,
         "one by one": one_by_one,
         "before": before,
     }
+    if fp32_model is not None:
+        variants["batched fp32"] = batched_fp32
     for run in variants.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -154,6 +189,19 @@ def bench_preset(preset: str, frames: int, repeats: int, work: Path) -> None:
     )
     also = all(np.array_equal(a, b) for a, b in zip(codes["batched"], codes["before"], strict=True))
     print(f"  codes: batched == one by one: {same}; batched == before: {also}")
+    if fp32_model is not None:
+        half = median["batched fp32"] / median["batched"]
+        equal = all(
+            np.array_equal(a, b)
+            for a, b in zip(codes["batched"], codes["batched fp32"], strict=True)
+        )
+        print(f"  bf16 layers kept vs every weight fp32 (batched): {half:.2f}x faster")
+        sizes = [_parameter_mib(m) for m in (model, fp32_model)]
+        print(
+            f"  parameters: {sizes[0]:.0f} MiB served vs {sizes[1]:.0f} MiB fp32; peak RSS "
+            f"after loading the served model (before the fp32 one) {peak_after_served:.0f} MiB"
+        )
+        print(f"  codes: bf16 layers kept == every weight fp32: {equal}")
 
 
 def main() -> None:

@@ -139,10 +139,10 @@ def load_csm(name: str | Path, *, serving: bool = False) -> LoadedCsm:
 
     # The backbone and the depth decoder run frame by frame, reading every weight a step.
     half = bf16_linears(model) if serving else []
-    to_float32(model)
+    runtime = prepare_model(model, bf16_layers=half)
+    to_float32(model)  # fp32 on every backend (on CPU prepare_model did it)
     assert mimi is not None
     to_float32(mimi)
-    runtime = prepare_model(model, bf16_layers=half)
     mx.eval(model.parameters())
     model.eval()
     return LoadedCsm(

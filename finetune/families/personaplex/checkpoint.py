@@ -37,6 +37,7 @@ from finetune.families.personaplex.pytorch_names import (
 from finetune.families.personaplex.text_tokenizer import load_spm, tokenizer_problems
 from finetune.loading import CheckpointError, captured_output, offline_hub, resolve_model_path, tail
 from finetune.runtime import PreparedModel, prepare_model
+from finetune.runtime.accelerate import to_float32
 from finetune.runtime.half import bf16_linears
 
 import mlx.core as mx
@@ -156,10 +157,10 @@ def load_personaplex(name: str | Path, *, serving: bool = False) -> LoadedPerson
     lm = _load_lm(path, moshi_file, lm_cfg, quant)
     # The temporal transformer and the depformer run every 80 ms tick, reading every weight.
     half = bf16_linears(lm) if serving else []
-    lm.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+    runtime = prepare_model(lm, bf16_layers=half)
+    to_float32(lm)  # fp32 on every backend (on CPU prepare_model did it)
     mx.eval(lm.parameters())
     mimi = _load_mimi(path, mimi_file, mimi_cfg)
-    runtime = prepare_model(lm, bf16_layers=half)
     prepare_model(mimi)
     return LoadedPersonaPlex(
         path=path,
