@@ -24,7 +24,7 @@ deploy-checks:
 	bash deploy/install-deploy-checks.sh
 
 test: install postgres
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The long end-to-end proofs (each overfits voices through real jobs on a real server, then
 # checks that /speak serves them exactly as trained; every layout and variant trained and served):

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -47,38 +49,57 @@ def _settings(data: Path, model: Path) -> dict:
     }
 
 
-def test_upload_trains_in_another_process_and_the_new_voice_speaks(
-    tmp_path, tiny_qwen3_base, clips
-):
-    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
+@dataclass
+class TrainedJob:
+    url: str
+    root: Path  # holds the server's data dir
+    created: httpx.Response
+    events: list[dict]
+
+
+@pytest.fixture(scope="module")
+def newvoice(tmp_path_factory, tiny_qwen3_base, clips) -> Iterator[TrainedJob]:
+    """One speaker job uploaded to a real server and followed to its end through the event
+    stream; the server stays up for the tests that read what the job left."""
+    root = tmp_path_factory.mktemp("newvoice")
+    with server_process(_settings(root / "data", tiny_qwen3_base)) as url:
         files, data = job_form(clips, "Newvoice")
         created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
-        assert created.status_code == 202, created.text
-        job = created.json()
-        assert created.headers["location"] == f"/jobs/{job['id']}"
-        assert job["state"] == "queued" and job["name"] == "newvoice"
-
         events = []
-        with httpx.stream("GET", f"{url}/jobs/{job['id']}/events", timeout=300) as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
-        kinds = [e["event"] for e in events]
-        assert "step" in kinds, kinds
-        assert events[-1]["event"] == "state" and events[-1]["state"] == "succeeded", events[-3:]
+        if created.status_code == 202:
+            job_id = created.json()["id"]
+            with httpx.stream("GET", f"{url}/jobs/{job_id}/events", timeout=300) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[5:]))
+        yield TrainedJob(url, root, created, events)
 
-        final = httpx.get(f"{url}/jobs/{job['id']}").json()
-        assert final["state"] == "succeeded" and final["step"] == 4 and final["voice"] == "newvoice"
-        assert "pid" not in final  # the trainer's pid (and server paths) stay on the server
-        assert json.dumps(final).count(str(tmp_path)) == 0
-        assert {"loss", "main", "sub"} <= set(final["losses"])
 
-        speech = httpx.post(
-            f"{url}/speak", json={"speaker": "newvoice", "text": "I am new."}, timeout=120
-        )
-        assert speech.status_code == 200 and wav_samples(speech.content).size > 0
-        voice = httpx.get(f"{url}/voices/newvoice").json()
-        assert voice["kind"] == "baked" and voice["slot"] == 3000
+def test_upload_trains_in_another_process_and_the_new_voice_speaks(
+    newvoice: TrainedJob, tiny_qwen3_base, clips
+):
+    url, created, events = newvoice.url, newvoice.created, newvoice.events
+    assert created.status_code == 202, created.text
+    job = created.json()
+    assert created.headers["location"] == f"/jobs/{job['id']}"
+    assert job["state"] == "queued" and job["name"] == "newvoice"
+
+    kinds = [e["event"] for e in events]
+    assert "step" in kinds, kinds
+    assert events[-1]["event"] == "state" and events[-1]["state"] == "succeeded", events[-3:]
+
+    final = httpx.get(f"{url}/jobs/{job['id']}").json()
+    assert final["state"] == "succeeded" and final["step"] == 4 and final["voice"] == "newvoice"
+    assert "pid" not in final  # the trainer's pid (and server paths) stay on the server
+    assert json.dumps(final).count(str(newvoice.root)) == 0
+    assert {"loss", "main", "sub"} <= set(final["losses"])
+
+    speech = httpx.post(
+        f"{url}/speak", json={"speaker": "newvoice", "text": "I am new."}, timeout=120
+    )
+    assert speech.status_code == 200 and wav_samples(speech.content).size > 0
+    voice = httpx.get(f"{url}/voices/newvoice").json()
+    assert voice["kind"] == "baked" and voice["slot"] == 3000
 
     # The baked row is the mean speaker embedding of the uploaded reference clip(s).
     from finetune.families.qwen3_tts.checkpoint import load_qwen3_tts
@@ -86,61 +107,60 @@ def test_upload_trains_in_another_process_and_the_new_voice_speaks(
 
     loaded = load_qwen3_tts(tiny_qwen3_base)
     expected = mean_speaker_embedding(loaded.model, [clips[2]])
-    stored = mx.load(str(tmp_path / "data/voices/newvoice/speaker_embedding.safetensors"))
+    stored = mx.load(str(newvoice.root / "data/voices/newvoice/speaker_embedding.safetensors"))
     np.testing.assert_allclose(np.array(stored["embedding"]), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, tiny_qwen3_base, clips):
-    data_dir = tmp_path / "data"
-    with server_process(_settings(data_dir, tiny_qwen3_base)) as url:
+def test_bad_uploads_get_4xx_and_leave_nothing(tmp_path, newvoice: TrainedJob, clips):
+    """On the server whose one job made `newvoice`: every refused upload leaves nothing."""
+    url, data_dir = newvoice.url, newvoice.root / "data"
+    assert newvoice.created.status_code == 202, newvoice.created.text
 
-        def post(files, data):
-            return httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
+    def post(files, data):
+        return httpx.post(f"{url}/voices", files=files, data=data, timeout=60)
 
-        files, data = job_form(clips, "ok")
-        cases = [
-            (files, {**data, "name": "Bad Name!"}, 422, "name"),
-            (files, {**data, "base_model": "missing"}, 422, "unknown speech base model"),
-            (files, {**data, "strategy": "dance"}, 422, "strategy"),
-            (files, {**data, "lora_rank": "1000"}, 422, "lora_rank"),
-            (files[:-1], data, 422, "reference clip"),
-            (files, {**data, "transcripts": json.dumps({})}, 422, "transcripts"),
-            (
-                [*files[:2], ("clips", ("x.wav", b"RIFF garbage", "audio/wav")), files[-1]],
-                {
-                    **data,
-                    "transcripts": json.dumps(
-                        {**{f[1][0]: clips[1][f[1][0]] for f in files[:2]}, "x.wav": "hi"}
-                    ),
-                },
-                422,
-                "cannot decode",
-            ),
-            (files[:1] + files[-1:], data, 422, None),  # too little audio in total / count
-        ]
-        for case_files, case_data, status, needle in cases:
-            response = post(case_files, case_data)
-            assert response.status_code == status, (case_data, response.text)
-            assert response.headers["content-type"].startswith("application/problem+json")
-            if needle:
-                assert needle in response.text, response.text
-        short = tmp_path / "short.wav"
-        from finetune.audio import write_wav
+    files, data = job_form(clips, "ok")
+    cases = [
+        (files, {**data, "name": "Bad Name!"}, 422, "name"),
+        (files, {**data, "base_model": "missing"}, 422, "unknown speech base model"),
+        (files, {**data, "strategy": "dance"}, 422, "strategy"),
+        (files, {**data, "lora_rank": "1000"}, 422, "lora_rank"),
+        (files[:-1], data, 422, "reference clip"),
+        (files, {**data, "transcripts": json.dumps({})}, 422, "transcripts"),
+        (
+            [*files[:2], ("clips", ("x.wav", b"RIFF garbage", "audio/wav")), files[-1]],
+            {
+                **data,
+                "transcripts": json.dumps(
+                    {**{f[1][0]: clips[1][f[1][0]] for f in files[:2]}, "x.wav": "hi"}
+                ),
+            },
+            422,
+            "cannot decode",
+        ),
+        (files[:1] + files[-1:], data, 422, None),  # too little audio in total / count
+    ]
+    for case_files, case_data, status, needle in cases:
+        response = post(case_files, case_data)
+        assert response.status_code == status, (case_data, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        if needle:
+            assert needle in response.text, response.text
+    short = tmp_path / "short.wav"
+    from finetune.audio import write_wav
 
-        write_wav(short, np.zeros(2400, np.float32))
-        response = post(
-            [("clips", ("short.wav", short.read_bytes(), "audio/wav")), files[-1]],
-            {**data, "transcripts": json.dumps({"short.wav": "x"})},
-        )
-        assert response.status_code == 422 and "outside" in response.text
-        # A taken name: 409.
-        taken = post(files, {**data, "name": "dup"})
-        assert taken.status_code == 202
-        assert post(files, {**data, "name": "dup"}).status_code == 409
-        wait_for_job(url, taken.json()["id"], {"succeeded", "failed"})
+    write_wav(short, np.zeros(2400, np.float32))
+    response = post(
+        [("clips", ("short.wav", short.read_bytes(), "audio/wav")), files[-1]],
+        {**data, "transcripts": json.dumps({"short.wav": "x"})},
+    )
+    assert response.status_code == 422 and "outside" in response.text
+    # A taken name: 409 (a name a running job is making: test_job_name_race.py).
+    taken = post(files, {**data, "name": "newvoice"})
+    assert taken.status_code == 409 and "already exists" in taken.text, taken.text
     jobs = [p.name for p in (data_dir / "jobs").iterdir()]
-    assert jobs == [taken.json()["id"]], jobs  # nothing from the refused uploads
-    assert [p.name for p in (data_dir / "voices").iterdir()] == ["dup"]
+    assert jobs == [newvoice.created.json()["id"]], jobs  # nothing from the refused uploads
+    assert [p.name for p in (data_dir / "voices").iterdir()] == ["newvoice"]
 
 
 def test_upload_over_the_size_limit_is_413(tmp_path, tiny_qwen3_base, clips):
@@ -247,37 +267,35 @@ def test_a_language_job_registers_a_speaker_name_too(tmp_path, tiny_qwen3_base, 
         assert speech.status_code == 200 and wav_samples(speech.content).size > 0
 
 
-def test_a_job_reports_its_quality_curve_previews_and_final_similarity(
-    tmp_path, tiny_qwen3_base, clips
-):
-    with server_process(_settings(tmp_path / "data", tiny_qwen3_base)) as url:
-        files, data = job_form(clips, "measured", max_steps="2")
-        created = httpx.post(f"{url}/voices", files=files, data=data, timeout=120)
-        assert created.status_code == 202, created.text
-        job_id = created.json()["id"]
-        assert created.json()["quality"] == []
-        done = wait_for_job(url, job_id)
-        assert done["state"] == "succeeded", done
+def test_a_job_reports_its_quality_curve_previews_and_final_similarity(newvoice: TrainedJob):
+    url, created = newvoice.url, newvoice.created
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert created.json()["quality"] == []
+    done = httpx.get(f"{url}/jobs/{job_id}").json()
+    assert done["state"] == "succeeded", done
 
-        # Step 0 (the untrained voice) and the final checkpoint, each with its preview.
-        curve = done["quality"]
-        assert [q["step"] for q in curve] == [0, 2], curve
-        for point in curve:
-            assert isinstance(point["similarity"], float) and -1 <= point["similarity"] <= 1
-            assert point["preview"] == f"/jobs/{job_id}/previews/{point['step']}"
-            preview = httpx.get(f"{url}{point['preview']}", timeout=30)
-            assert preview.status_code == 200
-            assert preview.headers["content-type"].startswith("audio/wav")
-            assert wav_samples(preview.content).size > 0
-        # The previews outlive the run folder, which is removed after success.
-        assert not (tmp_path / "data" / "jobs" / job_id / "run").exists()
+    # Step 0 (the untrained voice) and the final checkpoint, each with its preview.
+    curve = done["quality"]
+    assert [q["step"] for q in curve] == [0, 4], curve
+    streamed = [e for e in newvoice.events if e["event"] == "quality"]
+    assert [q["step"] for q in streamed] == [0, 4], streamed
+    for point in curve:
+        assert isinstance(point["similarity"], float) and -1 <= point["similarity"] <= 1
+        assert point["preview"] == f"/jobs/{job_id}/previews/{point['step']}"
+        preview = httpx.get(f"{url}{point['preview']}", timeout=30)
+        assert preview.status_code == 200
+        assert preview.headers["content-type"].startswith("audio/wav")
+        assert wav_samples(preview.content).size > 0
+    # The previews outlive the run folder, which is removed after success.
+    assert not (newvoice.root / "data" / "jobs" / job_id / "run").exists()
 
-        for missing in (f"/jobs/{job_id}/previews/1", "/jobs/nosuchjob/previews/0"):
-            response = httpx.get(f"{url}{missing}", timeout=30)
-            assert response.status_code == 404, missing
-            assert response.headers["content-type"].startswith("application/problem+json")
+    for missing in (f"/jobs/{job_id}/previews/1", "/jobs/nosuchjob/previews/0"):
+        response = httpx.get(f"{url}{missing}", timeout=30)
+        assert response.status_code == 404, missing
+        assert response.headers["content-type"].startswith("application/problem+json")
 
-        meta = httpx.get(f"{url}/voices/measured").json()["meta"]
-        assert meta["similarity"] == curve[-1]["similarity"]
-        assert meta["similarity_baseline"] == curve[0]["similarity"]
-        assert meta["similarity_step"] == 2
+    meta = httpx.get(f"{url}/voices/newvoice").json()["meta"]
+    assert meta["similarity"] == curve[-1]["similarity"]
+    assert meta["similarity_baseline"] == curve[0]["similarity"]
+    assert meta["similarity_step"] == 4
