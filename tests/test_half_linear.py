@@ -195,3 +195,19 @@ def test_a_served_personaplex_keeps_its_lm_bf16_and_steps_as_the_fp32_model(
     ours = trace(served)
     assert len({step[0] for step in ours}) > 3  # text tokens move: the lm is really running
     assert ours == trace(loaded_personaplex)
+
+
+def test_a_kept_weight_is_never_copied_to_fp32_by_the_cast() -> None:
+    """`prepare_model` keeps the named layers before its fp32 cast; the cast passes their weight
+    by (the same array, still bf16), so a load never holds a bf16 and an fp32 copy at once."""
+    from finetune.runtime.accelerate import to_float32
+    from finetune.runtime.half import keep_bf16
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    model.set_dtype(mx.bfloat16)
+    kept, other = model.layers
+    assert keep_bf16([kept])[CpuBf16Linear.__name__] == 1
+    weight = kept["weight"]
+    to_float32(model)
+    assert kept["weight"] is weight and weight.dtype == mx.bfloat16
+    assert kept["bias"].dtype == mx.float32 and other["weight"].dtype == mx.float32

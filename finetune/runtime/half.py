@@ -6,13 +6,14 @@ Kept in bf16, a layer's products of up to as many rows as the fp32 few-row kerne
 AVX2, 16 on AVX-512) go to our kernel (`packed.bf16_matmul`: that kernel's ISA and blocks, the
 weight widened exactly in registers), reading 2; a larger product (a long prompt's prefill)
 casts the weight to fp32 for the call, as the fp32 path would multiply it. So the values are the
-fp32 path's bit for bit: the cast back to bf16 is exact (the fp32 weights came from bf16) and the
-sums are taken in the same order (tests/test_half_linear.py).
+fp32 path's bit for bit: the widening of a bf16 value to fp32 is exact and the sums are taken in
+the same order (tests/test_half_linear.py). A kept weight is never copied to fp32, not even at
+load (`runtime.prepare_model` keeps the layers before its cast, which passes them by).
 
 Serving only (the family loaders' `serving=True`): training keeps fp32 parameters, whose
 optimiser updates would lose precision in bf16. On by default where the kernel is available;
-`VOICEFOUNDRY_CPU_KEEP_BF16=0` turns it off (fp32 in memory, as before). Metal and CUDA keep their
-stored dtypes anyway (no fp32 cast there).
+`VOICEFOUNDRY_CPU_KEEP_BF16=0` turns it off (fp32 in memory, as before). On Metal and CUDA none of
+this runs (Qwen3-TTS keeps its stored dtype there; the CSM and PersonaPlex loaders cast to fp32).
 """
 
 from __future__ import annotations
