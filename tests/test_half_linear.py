@@ -31,6 +31,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from tests.personaplex_helpers import Trace, live, run_alone
+
 GREEDY = Sampling(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_tokens=8)
 TEXTS = ("Hello half precision.", "A second, longer row of text to speak.")
 
@@ -181,16 +183,9 @@ def test_a_served_personaplex_keeps_its_lm_bf16_and_steps_as_the_fp32_model(
     assert _only_halves(served.lm) == served.runtime.swapped[CpuBf16Linear.__name__] > 0
     assert not _halves(served.mimi) and not _halves(loaded_personaplex.lm)
 
-    def trace(loaded) -> list[tuple[int, tuple[int, ...], bytes]]:
+    def trace(loaded) -> Trace:
         runtime = PersonaPlexRuntime(loaded)
-        session = runtime.new_session(seed=5)
-        runtime.condition(session)
-        steps = []
-        for i in range(10):
-            user = np.random.default_rng(i).normal(0.0, 0.1, 1920).astype(np.float32)
-            out = runtime.step([session], [user])[0]
-            steps.append((out.text_token, tuple(session.last_tokens), out.pcm.tobytes()))
-        return steps
+        return run_alone(runtime, live(runtime, 5), stream=0, n=10)
 
     ours = trace(served)
     assert len({step[0] for step in ours}) > 3  # text tokens move: the lm is really running

@@ -8,44 +8,22 @@ import weakref
 import finetune  # noqa: F401  (optimised BLAS before mlx.core is imported)
 from finetune.families.personaplex.loudness import integrated_loudness, normalize_loudness
 from finetune.families.personaplex.runtime import PersonaPlexRuntime
-from finetune.families.personaplex.session import DuplexError, DuplexSession, StepOut
+from finetune.families.personaplex.session import DuplexError, DuplexSession
 from finetune.lora import AdapterError
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from tests.personaplex_helpers import Trace, live, record, run_alone, user_frame
+
 VOICE = (0.3 * np.random.default_rng(7).normal(size=24000)).astype(np.float32)
 ROLE = "You enjoy having a good conversation."
-
-
-def user_frame(stream: int, step: int) -> np.ndarray:
-    return np.random.default_rng(1000 * stream + step).normal(0.0, 0.1, 1920).astype(np.float32)
-
-
-Trace = list[tuple[int, tuple[int, ...], bytes]]
-
-
-def record(session: DuplexSession, out: StepOut, trace: Trace) -> None:
-    trace.append((out.text_token, tuple(session.last_tokens), out.pcm.tobytes()))
 
 
 @pytest.fixture(scope="module")
 def runtime(loaded_personaplex) -> PersonaPlexRuntime:
     return PersonaPlexRuntime(loaded_personaplex)
-
-
-def live(runtime: PersonaPlexRuntime, seed: int, **kwargs) -> DuplexSession:
-    session = runtime.new_session(seed=seed, **kwargs)
-    runtime.condition(session)
-    return session
-
-
-def run_alone(runtime: PersonaPlexRuntime, session: DuplexSession, stream: int, n: int) -> Trace:
-    trace: Trace = []
-    for i in range(n):
-        record(session, runtime.step([session], [user_frame(stream, i)])[0], trace)
-    return trace
 
 
 def test_conditioned_session_streams_three_seconds(runtime: PersonaPlexRuntime) -> None:
