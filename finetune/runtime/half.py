@@ -60,10 +60,9 @@ def bf16_linears(module: nn.Module) -> list[nn.Linear]:
 
 
 def keep_bf16(layers: list[nn.Linear]) -> Counter[str]:
-    """Re-class each layer (from `bf16_linears`) to keep its bf16 weight, where the kernel is
-    available and wanted; returns how many it re-classed. Before the fp32 cast, which then
-    passes them by (`accelerate.to_float32`); a weight cast to fp32 already is cast back (exact:
-    it came from bf16)."""
+    """Re-class each layer (from `bf16_linears`: its weight is bf16) to keep that weight, where
+    the kernel is available and wanted; returns how many it re-classed. Called before the fp32
+    cast, which then passes them by (`accelerate.to_float32`)."""
     from finetune.runtime import blas
     from finetune.runtime.accelerate import is_cpu_backend
 
@@ -72,10 +71,7 @@ def keep_bf16(layers: list[nn.Linear]) -> Counter[str]:
         return done
     most = blas.few_rows_max()
     for layer in layers:
-        if layer["weight"].dtype != mx.bfloat16:
-            layer["weight"] = layer["weight"].astype(mx.bfloat16)
         layer.__class__ = CpuBf16Linear
         layer._half_max_rows = most
         done[CpuBf16Linear.__name__] += 1
-    mx.eval([layer["weight"] for layer in layers])
     return done

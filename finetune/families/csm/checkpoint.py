@@ -137,12 +137,13 @@ def load_csm(name: str | Path, *, serving: bool = False) -> LoadedCsm:
     if problems:
         raise CheckpointError(path, problems)
 
+    assert mimi is not None
+    to_float32(mimi)
     # The backbone and the depth decoder run frame by frame, reading every weight a step.
     half = bf16_linears(model) if serving else []
     runtime = prepare_model(model, bf16_layers=half)
-    to_float32(model)  # fp32 on every backend (on CPU prepare_model did it)
-    assert mimi is not None
-    to_float32(mimi)
+    if not runtime.fast_cpu:  # fp32 on every backend: on the CPU prepare_model cast it
+        to_float32(model)
     mx.eval(model.parameters())
     model.eval()
     return LoadedCsm(

@@ -158,8 +158,9 @@ def load_personaplex(name: str | Path, *, serving: bool = False) -> LoadedPerson
     # The temporal transformer and the depformer run every 80 ms tick, reading every weight.
     half = bf16_linears(lm) if serving else []
     runtime = prepare_model(lm, bf16_layers=half)
-    to_float32(lm)  # fp32 on every backend (on CPU prepare_model did it)
-    mx.eval(lm.parameters())
+    if not runtime.fast_cpu:  # fp32 on every backend: on the CPU prepare_model cast it
+        to_float32(lm)
+        mx.eval(lm.parameters())
     mimi = _load_mimi(path, mimi_file, mimi_cfg)
     prepare_model(mimi)
     return LoadedPersonaPlex(
