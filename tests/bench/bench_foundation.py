@@ -286,7 +286,8 @@ def child_peer(path: Path, frames: int) -> None:
         tts = Qwen3TTSModel.from_pretrained(str(path), dtype=torch.float32)
         tts.model.eval()
         load_s = time.perf_counter() - start
-    ref = Path(tempfile.mkdtemp(prefix="vf-peer-")) / "ref.wav"
+    ref_dir = tempfile.TemporaryDirectory(prefix="vf-peer-")  # removed at exit, if not before
+    ref = Path(ref_dir.name) / "ref.wav"
     sf.write(ref, (0.3 * np.sin(np.linspace(0, 3000, 48_000))).astype(np.float32), 24_000)
     model, tokenizer = tts.model, tts.model.speech_tokenizer
     generate, decode = model.generate, tokenizer.decode
@@ -329,6 +330,7 @@ def child_peer(path: Path, frames: int) -> None:
         with torch.inference_mode():
             tokenizer.decode([{"audio_codes": codes}])
         vocoder = min(vocoder, time.perf_counter() - start)
+    ref_dir.cleanup()
     out = {
         "load_s": load_s,
         "per_frame_s": (long_gen - short_gen) / max(made, 1),
