@@ -2,12 +2,13 @@
 greedy, the same tokens as the tick before them (`fast=False`); sampling, the same distribution
 (the fast tick draws noise for the top-k candidates only, so a seed draws other tokens than the
 old tick did: compared by distribution here); top-k thresholds equal to a full sort's; the host
-ELU equal to MLX's within float rounding and independent of the batch."""
+ELU equal to MLX's within float rounding and independent of the batch; so is Mimi's row-exact
+transposed conv."""
 
 from __future__ import annotations
 
 import finetune  # noqa: F401  (optimised BLAS before mlx.core is imported)
-from finetune.families.personaplex.mimi_stream import host_elu
+from finetune.families.personaplex.mimi_stream import _conv_transpose1d_rows, host_elu
 from finetune.families.personaplex.runtime import PersonaPlexRuntime
 from finetune.families.personaplex.sampling import (
     CandidateDraw,
@@ -157,3 +158,20 @@ def test_host_elu_matches_mlx_and_ignores_the_batch() -> None:
     assert np.array_equal(swapped, ours.swapaxes(1, 2))
     half = host_elu(xs.astype(mx.float16))  # other dtypes keep MLX's ELU
     assert half.dtype == mx.float16
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride"),
+    [(16, 8), (8, 4), (4, 4), (7, 3), (3, 5)],  # SEANet's upsamplers (kernel = 2 * stride), others
+)
+def test_row_exact_transposed_conv_matches_mlx_and_ignores_the_batch(kernel: int, stride: int):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    xs = mx.array(rng.normal(0.0, 1.0, (4, 9, 24)).astype(np.float32))
+    weight = mx.array(rng.normal(0.0, 0.2, (12, kernel, 24)).astype(np.float32))
+    ours = np.array(_conv_transpose1d_rows(xs, weight, stride))
+    np.testing.assert_allclose(
+        ours, np.array(mx.conv_transpose1d(xs, weight, stride=stride)), rtol=1e-5, atol=1e-5
+    )
+    for row in range(4):  # a row alone gives its batch's bits
+        alone = np.array(_conv_transpose1d_rows(xs[row : row + 1], weight, stride))
+        assert np.array_equal(alone, ours[row : row + 1])

@@ -89,17 +89,29 @@ def conv_transpose1d_taps(
     """
     n, length, _ = x.shape
     c_out, k, _ = weight.shape
-    full_len = (length - 1) * stride + dilation * (k - 1) + 1
-    per_tap = x @ weight.transpose(2, 1, 0).reshape(weight.shape[2], k * c_out)
-    if dilation == 1 and k % stride == 0:
-        full = _whole_phases(per_tap.reshape(n, length, k // stride, stride * c_out), c_out)
-    else:
-        full = _phase_by_phase(per_tap.reshape(n, length, k, c_out), stride, dilation, full_len)
-
+    per_tap = x @ transposed_weight(weight)
+    full = overlap_add(per_tap.reshape(n, length, k, c_out), stride, dilation)
     if output_padding:
         full = mx.pad(full, [(0, 0), (0, output_padding), (0, 0)])
     end = full.shape[1] - padding
     return full[:, padding:end, :]
+
+
+def transposed_weight(weight: mx.array) -> mx.array:
+    """A transposed conv's weight [C_out, K, C_in] as one matmul's [C_in, K * C_out] (tap-major
+    columns): x @ it gives every tap's product of every input step."""
+    c_out, k, c_in = weight.shape
+    return weight.transpose(2, 1, 0).reshape(c_in, k * c_out)
+
+
+def overlap_add(per_tap: mx.array, stride: int, dilation: int = 1) -> mx.array:
+    """The unpadded transposed conv [N, (L - 1) * stride + dilation * (K - 1) + 1, C_out] from
+    each input step's per-tap products per_tap [N, L, K, C_out]."""
+    n, length, k, c_out = per_tap.shape
+    if dilation == 1 and k % stride == 0:
+        return _whole_phases(per_tap.reshape(n, length, k // stride, stride * c_out), c_out)
+    full_len = (length - 1) * stride + dilation * (k - 1) + 1
+    return _phase_by_phase(per_tap, stride, dilation, full_len)
 
 
 def _whole_phases(per_tap: mx.array, c_out: int) -> mx.array:

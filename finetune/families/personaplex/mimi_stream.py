@@ -27,7 +27,7 @@ from typing import Any
 
 from finetune.families.personaplex.caches import WindowKVCache
 from finetune.families.personaplex.layout import FRAME_SIZE
-from finetune.runtime.conv import im2col, tap_inputs
+from finetune.runtime.conv import im2col, overlap_add, tap_inputs, transposed_weight
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -332,24 +332,11 @@ def _conv1d_rows(xs: mx.array, weight: mx.array, stride: int, dilation: int) -> 
 
 def _conv_transpose1d_rows(xs: mx.array, weight: mx.array, stride: int) -> mx.array:
     """Unpadded, ungrouped `mx.conv_transpose1d` of xs [B, L, C_in] by weight [C_out, K, C_in]:
-    one GEMM per batch row for all taps, then taps sharing a phase (k mod stride) are shifted
-    and summed on a [B, rows, stride, C_out] view of the output."""
-    batch, length, c_in = xs.shape
+    one GEMM per batch row for all taps, then the taps' shifted sums (`overlap_add`)."""
+    batch, length, _ = xs.shape
     c_out, k, _ = weight.shape
-    full_len = (length - 1) * stride + k
-    rows = -(-full_len // stride)
-    per_tap = _matmul_rows(xs, weight.transpose(2, 1, 0).reshape(c_in, k * c_out))
-    per_tap = per_tap.reshape(batch, length, k, c_out)
-    phases = []
-    for residue in range(stride):
-        acc = None
-        for tap in range(residue, k, stride):
-            shift = tap // stride
-            widths = [(0, 0), (shift, rows - length - shift), (0, 0)]
-            term = mx.pad(per_tap[:, :, tap, :], widths)
-            acc = term if acc is None else acc + term
-        phases.append(acc if acc is not None else mx.zeros((batch, rows, c_out), xs.dtype))
-    return mx.stack(phases, axis=2).reshape(batch, rows * stride, c_out)[:, :full_len, :]
+    per_tap = _matmul_rows(xs, transposed_weight(weight))
+    return overlap_add(per_tap.reshape(batch, length, k, c_out), stride)
 
 
 def _row_exact_classes() -> dict[type, type]:
