@@ -39,20 +39,27 @@ class PreparedModel:
     swapped: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_model(model: nn.Module, *, bf16_layers: Sequence[nn.Linear] = ()) -> PreparedModel:
+def prepare_model(
+    model: nn.Module, *, bf16_layers: Sequence[nn.Linear] = (), fp32_everywhere: bool = False
+) -> PreparedModel:
     """Apply the CPU fast paths to a freshly loaded model, when they are on: every floating
     weight cast to fp32, the fast modules, quantised layers on the packed product
     (runtime/quantized.py), and `bf16_layers` (serving only: `half.bf16_linears` of the
-    frame-by-frame decode path) kept in bf16 (runtime/half.py), never copied to fp32. A loader
-    that casts to fp32 on every backend does so after this call (`accelerate.to_float32`
-    passes the kept layers by)."""
-    if not fast_cpu_active():
-        return PreparedModel(fast_cpu=False)
-    from finetune.runtime.accelerate import install_fast_modules, to_float32
-    from finetune.runtime.half import keep_bf16
-    from finetune.runtime.quantized import install_cpu_quantized
+    frame-by-frame decode path) kept in bf16 (runtime/half.py), never copied to fp32.
+    `fp32_everywhere`: cast to fp32 where the fast paths are off too (Metal, CUDA, turned off),
+    for families whose lower-precision numerics are only checked on the CPU path."""
+    from finetune.runtime.accelerate import to_float32
 
     import mlx.core as mx
+
+    if not fast_cpu_active():
+        if fp32_everywhere:
+            to_float32(model)
+            mx.eval(model.parameters())
+        return PreparedModel(fast_cpu=False)
+    from finetune.runtime.accelerate import install_fast_modules
+    from finetune.runtime.half import keep_bf16
+    from finetune.runtime.quantized import install_cpu_quantized
 
     kept = keep_bf16(list(bf16_layers))  # before the cast, which passes their weights by
     to_float32(model)

@@ -141,9 +141,7 @@ def load_csm(name: str | Path, *, serving: bool = False) -> LoadedCsm:
     to_float32(mimi)
     # The backbone and the depth decoder run frame by frame, reading every weight a step.
     half = bf16_linears(model) if serving else []
-    runtime = prepare_model(model, bf16_layers=half)
-    if not runtime.fast_cpu:  # fp32 on every backend: on the CPU prepare_model cast it
-        to_float32(model)
+    runtime = prepare_model(model, bf16_layers=half, fp32_everywhere=True)
     mx.eval(model.parameters())
     model.eval()
     return LoadedCsm(

@@ -157,10 +157,7 @@ def load_personaplex(name: str | Path, *, serving: bool = False) -> LoadedPerson
     lm = _load_lm(path, moshi_file, lm_cfg, quant)
     # The temporal transformer and the depformer run every 80 ms tick, reading every weight.
     half = bf16_linears(lm) if serving else []
-    runtime = prepare_model(lm, bf16_layers=half)
-    if not runtime.fast_cpu:  # fp32 on every backend: on the CPU prepare_model cast it
-        to_float32(lm)
-        mx.eval(lm.parameters())
+    runtime = prepare_model(lm, bf16_layers=half, fp32_everywhere=True)
     mimi = _load_mimi(path, mimi_file, mimi_cfg)
     prepare_model(mimi)
     return LoadedPersonaPlex(
@@ -298,7 +295,7 @@ def _load_mimi(path: Path, file: Path, cfg: Any) -> Any:
                 path, [f"{file.name} did not load: {type(exc).__name__}: {exc}"]
             ) from exc
     keep_codebooks(mimi, STREAM_CODEBOOKS)
-    mimi.set_dtype(mx.float32, predicate=lambda dt: mx.issubdtype(dt, mx.floating))
+    to_float32(mimi)
     mx.eval(mimi.parameters())
     mimi.eval()
     return mimi
