@@ -46,8 +46,8 @@ def test_shapes_the_kernel_does_not_take_go_to_numpy():
 
 
 def test_without_a_kernel_numpy_does_it(monkeypatch):
-    monkeypatch.setattr(host_snake, "_kernel", None)
-    monkeypatch.setattr(host_snake, "_kernel_problem", "no compiler")
+    monkeypatch.setattr(host_snake.KERNEL, "lib", None)
+    monkeypatch.setattr(host_snake.KERNEL, "problem", "no compiler")
     x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(4, 6)
     ones = np.ones(6, np.float32)
     assert host_snake.kernel_problem() == "no compiler"

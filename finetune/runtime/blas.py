@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import sys
@@ -147,9 +148,15 @@ def stored_weight_kernels() -> tuple[int, int] | None:
 def thread_count() -> int:
     """The threads the BLAS and our native kernels run on."""
     try:
-        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
+        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or _cpus()))
     except ValueError:
-        return os.cpu_count() or 1
+        return _cpus()
+
+
+@functools.cache
+def _cpus() -> int:
+    # os.cpu_count reads /sys each call (~20 us): the host kernels ask per call
+    return os.cpu_count() or 1
 
 
 def _set_threads(path: str) -> None:

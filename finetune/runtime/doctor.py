@@ -8,7 +8,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from finetune.runtime import blas, fast_cpu_active, host_snake, packed, settings
+from finetune.runtime import blas, fast_cpu_active, host_elu, host_snake, packed, settings
 
 
 def _version(dist: str) -> str:
@@ -47,6 +47,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "blas_problem": (state.error if state else "not attempted (fast CPU paths off)"),
         "blas_decode_gemm": (state.decode_gemm or state.decode_gemm_problem) if state else None,
         "host_snake": host_snake.describe(),
+        "host_elu": host_elu.describe(),
         "packed_quantized": packed.describe() if fast_cpu_active() else "off (fast CPU paths off)",
         "fast_cpu_setting": {None: "auto", True: "on", False: "off"}[current.fast_cpu],
         "fast_cpu_paths": "on" if fast_cpu_active() else "off",

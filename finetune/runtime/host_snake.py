@@ -7,48 +7,37 @@ four passes; numpy does it wherever the kernel cannot be built or the shapes do 
 from __future__ import annotations
 
 import ctypes
-import threading
+
+from finetune.runtime.native import LazyLibrary
 
 import numpy as np
 
 _FLOATS = ctypes.POINTER(ctypes.c_float)
-_lock = threading.Lock()
-_kernel: ctypes.CDLL | None = None
-_kernel_problem: str | None = None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.vf_snake.restype = ctypes.c_int
+
+
+KERNEL = LazyLibrary("snake", _declare, link=("-lpthread",))
 
 
 def kernel_problem() -> str | None:
     """Why the compiled kernel is not in use, or None when it is."""
-    _load()
-    return _kernel_problem
+    KERNEL.load()
+    return KERNEL.problem
 
 
 def describe() -> str:
     """What computes the Snake here, for `voicefoundry doctor`."""
-    lib = _load()
-    return f"compiled ({lib._name})" if lib is not None else f"numpy ({_kernel_problem})"
-
-
-def _load() -> ctypes.CDLL | None:
-    global _kernel, _kernel_problem
-    with _lock:
-        if _kernel is None and _kernel_problem is None:
-            from finetune.runtime.native import NativeBuildError, library
-
-            try:
-                lib = ctypes.CDLL(str(library("snake", link=("-lpthread",))))
-                lib.vf_snake.restype = ctypes.c_int
-                _kernel = lib
-            except (NativeBuildError, OSError, AttributeError) as exc:
-                _kernel_problem = str(exc)
-        return _kernel
+    return KERNEL.describe()
 
 
 def snake(values: np.ndarray, scale: np.ndarray, gain: np.ndarray) -> np.ndarray:
     """values [..., C] float32; scale and gain hold C floats each."""
     channels = values.shape[-1] if values.ndim else 0
     per_channel = scale.size == channels and gain.size == channels
-    lib = _load() if values.size and per_channel and values.dtype == np.float32 else None
+    lib = KERNEL.load() if values.size and per_channel and values.dtype == np.float32 else None
     if lib is None:
         return _numpy_snake(values, scale, gain)
     from finetune.runtime.blas import thread_count

@@ -10,12 +10,15 @@ process; concurrent builders each write a temporary file and rename it into plac
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 NATIVE_DIR_ENV = "VOICEFOUNDRY_NATIVE_DIR"
@@ -57,16 +60,54 @@ def cxx_compiler() -> str | None:
     return None
 
 
-def library(name: str, link: tuple[str, ...] = ()) -> Path:
-    """The shared library built from csrc/<name>.c, compiling it when no build of it exists."""
+def library(name: str, link: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> Path:
+    """The shared library built from csrc/<name>.c (CFLAGS plus `flags`), compiling it when no
+    build of it exists."""
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler (cc, gcc or clang; or set CC)")
     # Everything that shapes the build names it: a changed flag never reuses an older build.
-    recipe = (platform.machine(), *CFLAGS, *link)
+    recipe = (platform.machine(), *CFLAGS, *flags, *link)
     key = _key((SOURCES / f"{name}.c",), recipe)
     target = cache_dir() / f"lib{name}-{key}.so"
-    return _build(target, [cc, *CFLAGS, "-o", "{out}", str(SOURCES / f"{name}.c"), *link])
+    command = [cc, *CFLAGS, *flags, "-o", "{out}", str(SOURCES / f"{name}.c"), *link]
+    return _build(target, command)
+
+
+class LazyLibrary:
+    """csrc/<name>.c, built and loaded by the first call that needs it (once, whatever the
+    threads); `problem` says why not when it cannot be, and callers then take their numpy path."""
+
+    def __init__(
+        self,
+        name: str,
+        declare: Callable[[ctypes.CDLL], None],
+        *,
+        link: tuple[str, ...] = (),
+        flags: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self._declare = declare
+        self._link, self._flags = link, flags
+        self._lock = threading.Lock()
+        self.lib: ctypes.CDLL | None = None
+        self.problem: str | None = None
+
+    def load(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if self.lib is None and self.problem is None:
+                try:
+                    lib = ctypes.CDLL(str(library(self.name, link=self._link, flags=self._flags)))
+                    self._declare(lib)
+                    self.lib = lib
+                except (NativeBuildError, OSError, AttributeError) as exc:
+                    self.problem = str(exc)
+            return self.lib
+
+    def describe(self) -> str:
+        """What computes it here, for `voicefoundry doctor`."""
+        lib = self.load()
+        return f"compiled ({lib._name})" if lib is not None else f"numpy ({self.problem})"
 
 
 def mlx_extension(name: str) -> Path:

@@ -15,7 +15,7 @@ mlx-audio's own first-step arithmetic. The Mimi transformers run here rather tha
 mlx-audio's `Transformer`, whose attention takes one rotary offset and one cache for the whole
 batch: their linears run once for the batch, and attention runs per row over that session's own
 `WindowKVCache` (their lengths differ between sessions that started at different times), with a
-vector of rotary offsets. The work stays lazy but for SEANet's ELUs, which numpy computes
+vector of rotary offsets. The work stays lazy but for SEANet's ELUs, which the host computes
 (`host_elu`: MLX's CPU exp is the slowest part of a tick otherwise); the caller evaluates the rest.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 from finetune.families.personaplex.caches import WindowKVCache
 from finetune.families.personaplex.layout import FRAME_SIZE
 from finetune.runtime.conv import im2col, overlap_add, tap_inputs, transposed_weight
+from finetune.runtime.host_elu import elu
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -378,20 +379,26 @@ def _row_exact_classes() -> dict[type, type]:
 # ---------------------------------------------------------------------------------------------
 # MLX's CPU `exp` is a scalar polynomial with a libm `fmaf` call per term (~25 ns an element
 # here), and a streamed tick runs ~270k ELU elements per session through SEANet: the largest
-# single cost of a duplex tick. numpy's SIMD `expm1` is ~20x faster. It is applied element by
-# element the same way whatever the array's length (SIMD body and masked tail share one kernel),
-# so a row's result does not depend on its batch. Its values are `expm1`'s, as PyTorch's ELU
-# (Kyutai's Mimi) computes them, rather than MLX's `exp(x) - 1`: within an ulp or two.
+# single cost of a duplex tick. The runtime's host ELU (finetune/runtime/host_elu: compiled,
+# ~1.5 ns an element, else numpy's `expm1`) computes each element alone, the same way whatever
+# the array's length, so a row's result does not depend on its batch. Its values are `expm1`'s,
+# as PyTorch's ELU (Kyutai's Mimi) computes them, rather than MLX's `exp(x) - 1`.
 
 
 def host_elu(xs: mx.array) -> mx.array:
-    """ELU (alpha 1) of float32 `xs`, computed by numpy (evaluates `xs`)."""
+    """ELU (alpha 1) of float32 `xs`, computed on the host (evaluates `xs`).
+
+    SEANet's activations are transposed views ([B, C, T] of a conv's [B, T, C] output): the ELU
+    runs over the buffer in its own order and the result is the same view of a new buffer, so
+    neither side copies across the transpose."""
     if xs.dtype != mx.float32:
         return nn.elu(xs, alpha=1.0)
-    values = np.ascontiguousarray(np.array(xs, dtype=np.float32))
-    # x > 0: max(x, expm1(0)) = x; x <= 0: expm1(x) >= x.
-    np.maximum(values, np.expm1(np.minimum(values, np.float32(0.0))), out=values)
-    return mx.array(values)
+    values = np.asarray(xs)
+    order = sorted(range(values.ndim), key=lambda axis: -values.strides[axis])
+    stored = values.transpose(order)
+    if not stored.flags.c_contiguous:
+        return mx.array(elu(values))
+    return mx.array(elu(stored)).transpose(np.argsort(order).tolist())
 
 
 def _host_elu_classes() -> dict[type, type]:
