@@ -66,10 +66,16 @@ class BankedLoRALinear(nn.Module):
         if rows is None:
             return y
         a, b = rows
-        # As few graph nodes as the sum takes (two products and an add for a [B, L, in] input):
-        # a real-0.6B frame runs ~700 banked layers, and MLX's CPU dispatch costs each node.
+        # As few graph nodes as the sum takes: a real-0.6B frame runs ~700 banked layers, and
+        # MLX's CPU dispatch costs each node. For a [B, L, in] input in fp32 (the CPU path) the
+        # second product adds onto the base output in BLAS (`addmm`, beta = 1): two nodes
+        # instead of three, within an ulp of the product and the add apart, and still one GEMM
+        # per row (a row's values are the same alone or batched).
         flat = x if x.ndim == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = (flat @ a) @ b
+        down = flat @ a
+        if y.ndim == 3 and y.dtype == down.dtype == b.dtype == mx.float32:
+            return mx.addmm(y, down, b)
+        delta = down @ b
         if delta.shape != y.shape:
             delta = delta.reshape(y.shape)
         return y + delta.astype(y.dtype)
