@@ -68,7 +68,8 @@ def library(name: str, link: tuple[str, ...] = (), flags: tuple[str, ...] = ()) 
         raise NativeBuildError("no C compiler (cc, gcc or clang; or set CC)")
     # Everything that shapes the build names it: a changed flag never reuses an older build.
     recipe = (platform.machine(), *CFLAGS, *flags, *link)
-    key = _key((SOURCES / f"{name}.c",), recipe)
+    # The headers the sources share (csrc/*.h) name the build too.
+    key = _key((SOURCES / f"{name}.c", *sorted(SOURCES.glob("*.h"))), recipe)
     target = cache_dir() / f"lib{name}-{key}.so"
     command = [cc, *CFLAGS, *flags, "-o", "{out}", str(SOURCES / f"{name}.c"), *link]
     return _build(target, command)

@@ -11,9 +11,10 @@
  * Built with -fno-trapping-math, without which GCC keeps the selects as branches and does not
  * vectorise the loop (4x slower).
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "parts.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BEST_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -21,7 +22,6 @@
 #define BEST_ISA
 #endif
 
-#define MAX_THREADS 64
 #define MIN_PART 65536 /* elements a thread is worth starting for */
 
 struct part {
@@ -75,28 +75,10 @@ static void *run(void *arg) {
 
 /* Returns 0, or -1 when a thread could not start (its part is then done by the caller). */
 int vf_elu(const float *x, float *out, long count, int threads) {
-    long most = count / MIN_PART;
-    if (threads > most) threads = (int)(most > 1 ? most : 1);
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = part_count(count, MIN_PART, threads);
     struct part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    int status = 0;
     for (int i = 0; i < threads; i++) {
         parts[i] = (struct part){x, out, count * i / threads, count * (i + 1) / threads};
     }
-    for (int i = 1; i < threads; i++) {
-        started[i] = pthread_create(&ids[i], NULL, run, &parts[i]) == 0;
-    }
-    elu_range(&parts[0]);
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) {
-            pthread_join(ids[i], NULL);
-        } else {
-            elu_range(&parts[i]);
-            status = -1;
-        }
-    }
-    return status;
+    return run_parts(run, parts, sizeof parts[0], threads);
 }

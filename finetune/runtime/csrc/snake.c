@@ -7,10 +7,10 @@
  * result is float32-rounded sin^2 for |y| up to 1e6). One pass over memory, vectorised for the
  * best instruction set the CPU has (target_clones), rows split over threads.
  */
-#include <pthread.h>
 #include <stddef.h>
 
-#define MAX_THREADS 64
+#include "parts.h"
+
 #define MIN_PART 32768 /* elements a thread is worth starting for */
 
 struct part {
@@ -61,29 +61,11 @@ static void *run(void *arg) {
 /* Returns 0, or -1 when a thread could not start (its rows are then done by the caller). */
 int vf_snake(const float *x, float *out, const float *scale, const float *gain, long rows,
              long channels, int threads) {
-    long per_thread = (rows * channels) / MIN_PART;
-    if (threads > per_thread) threads = (int)(per_thread > 1 ? per_thread : 1);
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = part_count(rows * channels, MIN_PART, threads);
     struct part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    int status = 0;
     for (int i = 0; i < threads; i++) {
         parts[i] = (struct part){x, scale, gain, out, rows * i / threads, rows * (i + 1) / threads,
                                  channels};
     }
-    for (int i = 1; i < threads; i++) {
-        started[i] = pthread_create(&ids[i], NULL, run, &parts[i]) == 0;
-    }
-    snake_rows(&parts[0]);
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) {
-            pthread_join(ids[i], NULL);
-        } else {
-            snake_rows(&parts[i]);
-            status = -1;
-        }
-    }
-    return status;
+    return run_parts(run, parts, sizeof parts[0], threads);
 }
