@@ -1,17 +1,21 @@
-"""Composites MLX's CPU backend runs op by op, fused with `mx.compile`.
+"""The RMS norm on MLX's CPU backend, one graph node where the extension is built.
 
-A decode step of the real 0.6B Qwen3-TTS is ~16k graph nodes, and each op that computes costs
-~10 us of MLX's own dispatch on this CPU: that overhead, not the weights, is what keeps a frame
-above its memory floor. `mx.fast.rms_norm` has no CPU kernel; its fallback is seven such ops a
-call (square, mean, add, rsqrt, two multiplies, two casts), 428 calls a frame. Compiled, the
-elementwise ones become one kernel, and the values stay the fallback's bit for bit (same ops,
-same order; `tests/test_runtime_conv.py`). Without a compiler MLX runs the same ops unfused.
+A decode step of the real 0.6B Qwen3-TTS is thousands of graph nodes, and each costs MLX's own
+dispatch on this CPU: that overhead, not the weights, is much of what keeps a frame above its
+memory floor. `mx.fast.rms_norm` has no CPU kernel; its fallback is seven ops a call (square,
+mean, add, rsqrt, two multiplies, two casts), ~430 calls a frame. For float32 x and weight the
+extension's `rms_norm` (csrc/cpu_primitives.cpp) is one node with the fallback's values bit for
+bit; other dtypes, or no extension, take the fallback's ops compiled with `mx.compile` (the
+elementwise ones become one kernel: three nodes, the same values; `tests/test_runtime_conv.py`).
+Without a compiler MLX runs the same ops unfused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+
+from finetune.runtime import primitives
 
 import mlx.core as mx
 
@@ -29,4 +33,8 @@ def _compiled() -> Callable[[mx.array, mx.array, mx.array], mx.array]:
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    if x.dtype == mx.float32 and weight.dtype == mx.float32 and weight.ndim == 1:
+        extension = primitives.load()
+        if extension is not None:
+            return extension.rms_norm(x, weight, eps)
     return _compiled()(x, weight, mx.array(eps, mx.float32))

@@ -2,7 +2,7 @@
 
 `matmul(x, layer)` is `x @ dequantise(layer.weight).T` for an affine 4- or 8-bit QuantizedLinear,
 `bf16_matmul(x, weight)` is `x @ weight.T` for a bf16 weight: MLX graph nodes (primitives of the
-C++ extension csrc/packed_matmul.cpp) whose CPU work is the decode GEMM library's `vf_qgemm` /
+C++ extension csrc/cpu_primitives.cpp) whose CPU work is the decode GEMM library's `vf_qgemm` /
 `vf_bgemm` (csrc/decode_gemm.c: AVX2, the library's threads). The weight is never widened in
 memory: 0.53 bytes a weight read for 4-bit, 1.03 for 8-bit (fp32 scales and biases), 2 for bf16,
 against 4 for the fp32 copies the CPU path used before. Sums are taken in one order whatever the
@@ -16,7 +16,6 @@ kernel takes (`supports`). Anything else keeps the previous paths; `problem()` s
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from types import ModuleType
 from typing import Any
@@ -24,48 +23,41 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-EXTENSION = "packed_matmul"
 # Values a 32-byte load of the packed weight holds: a group must be whole loads.
 _CHUNK = {4: 64, 8: 32}
 
 _module: ModuleType | None = None
 _problem: str | None = None
 _tried = False
-_loading = threading.Lock()  # models may load on several threads: one build, one import
+_binding = threading.Lock()  # models may load on several threads: one bind
 
 
 def load() -> ModuleType | None:
-    """The bound extension, built on first use; None (and `problem()` says why) where it is not
-    available. Never raises: a model then serves through the other paths."""
-    with _loading:
-        return _load_once()
-
-
-def _load_once() -> ModuleType | None:
+    """The extension with its products bound to the kernels, built on first use; None (and
+    `problem()` says why) where it is not available. Never raises: a model then serves through
+    the other paths."""
     global _module, _problem, _tried
-    if _tried:
-        return _module
-    _tried = True
-    from finetune.runtime import blas
-    from finetune.runtime.native import NativeBuildError, mlx_extension
+    with _binding:
+        if _tried:
+            return _module
+        _tried = True
+        from finetune.runtime import blas, primitives
 
-    addresses = blas.stored_weight_kernels()
-    if addresses is None:
-        _problem = "the decode GEMM library is not active (see blas_decode_gemm)"
-        return None
-    try:
-        path = mlx_extension(EXTENSION)
-        spec = importlib.util.spec_from_file_location(EXTENSION, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.bind(*addresses)
-    except (NativeBuildError, ImportError, OSError, AttributeError, TypeError) as exc:
-        _problem = f"{type(exc).__name__}: {exc}"
-        return None
-    _module = module
-    return module
+        addresses = blas.stored_weight_kernels()
+        if addresses is None:
+            _problem = "the decode GEMM library is not active (see blas_decode_gemm)"
+            return None
+        module = primitives.load()
+        if module is None:
+            _problem = primitives.problem()
+            return None
+        try:
+            module.bind(*addresses)
+        except (AttributeError, TypeError) as exc:
+            _problem = f"{type(exc).__name__}: {exc}"
+            return None
+        _module = module
+        return module
 
 
 def problem() -> str | None:

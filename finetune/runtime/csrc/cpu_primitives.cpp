@@ -1,18 +1,24 @@
-// MLX primitives that multiply by a weight as stored, on the CPU backend: packed 4/8-bit
-// (`matmul`) and bf16 (`bf16_matmul`).
+// MLX primitives for the CPU backend, where MLX runs a composite op by op: products with a
+// weight as stored (packed 4/8-bit: `matmul`; bf16: `bf16_matmul`) and the RMS norm
+// (`rms_norm`).
 //
 // MLX's CPU `quantized_matmul` runs on one thread, compute-bound, and its CPU matmuls in bf16 are
 // slower than in fp32, so the runtime used to serve such weights from fp32 copies (4 bytes a
-// weight read per product). These primitives hand the stored weight to the decode GEMM library
+// weight read per product). The products hand the stored weight to the decode GEMM library
 // (finetune/runtime/csrc/decode_gemm.c: `vf_qgemm`, `vf_bgemm`; AVX2, the library's threads),
-// which widens it in registers. Each is a node of MLX's graph like any other: lazy, scheduled on
-// the CPU stream, differentiable (through MLX's own ops). The kernels are bound at run time
-// (`bind`, their addresses), so this extension links only against MLX.
+// which widens it in registers; they are bound at run time (`bind`, the kernels' addresses), so
+// this extension links only against MLX. `mx.fast.rms_norm` has no CPU kernel: its fallback is
+// three nodes a call even compiled (square, sum, the elementwise rest), ~430 calls a real-0.6B
+// frame; `rms_norm` is one node with the fallback's values bit for bit. Each primitive is a
+// node of MLX's graph like any other: lazy, scheduled on the CPU stream, differentiable (through
+// MLX's own ops).
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <nanobind/nanobind.h>
 
@@ -21,6 +27,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "mlx/transforms.h"
 #include "mlx/utils.h"
 
 namespace nb = nanobind;
@@ -43,6 +50,29 @@ mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>
   for (const mx::array& input : inputs) encoder.set_input_array(input);
   encoder.set_output_array(out);
   return encoder;
+}
+
+// The float32 rows of x: x's own memory where it is row-contiguous (nearly always: it is the
+// output of a norm, an activation or a reshape), else a row-contiguous copy registered with the
+// encoder. Done here, at evaluation, where x's layout is known, rather than as a Contiguous node
+// a product at graph building (a real 0.6B frame has ~740 products: ~3,000 nodes of dispatch).
+const float* rows_of(const mx::array& x, mx::cpu::CommandEncoder& encoder) {
+  if (x.flags().row_contiguous) return x.data<float>();
+  mx::array copy(x.shape(), mx::float32, nullptr, {});
+  copy.set_data(mx::allocator::malloc(copy.nbytes()));
+  encoder.add_temporary(copy);
+  encoder.dispatch([src = x.data<float>(), dst = copy.data<float>(), shape = x.shape(),
+                    strides = x.strides(), size = x.size()]() {
+    const int ndim = static_cast<int>(shape.size());
+    std::vector<int> index(ndim, 0);
+    for (size_t i = 0; i < size; ++i) {
+      int64_t at = 0;
+      for (int d = 0; d < ndim; ++d) at += index[d] * strides[d];
+      dst[i] = src[at];
+      for (int d = ndim - 1; d >= 0 && ++index[d] == shape[d]; --d) index[d] = 0;
+    }
+  });
+  return copy.data<float>();
 }
 
 // (rows, output, input) of x[..., k] @ w[n, k]^T.
@@ -87,11 +117,11 @@ class PackedMatmul : public CpuMatmul {
     const mx::array& biases = inputs[3];
     auto& encoder = prepare(stream(), inputs, out);
     const auto [m, n, k] = dims(x, out);
-    encoder.dispatch([m, n, k, x = x.data<float>(), w = w.data<uint32_t>(),
+    encoder.dispatch([m, n, k, x = rows_of(x, encoder), w = w.data<uint32_t>(),
                       scales = scales.data<float>(), biases = biases.data<float>(),
                       y = out.data<float>(), group = group_size_, bits = bits_]() {
       if (qgemm(m, n, k, x, w, scales, biases, bits, group, y) != 0) {
-        throw std::runtime_error("vf_qgemm refused a layout packed_matmul accepted");
+        throw std::runtime_error("vf_qgemm refused a layout packed matmul accepted");
       }
     });
   }
@@ -129,10 +159,11 @@ class Bf16Matmul : public CpuMatmul {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
     const auto [m, n, k] = dims(inputs[0], out);
-    encoder.dispatch([m, n, k, x = inputs[0].data<float>(), w = inputs[1].data<uint16_t>(),
+    encoder.dispatch([m, n, k, x = rows_of(inputs[0], encoder),
+                      w = inputs[1].data<uint16_t>(),
                       y = out.data<float>()]() {
       if (bgemm(m, n, k, x, w, y) != 0) {
-        throw std::runtime_error("vf_bgemm refused a product bf16_matmul accepted");
+        throw std::runtime_error("vf_bgemm refused a product bf16 matmul accepted");
       }
     });
   }
@@ -167,14 +198,97 @@ class Bf16Matmul : public CpuMatmul {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+// What mx.fast.rms_norm computes on CPU (its fallback), op for op: the composite the vjp
+// differentiates.
+mx::array rms_norm_ops(const mx::array& x, const mx::array& weight, float eps, mx::Stream s) {
+  const mx::array xf = mx::astype(x, mx::float32, s);
+  const mx::array mean_square = mx::mean(mx::square(xf, s), -1, /*keepdims=*/true, s);
+  const mx::array normed =
+      mx::multiply(xf, mx::rsqrt(mx::add(mean_square, mx::array(eps, mx::float32), s), s), s);
+  return mx::multiply(mx::astype(normed, x.dtype(), s), weight, s);
+}
+
+// x * rsqrt(mean(x^2) + eps) * weight over the last axis, float32 x and weight. The same
+// roundings in the same order as the fallback on this backend (MLX's x86 CPU build reduces one
+// value at a time): each square rounded, summed left to right from zero, times the float of
+// 1 / n, plus eps, one over the square root, times x, times the weight. So its values are the
+// fallback's bit for bit (tests/test_runtime_conv.py), and a row's never depend on the others.
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("RmsNorm runs on the CPU backend only");
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = prepare(stream(), inputs, out);
+    const int n = out.shape(-1);
+    const size_t rows = n > 0 ? out.size() / n : 0;
+    const mx::array& weight = inputs[1];
+    encoder.dispatch([x = rows_of(inputs[0], encoder), w = weight.data<float>(),
+                      w_step = weight.strides(0), y = out.data<float>(), rows, n,
+                      inverse_n = static_cast<float>(1.0 / n), eps = eps_]() {
+      for (size_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * n;
+        float* yr = y + r * n;
+        float total = 0.0f;
+        for (int i = 0; i < n; ++i) {
+          const float square = xr[i] * xr[i];  // rounded alone (built with -ffp-contract=off)
+          total += square;
+        }
+        const float scale = 1.0f / std::sqrt(total * inverse_n + eps);
+        for (int i = 0; i < n; ++i) {
+          const float normed = xr[i] * scale;
+          yr[i] = normed * w[i * w_step];
+        }
+      }
+    });
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    auto composite = [eps = eps_, s = stream()](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{rms_norm_ops(in[0], in[1], eps, s)};
+    };
+    auto grads = mx::vjp(composite, primals, cotangents).second;
+    std::vector<mx::array> wanted;
+    for (int arg : argnums) wanted.push_back(grads[arg]);
+    return wanted;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  const char* name() const override { return "RmsNorm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
 void check(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("packed_matmul: " + what);
+  if (!ok) throw std::invalid_argument("cpu_primitives: " + what);
 }
 
 mx::Stream cpu_stream() { return mx::to_stream({}, mx::Device::cpu); }
 
-mx::array as_rows(const mx::array& x, mx::Stream stream) {
-  return mx::contiguous(mx::astype(x, mx::float32, stream), false, stream);
+// x in float32; its layout is settled at evaluation (rows_of).
+mx::array as_float(const mx::array& x, mx::Stream stream) {
+  return mx::astype(x, mx::float32, stream);
+}
+
+// A weight-side input as the kernel reads it: itself when it is already evaluated and
+// row-contiguous (a model's parameters), else a Contiguous node.
+mx::array stored(const mx::array& a, mx::Stream stream) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, stream);
 }
 
 mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
@@ -193,10 +307,10 @@ mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array&
   }
   check(x.ndim() >= 1 && x.shape(-1) == k, "the input's last axis must match the weight");
   mx::Stream stream = cpu_stream();
-  auto contiguous = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
   return mx::array(product_shape(x, n), mx::float32,
                    std::make_shared<PackedMatmul>(stream, group_size, bits),
-                   {as_rows(x, stream), contiguous(w), contiguous(scales), contiguous(biases)});
+                   {as_float(x, stream), stored(w, stream), stored(scales, stream),
+                    stored(biases, stream)});
 }
 
 mx::array bf16_matmul(const mx::array& x, const mx::array& w) {
@@ -205,13 +319,23 @@ mx::array bf16_matmul(const mx::array& x, const mx::array& w) {
   check(x.ndim() >= 1 && x.shape(-1) == w.shape(1), "the input's last axis must match the weight");
   mx::Stream stream = cpu_stream();
   return mx::array(product_shape(x, w.shape(0)), mx::float32, std::make_shared<Bf16Matmul>(stream),
-                   {as_rows(x, stream), mx::contiguous(w, false, stream)});
+                   {as_float(x, stream), stored(w, stream)});
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  check(x.dtype() == mx::float32 && weight.dtype() == mx::float32,
+        "rms_norm takes float32 x and weight");
+  check(x.ndim() >= 1 && weight.ndim() == 1 && weight.shape(0) == x.shape(-1),
+        "the weight must be 1-D, the size of x's last axis");
+  mx::Stream stream = cpu_stream();
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps),
+                   {x, stored(weight, stream)});
 }
 
 }  // namespace
 
-NB_MODULE(packed_matmul, m) {
-  m.doc() = "x @ w.T on MLX's CPU stream, reading w as stored: packed 4/8-bit (affine) or bf16";
+NB_MODULE(cpu_primitives, m) {
+  m.doc() = "MLX primitives for the CPU stream: products with weights as stored, the RMS norm";
   m.def(
       "bind",
       [](uintptr_t packed, uintptr_t half) {
@@ -222,4 +346,5 @@ NB_MODULE(packed_matmul, m) {
   m.def("matmul", &packed_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a);
   m.def("bf16_matmul", &bf16_matmul, "x"_a, "w"_a);
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a);
 }

@@ -1,0 +1,49 @@
+"""The C++ extension of MLX primitives for the CPU backend (csrc/cpu_primitives.cpp): products
+with a weight as stored (bound to the decode GEMM library's kernels by `packed`) and the RMS norm
+(`fused.rms_norm`).
+
+Built once per source and toolchain like the C libraries (finetune/runtime/native.py), where a
+C++ compiler and nanobind are at hand; `load()` returns None and `problem()` says why where it
+cannot be, and every caller then keeps MLX's own ops.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from types import ModuleType
+
+EXTENSION = "cpu_primitives"
+
+_module: ModuleType | None = None
+_problem: str | None = None
+_tried = False
+_loading = threading.Lock()  # models may load on several threads: one build, one import
+
+
+def load() -> ModuleType | None:
+    """The imported extension, built on first use; None where it is not available. Never
+    raises."""
+    global _module, _problem, _tried
+    with _loading:
+        if _tried:
+            return _module
+        _tried = True
+        from finetune.runtime.native import NativeBuildError, mlx_extension
+
+        try:
+            path = mlx_extension(EXTENSION)
+            spec = importlib.util.spec_from_file_location(EXTENSION, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (NativeBuildError, ImportError, OSError) as exc:
+            _problem = f"{type(exc).__name__}: {exc}"
+            return None
+        _module = module
+        return module
+
+
+def problem() -> str | None:
+    return _problem

@@ -1,0 +1,142 @@
+"""The C++ primitives of the CPU path (finetune/runtime/csrc/cpu_primitives.cpp) as graph nodes:
+a product with a stored weight and an RMS norm are one node each, whatever the layout of what
+they are given, with the values of MLX's own ops."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+
+from finetune.runtime import fast_cpu_active, fused, packed, primitives
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not fast_cpu_active(), reason="the primitives are the CPU backend's fast path"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert primitives.load() is not None, primitives.problem()  # a C++ compiler is at hand
+    assert packed.load() is not None, packed.problem()  # and an AVX2 CPU for the products
+
+
+def _nodes(*outputs: mx.array) -> Counter[str]:
+    """The graph's nodes by primitive (inputs already evaluated are not nodes)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return Counter(re.findall(r'label ="([A-Za-z0-9_]+)', dot.getvalue()))
+
+
+def _quantised(out_dims: int, in_dims: int, bits: int) -> nn.QuantizedLinear:
+    layer = nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=64, bits=bits)
+    layer.update({"scales": layer["scales"].astype(mx.float32)})
+    layer.update({"biases": layer["biases"].astype(mx.float32)})
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _views(rows: int, width: int) -> dict[str, mx.array]:
+    """Inputs laid out every way a graph hands them over: each a view, never copied."""
+    base = mx.random.normal((2 * rows, 2 * width), key=mx.random.key(width))
+    columns = mx.random.normal((width, rows), key=mx.random.key(rows))
+    mx.eval(base, columns)
+    return {
+        "row-major": base[:rows, :width] * 1.0,
+        "every other column": base[:rows, ::2],
+        "transposed": columns.T,
+        "broadcast row": mx.broadcast_to(base[:1, :width], (rows, width)),
+        "batched, strided": base.reshape(2, rows, 2 * width)[:, :, 1::2],
+    }
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_packed_product_is_one_node_whatever_the_inputs_layout(bits: int) -> None:
+    layer = _quantised(96, 128, bits)
+    x = mx.random.normal((3, 128))
+    mx.eval(x)
+    assert _nodes(packed.matmul(x, layer)) == Counter({"PackedMatmul": 1})
+    for name, view in _views(3, 128).items():
+        got = packed.matmul(view, layer)
+        assert _nodes(got)["Contiguous"] == 0, name
+        wanted = packed.matmul(mx.array(np.array(view)), layer)  # the same values, row-major
+        assert mx.array_equal(got, wanted).item(), name
+        dense = mx.dequantize(
+            layer["weight"], layer["scales"], layer["biases"], group_size=64, bits=bits
+        )
+        assert mx.allclose(got, view @ dense.T, atol=1e-4).item(), name
+
+
+def test_a_weight_that_is_not_stored_row_major_is_made_so_first() -> None:
+    weight = mx.random.normal((64, 96)).astype(mx.bfloat16)
+    mx.eval(weight)
+    x = mx.random.normal((2, 64))
+    mx.eval(x)
+    view = weight.T  # [96, 64], column-major: the kernel reads rows, so it gets a copy
+    got = packed.bf16_matmul(x, view)
+    assert _nodes(got) == Counter({"Bf16Matmul": 1, "Contiguous": 1, "Transpose": 1})
+    assert mx.allclose(got, x @ view.astype(mx.float32).T, atol=1e-4).item()
+    rows = weight[16:48]  # evaluated: a view of whole rows, row-major as it is
+    x = mx.random.normal((2, 96))
+    mx.eval(rows, x)
+    got = packed.bf16_matmul(x, rows)
+    assert _nodes(got) == Counter({"Bf16Matmul": 1})
+    assert mx.array_equal(got, packed.bf16_matmul(x, weight)[:, 16:48]).item()
+
+
+def test_a_bf16_product_reads_any_input_layout() -> None:
+    weight = mx.random.normal((80, 128)).astype(mx.bfloat16)
+    mx.eval(weight)
+    for name, view in _views(4, 128).items():
+        got = packed.bf16_matmul(view, weight)
+        assert _nodes(got) == Counter({"Bf16Matmul": 1}) + _nodes(view), name
+        wanted = packed.bf16_matmul(mx.array(np.array(view)), weight)
+        assert mx.array_equal(got, wanted).item(), name
+
+
+def test_the_rms_norm_is_one_node_with_the_fallbacks_values() -> None:
+    weight = mx.random.normal((128,))
+    mx.eval(weight)
+    for name, view in _views(5, 128).items():
+        got = fused.rms_norm(view, weight, 1e-6)
+        assert _nodes(got) == Counter({"RmsNorm": 1}) + _nodes(view), name
+        assert mx.array_equal(got, mx.fast.rms_norm(view, weight, 1e-6)).item(), name
+        # each row alone is that row of the batch, bit for bit
+        rows = mx.array(np.array(view))
+        for r in range(rows.shape[0]):
+            alone = fused.rms_norm(rows[r : r + 1], weight, 1e-6)
+            assert mx.array_equal(alone, got[r : r + 1]).item(), (name, r)
+    # a strided weight, and the extremes: zeros stay zeros, eps = 0 divides by the mean square
+    x = mx.concatenate([mx.zeros((1, 128)), mx.full((1, 128), 3e-20), mx.full((1, 128), 1e18)])
+    for eps in (0.0, 1e-5):
+        strided = mx.broadcast_to(weight[:1], (128,))
+        want = mx.fast.rms_norm(x, strided, eps)
+        assert mx.array_equal(fused.rms_norm(x, strided, eps), want, equal_nan=True).item()
+
+
+def test_the_rms_norm_is_differentiable_in_input_and_weight() -> None:
+    x = mx.random.normal((3, 64))
+    weight = mx.random.normal((64,))
+    cotangent = mx.random.normal((3, 64))
+
+    def loss(fn, v: mx.array, w: mx.array) -> mx.array:
+        return (fn(v, w, 1e-5) * cotangent).sum()
+
+    ours = mx.grad(lambda v, w: loss(fused.rms_norm, v, w), argnums=(0, 1))(x, weight)
+    theirs = mx.grad(lambda v, w: loss(mx.fast.rms_norm, v, w), argnums=(0, 1))(x, weight)
+    for got, want in zip(ours, theirs, strict=True):
+        assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def test_the_rms_norm_takes_mlxs_ops_without_the_extension(monkeypatch) -> None:
+    monkeypatch.setattr(primitives, "load", lambda: None)
+    x = mx.random.normal((2, 1, 256))
+    weight = mx.random.normal((256,))
+    got = fused.rms_norm(x, weight, 1e-6)
+    assert "RmsNorm" not in _nodes(got)
+    assert mx.array_equal(got, mx.fast.rms_norm(x, weight, 1e-6)).item()
