@@ -64,3 +64,44 @@ def test_without_a_kernel_numpy_does_it(monkeypatch):
 def test_only_float32():
     with pytest.raises(TypeError, match="float32"):
         host_elu.elu(np.zeros(3, np.float64))
+
+
+def test_the_graph_elu_is_one_node_with_the_kernels_values():
+    """In the graph (the extension's primitive bound to the kernel): the host kernel's values bit
+    for bit, lazily, keeping a dense input's memory order (SEANet's transposed views)."""
+    import io
+    import re
+
+    from finetune.families.personaplex import mimi_stream
+
+    import mlx.core as mx
+
+    node = host_elu.graph_elu()
+    assert node is not None  # CI machines have a C and a C++ compiler
+    x = mx.array(np.random.default_rng(5).standard_normal((3, 64, 40)).astype(np.float32) * 4)
+    mx.eval(x)
+    for view in (x, x.transpose(0, 2, 1), x[:, ::3], mx.broadcast_to(x[:1], x.shape)):
+        got = node(view)
+        dot = io.StringIO()
+        mx.export_to_dot(dot, got)
+        assert re.findall(r'label ="([A-Za-z]+)', dot.getvalue()).count("Elu") == 1
+        wanted = host_elu.elu(np.array(view))
+        assert np.array_equal(np.array(got), wanted)
+        assert np.array_equal(np.array(mimi_stream.host_elu(view)), wanted)
+    transposed = node(x.transpose(0, 2, 1))
+    mx.eval(transposed)
+    assert np.asarray(transposed).strides == np.asarray(x.transpose(0, 2, 1)).strides
+    grad = mx.grad(lambda v: (node(v) * 3).sum())(x)
+    assert mx.allclose(grad, mx.where(x > 0, 3.0, 3 * mx.exp(x)), atol=1e-5).item()
+
+
+def test_without_the_extension_mimi_takes_the_host_round_trip(monkeypatch):
+    from finetune.families.personaplex import mimi_stream
+
+    import mlx.core as mx
+
+    monkeypatch.setattr(mimi_stream, "graph_elu", lambda: None)
+    x = mx.array(np.linspace(-5, 5, 120, dtype=np.float32).reshape(2, 60)).T
+    got = mimi_stream.host_elu(x)
+    assert got.shape == x.shape
+    assert np.array_equal(np.array(got), host_elu.elu(np.array(x)))

@@ -9,6 +9,9 @@ wherever the kernel cannot be built; its values are within an ulp of the kernel'
 from __future__ import annotations
 
 import ctypes
+import threading
+from types import ModuleType
+from typing import Any
 
 from finetune.runtime.native import LazyLibrary
 
@@ -53,6 +56,31 @@ def elu(values: np.ndarray) -> np.ndarray:
         ctypes.c_int(thread_count()),
     )
     return out
+
+
+_graph: ModuleType | None = None
+_graph_tried = False
+_graph_lock = threading.Lock()
+
+
+def graph_elu() -> Any:
+    """The ELU as one lazy MLX node running the compiled kernel (`elu(x)` of the C++ extension,
+    csrc/cpu_primitives.cpp, bound to this kernel): no sync point, no copies. None where the
+    kernel or the extension cannot be built; callers then take `elu` on the host."""
+    global _graph, _graph_tried
+    with _graph_lock:
+        if not _graph_tried:
+            _graph_tried = True
+            from finetune.runtime import primitives
+            from finetune.runtime.blas import thread_count
+
+            lib = KERNEL.load()
+            extension = primitives.load() if lib is not None else None
+            if lib is not None and extension is not None:
+                address = ctypes.cast(lib.vf_elu, ctypes.c_void_p).value
+                extension.bind_elu(address, thread_count())
+                _graph = extension
+        return None if _graph is None else _graph.elu
 
 
 def _numpy_elu(values: np.ndarray) -> np.ndarray:

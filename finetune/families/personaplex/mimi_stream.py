@@ -28,7 +28,7 @@ from typing import Any
 from finetune.families.personaplex.caches import WindowKVCache
 from finetune.families.personaplex.layout import FRAME_SIZE
 from finetune.runtime.conv import im2col, overlap_add, tap_inputs, transposed_weight
-from finetune.runtime.host_elu import elu
+from finetune.runtime.host_elu import elu, graph_elu
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -386,13 +386,17 @@ def _row_exact_classes() -> dict[type, type]:
 
 
 def host_elu(xs: mx.array) -> mx.array:
-    """ELU (alpha 1) of float32 `xs`, computed on the host (evaluates `xs`).
+    """ELU (alpha 1) of float32 `xs` by the host kernel: a lazy node of the graph where the C++
+    extension is built (`graph_elu`), else computed on the host (evaluates `xs`).
 
     SEANet's activations are transposed views ([B, C, T] of a conv's [B, T, C] output): the ELU
     runs over the buffer in its own order and the result is the same view of a new buffer, so
     neither side copies across the transpose."""
     if xs.dtype != mx.float32:
         return nn.elu(xs, alpha=1.0)
+    node = graph_elu()
+    if node is not None:
+        return node(xs)
     values = np.asarray(xs)
     order = sorted(range(values.ndim), key=lambda axis: -values.strides[axis])
     stored = values.transpose(order)

@@ -1,15 +1,16 @@
 // MLX primitives for the CPU backend, where MLX runs a composite op by op: products with a
-// weight as stored (packed 4/8-bit: `matmul`; bf16: `bf16_matmul`) and the RMS norm
-// (`rms_norm`).
+// weight as stored (packed 4/8-bit: `matmul`; bf16: `bf16_matmul`), the RMS norm (`rms_norm`)
+// and the ELU (`elu`).
 //
 // MLX's CPU `quantized_matmul` runs on one thread, compute-bound, and its CPU matmuls in bf16 are
 // slower than in fp32, so the runtime used to serve such weights from fp32 copies (4 bytes a
 // weight read per product). The products hand the stored weight to the decode GEMM library
 // (finetune/runtime/csrc/decode_gemm.c: `vf_qgemm`, `vf_bgemm`; AVX2, the library's threads),
 // which widens it in registers; they are bound at run time (`bind`, the kernels' addresses), so
-// this extension links only against MLX. `mx.fast.rms_norm` has no CPU kernel: its fallback is
+// this extension links only against MLX (as is the ELU kernel: `bind_elu`). `mx.fast.rms_norm` has no CPU kernel: its fallback is
 // three nodes a call even compiled (square, sum, the elementwise rest), ~430 calls a real-0.6B
-// frame; `rms_norm` is one node with the fallback's values bit for bit. Each primitive is a
+// frame; `rms_norm` is one node with the fallback's values bit for bit. `elu` runs the host ELU
+// kernel (csrc/elu.c) as a node of the graph rather than a round trip through numpy. Each is a
 // node of MLX's graph like any other: lazy, scheduled on the CPU stream, differentiable (through
 // MLX's own ops).
 
@@ -39,8 +40,11 @@ namespace {
 using qgemm_fn = int (*)(int, int, int, const float*, const uint32_t*, const float*,
                          const float*, int, int, float*);
 using bgemm_fn = int (*)(int, int, int, const float*, const uint16_t*, float*);
+using elu_fn = int (*)(const float*, float*, long, int);
 qgemm_fn qgemm = nullptr;
 bgemm_fn bgemm = nullptr;
+elu_fn elu_kernel = nullptr;
+int elu_threads = 1;
 
 // A fresh output and the CPU stream's encoder, inputs and output registered with it.
 mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>& inputs,
@@ -273,6 +277,62 @@ class RmsNorm : public mx::UnaryPrimitive {
   float eps_;
 };
 
+// ELU (alpha 1), x > 0 ? x : expm1(x), of float32 x by the host ELU kernel (csrc/elu.c,
+// bound by `bind_elu`): one lazy node where a host round trip (evaluate, copy out, copy back) was
+// a sync point of the graph each call. A dense input (row-major or any transpose of it, as
+// SEANet's [B, C, T] views of [B, T, C] buffers are) is taken in its own memory order and the
+// output keeps its strides; anything else is laid out row-major first. Each value is computed
+// alone, so a row never depends on the others.
+class Elu : public mx::UnaryPrimitive {
+ public:
+  explicit Elu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("Elu runs on the CPU backend only");
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    const float* source;
+    size_t count;
+    if (x.flags().contiguous) {
+      out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(),
+                   x.strides(), x.flags());
+      source = x.data<float>();
+      count = x.data_size();
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      source = rows_of(x, encoder);
+      count = out.size();
+    }
+    encoder.set_output_array(out);
+    encoder.dispatch([source, y = out.data<float>(), count, threads = elu_threads]() {
+      elu_kernel(source, y, static_cast<long>(count), threads);
+    });
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>&,
+                             const std::vector<mx::array>& outputs) override {
+    // d elu / dx = 1 where x > 0, exp(x) = elu(x) + 1 elsewhere.
+    const mx::Stream s = stream();
+    const mx::array slope = mx::where(mx::greater(primals[0], mx::array(0.0f), s),
+                                      mx::array(1.0f), mx::add(outputs[0], mx::array(1.0f), s), s);
+    return {mx::multiply(cotangents[0], slope, s)};
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  const char* name() const override { return "Elu"; }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("cpu_primitives: " + what);
 }
@@ -332,10 +392,17 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
                    {x, stored(weight, stream)});
 }
 
+mx::array elu(const mx::array& x) {
+  check(elu_kernel != nullptr, "no ELU kernel bound (call bind_elu first)");
+  check(x.dtype() == mx::float32, "elu takes float32");
+  mx::Stream stream = cpu_stream();
+  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(stream), {x});
+}
+
 }  // namespace
 
 NB_MODULE(cpu_primitives, m) {
-  m.doc() = "MLX primitives for the CPU stream: products with weights as stored, the RMS norm";
+  m.doc() = "MLX primitives for the CPU stream: products with weights as stored, the RMS norm, the ELU";
   m.def(
       "bind",
       [](uintptr_t packed, uintptr_t half) {
@@ -347,4 +414,12 @@ NB_MODULE(cpu_primitives, m) {
         "bits"_a);
   m.def("bf16_matmul", &bf16_matmul, "x"_a, "w"_a);
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def(
+      "bind_elu",
+      [](uintptr_t kernel, int threads) {
+        elu_kernel = reinterpret_cast<elu_fn>(kernel);
+        elu_threads = threads;
+      },
+      "kernel"_a, "threads"_a, "Bind the host ELU kernel: the address of elu's vf_elu.");
+  m.def("elu", &elu, "x"_a);
 }
