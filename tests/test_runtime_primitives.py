@@ -140,3 +140,22 @@ def test_the_rms_norm_takes_mlxs_ops_without_the_extension(monkeypatch) -> None:
     got = fused.rms_norm(x, weight, 1e-6)
     assert "RmsNorm" not in _nodes(got)
     assert mx.array_equal(got, mx.fast.rms_norm(x, weight, 1e-6)).item()
+
+
+def test_a_norm_the_primitive_does_not_take_keeps_the_fallback() -> None:
+    x = mx.random.normal((2, 8))
+    one = mx.array([1.5])  # broadcast along the last axis: the fallback's ops take it
+    got = fused.rms_norm(x, one, 1e-6)
+    assert not fused.primitive_wanted(x, one) and "RmsNorm" not in _nodes(got)
+    assert mx.array_equal(got, fused._rms_norm(x, one, mx.array(1e-6))).item()
+    half = x.astype(mx.bfloat16)
+    weight = mx.ones((8,), mx.bfloat16)
+    assert "RmsNorm" not in _nodes(fused.rms_norm(half, weight, 1e-6))
+
+
+def test_the_graph_elu_is_cpu_only(monkeypatch) -> None:
+    from finetune.runtime import accelerate, host_elu
+
+    assert host_elu.graph_elu() is not None
+    monkeypatch.setattr(accelerate, "is_cpu_backend", lambda: False)
+    assert host_elu.graph_elu() is None  # a Metal / CUDA graph keeps the host round trip

@@ -57,6 +57,7 @@ def prepare_model(
             to_float32(model)
             mx.eval(model.parameters())
         return PreparedModel(fast_cpu=False)
+    from finetune.runtime import fused
     from finetune.runtime.accelerate import install_fast_modules
     from finetune.runtime.half import keep_bf16
     from finetune.runtime.quantized import install_cpu_quantized
@@ -66,6 +67,7 @@ def prepare_model(
     mx.eval(model.parameters())  # the stored-dtype arrays go now, not at the first forward
     keep_freed_buffers(settings().cache_mib)
     swapped = install_fast_modules(model)
+    fused.prepare()  # the norms' primitive is built now, not in the first request
     swapped.update(install_cpu_quantized(model))  # after the cast: the fp32 scales
     swapped.update(kept)
     return PreparedModel(fast_cpu=True, swapped=dict(swapped))

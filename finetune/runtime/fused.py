@@ -5,13 +5,15 @@ dispatch on this CPU: that overhead, not the weights, is much of what keeps a fr
 memory floor. `mx.fast.rms_norm` has no CPU kernel; its fallback is seven ops a call (square,
 mean, add, rsqrt, two multiplies, two casts), ~430 calls a frame. For float32 x and weight the
 extension's `rms_norm` (csrc/cpu_primitives.cpp) is one node with the fallback's values bit for
-bit; other dtypes, or no extension, take the fallback's ops compiled with `mx.compile` (the
-elementwise ones become one kernel: three nodes, the same values; `tests/test_runtime_conv.py`).
-Without a compiler MLX runs the same ops unfused.
+bit on x86-64 Linux; other dtypes or platforms, or no extension, take the fallback's ops
+compiled with `mx.compile` (the elementwise ones become one kernel: three nodes, the same
+values; `tests/test_runtime_conv.py`). Without a compiler MLX runs the same ops unfused.
 """
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections.abc import Callable
 from functools import cache
 
@@ -32,8 +34,31 @@ def _compiled() -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     return mx.compile(_rms_norm)
 
 
+# Where MLX's CPU build reduces one value at a time (its x86-64 wheels), which the primitive's
+# sum reproduces; elsewhere (e.g. Accelerate's vectorised sums on macOS) the fallback stays.
+_SEQUENTIAL_SUMS = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def primitive_wanted(x: mx.array, weight: mx.array) -> bool:
+    """Whether `rms_norm` takes the extension's primitive for these arrays."""
+    return (
+        _SEQUENTIAL_SUMS
+        and x.dtype == mx.float32
+        and weight.dtype == mx.float32
+        and weight.ndim == 1
+        and x.ndim >= 1
+        and weight.shape[0] == x.shape[-1]
+    )
+
+
+def prepare() -> None:
+    """Build the extension now (a model's load), not in its first forward."""
+    if _SEQUENTIAL_SUMS:
+        primitives.load()
+
+
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    if x.dtype == mx.float32 and weight.dtype == mx.float32 and weight.ndim == 1:
+    if primitive_wanted(x, weight):
         extension = primitives.load()
         if extension is not None:
             return extension.rms_norm(x, weight, eps)

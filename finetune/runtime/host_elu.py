@@ -65,8 +65,13 @@ _graph_lock = threading.Lock()
 
 def graph_elu() -> Any:
     """The ELU as one lazy MLX node running the compiled kernel (`elu(x)` of the C++ extension,
-    csrc/cpu_primitives.cpp, bound to this kernel): no sync point, no copies. None where the
-    kernel or the extension cannot be built; callers then take `elu` on the host."""
+    csrc/cpu_primitives.cpp, bound to this kernel): no sync point, and no copy of a dense input.
+    None off MLX's CPU backend (the node runs on the CPU stream) and where the kernel or the
+    extension cannot be built; callers then take `elu` on the host. The first call builds."""
+    from finetune.runtime.accelerate import is_cpu_backend
+
+    if not is_cpu_backend():
+        return None
     global _graph, _graph_tried
     with _graph_lock:
         if not _graph_tried:

@@ -15,8 +15,9 @@ mlx-audio's own first-step arithmetic. The Mimi transformers run here rather tha
 mlx-audio's `Transformer`, whose attention takes one rotary offset and one cache for the whole
 batch: their linears run once for the batch, and attention runs per row over that session's own
 `WindowKVCache` (their lengths differ between sessions that started at different times), with a
-vector of rotary offsets. The work stays lazy but for SEANet's ELUs, which the host computes
-(`host_elu`: MLX's CPU exp is the slowest part of a tick otherwise); the caller evaluates the rest.
+vector of rotary offsets. SEANet's ELUs take the host ELU kernel (`host_elu`: MLX's CPU exp is
+the slowest part of a tick otherwise), as a node of the graph where the C++ extension is built;
+the work stays lazy and the caller evaluates it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class _Side:
 def streaming_twin(mimi: Any, *, fast: bool = True) -> Any:
     """A Mimi sharing `mimi`'s weight arrays, with row-exact convs and codebooks (see
     `install_row_exact_modules`): a session's codes and PCM do not depend on its batch.
-    `fast`: SEANet's ELUs on the host (`install_host_elu`); False keeps MLX's."""
+    `fast`: SEANet's ELUs by the host kernel (`install_host_elu`); False keeps MLX's."""
     from mlx_audio.codec.models.mimi.mimi import Mimi
     from mlx_audio.codec.models.mimi.modules import ConvTranspose1d, EuclideanCodebook
 
@@ -81,6 +82,7 @@ def streaming_twin(mimi: Any, *, fast: bool = True) -> Any:
     install_row_exact_modules(twin)
     if fast:
         install_host_elu(twin)
+        graph_elu()  # built now, not in the first tick
     twin.eval()
     return twin
 
@@ -375,7 +377,7 @@ def _row_exact_classes() -> dict[type, type]:
 
 
 # ---------------------------------------------------------------------------------------------
-# SEANet's ELUs on the host
+# SEANet's ELUs by the host kernel
 # ---------------------------------------------------------------------------------------------
 # MLX's CPU `exp` is a scalar polynomial with a libm `fmaf` call per term (~25 ns an element
 # here), and a streamed tick runs ~270k ELU elements per session through SEANet: the largest
