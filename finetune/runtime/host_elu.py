@@ -9,11 +9,9 @@ wherever the kernel cannot be built; its values are within an ulp of the kernel'
 from __future__ import annotations
 
 import ctypes
-import threading
-from types import ModuleType
 from typing import Any
 
-from finetune.runtime.native import LazyLibrary
+from finetune.runtime.native import Lazy, LazyLibrary, Unavailable
 
 import numpy as np
 
@@ -58,9 +56,21 @@ def elu(values: np.ndarray) -> np.ndarray:
     return out
 
 
-_graph: ModuleType | None = None
-_graph_tried = False
-_graph_lock = threading.Lock()
+def _bound_elu() -> Any:
+    from finetune.runtime import primitives
+    from finetune.runtime.blas import thread_count
+
+    lib = KERNEL.load()
+    if lib is None:
+        raise Unavailable(str(KERNEL.problem))
+    extension = primitives.load()
+    if extension is None:
+        raise Unavailable(str(primitives.problem()))
+    extension.bind_elu(ctypes.cast(lib.vf_elu, ctypes.c_void_p).value, thread_count())
+    return extension.elu
+
+
+_GRAPH_ELU = Lazy(_bound_elu)
 
 
 def graph_elu() -> Any:
@@ -70,22 +80,7 @@ def graph_elu() -> Any:
     extension cannot be built; callers then take `elu` on the host. The first call builds."""
     from finetune.runtime.accelerate import is_cpu_backend
 
-    if not is_cpu_backend():
-        return None
-    global _graph, _graph_tried
-    with _graph_lock:
-        if not _graph_tried:
-            _graph_tried = True
-            from finetune.runtime import primitives
-            from finetune.runtime.blas import thread_count
-
-            lib = KERNEL.load()
-            extension = primitives.load() if lib is not None else None
-            if lib is not None and extension is not None:
-                address = ctypes.cast(lib.vf_elu, ctypes.c_void_p).value
-                extension.bind_elu(address, thread_count())
-                _graph = extension
-        return None if _graph is None else _graph.elu
+    return _GRAPH_ELU.load() if is_cpu_backend() else None
 
 
 def _numpy_elu(values: np.ndarray) -> np.ndarray:

@@ -20,6 +20,9 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 NATIVE_DIR_ENV = "VOICEFOUNDRY_NATIVE_DIR"
 SOURCES = Path(__file__).with_name("csrc")
@@ -84,7 +87,36 @@ def library(name: str, link: tuple[str, ...] = (), flags: tuple[str, ...] = ()) 
     return _build(target, command)
 
 
-class LazyLibrary:
+class Unavailable(Exception):
+    """Why an optional native piece cannot be had here (its message is the whole reason)."""
+
+
+class Lazy(Generic[T]):
+    """What `make()` returns, made by the first `load()` (once, whatever the threads). Where it
+    raises `Unavailable` or one of `expected`, `load()` returns None, `problem` says why and no
+    later call tries again: callers then take their slower path."""
+
+    def __init__(self, make: Callable[[], T], expected: tuple[type[Exception], ...] = ()) -> None:
+        self._make = make
+        self._expected: tuple[type[Exception], ...] = (Unavailable, *expected)
+        self._lock = threading.Lock()
+        self.value: T | None = None
+        self.problem: str | None = None
+
+    def load(self) -> T | None:
+        with self._lock:
+            if self.value is None and self.problem is None:
+                try:
+                    self.value = self._make()
+                except self._expected as exc:
+                    self.problem = self._why(exc)
+            return self.value
+
+    def _why(self, exc: Exception) -> str:
+        return str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
+
+
+class LazyLibrary(Lazy[ctypes.CDLL]):
     """csrc/<name>.c, built and loaded by the first call that needs it (once, whatever the
     threads); `problem` says why not when it cannot be, and callers then take their numpy path."""
 
@@ -96,23 +128,24 @@ class LazyLibrary:
         link: tuple[str, ...] = (),
         flags: tuple[str, ...] = (),
     ) -> None:
-        self.name = name
-        self._declare = declare
-        self._link, self._flags = link, flags
-        self._lock = threading.Lock()
-        self.lib: ctypes.CDLL | None = None
-        self.problem: str | None = None
+        def make() -> ctypes.CDLL:
+            lib = ctypes.CDLL(str(library(name, link=link, flags=flags)))
+            declare(lib)
+            return lib
 
-    def load(self) -> ctypes.CDLL | None:
-        with self._lock:
-            if self.lib is None and self.problem is None:
-                try:
-                    lib = ctypes.CDLL(str(library(self.name, link=self._link, flags=self._flags)))
-                    self._declare(lib)
-                    self.lib = lib
-                except (NativeBuildError, OSError, AttributeError) as exc:
-                    self.problem = str(exc)
-            return self.lib
+        super().__init__(make, (NativeBuildError, OSError, AttributeError))
+        self.name = name
+
+    @property
+    def lib(self) -> ctypes.CDLL | None:
+        return self.value
+
+    @lib.setter
+    def lib(self, lib: ctypes.CDLL | None) -> None:
+        self.value = lib
+
+    def _why(self, exc: Exception) -> str:
+        return str(exc)
 
     def describe(self) -> str:
         """What computes it here, for `voicefoundry doctor`."""

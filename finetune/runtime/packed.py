@@ -16,9 +16,10 @@ kernel takes (`supports`). Anything else keeps the previous paths; `problem()` s
 
 from __future__ import annotations
 
-import threading
 from types import ModuleType
 from typing import Any
+
+from finetune.runtime.native import Lazy, Unavailable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,49 +27,40 @@ import mlx.nn as nn
 # Values a 32-byte load of the packed weight holds: a group must be whole loads.
 _CHUNK = {4: 64, 8: 32}
 
-_module: ModuleType | None = None
-_problem: str | None = None
-_tried = False
-_binding = threading.Lock()  # models may load on several threads: one bind
+
+def _bound() -> ModuleType:
+    from finetune.runtime import blas, primitives
+
+    addresses = blas.stored_weight_kernels()
+    if addresses is None:
+        raise Unavailable("the decode GEMM library is not active (see blas_decode_gemm)")
+    module = primitives.load()
+    if module is None:
+        raise Unavailable(str(primitives.problem()))
+    module.bind(*addresses)
+    return module
+
+
+# Models may load on several threads: one bind.
+_BOUND = Lazy(_bound, (AttributeError, TypeError))
 
 
 def load() -> ModuleType | None:
     """The extension with its products bound to the kernels, built on first use; None (and
     `problem()` says why) where it is not available. Never raises: a model then serves through
     the other paths."""
-    global _module, _problem, _tried
-    with _binding:
-        if _tried:
-            return _module
-        _tried = True
-        from finetune.runtime import blas, primitives
-
-        addresses = blas.stored_weight_kernels()
-        if addresses is None:
-            _problem = "the decode GEMM library is not active (see blas_decode_gemm)"
-            return None
-        module = primitives.load()
-        if module is None:
-            _problem = primitives.problem()
-            return None
-        try:
-            module.bind(*addresses)
-        except (AttributeError, TypeError) as exc:
-            _problem = f"{type(exc).__name__}: {exc}"
-            return None
-        _module = module
-        return module
+    return _BOUND.load()
 
 
 def problem() -> str | None:
-    return _problem
+    return _BOUND.problem
 
 
 def describe() -> str:
     """One line for the doctor: what packed products run on, or why they do not."""
     module = load()
     if module is None:
-        return f"off ({_problem})"
+        return f"off ({_BOUND.problem})"
     return f"on: 4- and 8-bit affine and bf16, AVX2 ({module.__file__})"
 
 
@@ -96,7 +88,7 @@ def rows(x: mx.array) -> int:
 
 def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
     """x @ dequantise(weight).T (no bias added); call only where `load()` and `supports(layer)`."""
-    module = _module
+    module = _BOUND.value
     assert module is not None, "packed.matmul before packed.load()"
     return module.matmul(
         x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits
@@ -105,6 +97,6 @@ def matmul(x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
 
 def bf16_matmul(x: mx.array, weight: mx.array) -> mx.array:
     """x @ weight.T for a bf16 weight [output, input], in fp32; call only where `load()`."""
-    module = _module
+    module = _BOUND.value
     assert module is not None, "packed.bf16_matmul before packed.load()"
     return module.bf16_matmul(x, weight)

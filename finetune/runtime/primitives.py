@@ -10,40 +10,32 @@ cannot be, and every caller then keeps MLX's own ops.
 from __future__ import annotations
 
 import importlib.util
-import threading
 from types import ModuleType
+
+from finetune.runtime.native import Lazy, NativeBuildError, mlx_extension
 
 EXTENSION = "cpu_primitives"
 
-_module: ModuleType | None = None
-_problem: str | None = None
-_tried = False
-_loading = threading.Lock()  # models may load on several threads: one build, one import
+
+def _import() -> ModuleType:
+    path = mlx_extension(EXTENSION)
+    spec = importlib.util.spec_from_file_location(EXTENSION, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Models may load on several threads: one build, one import.
+_EXTENSION = Lazy(_import, (NativeBuildError, ImportError, OSError))
 
 
 def load() -> ModuleType | None:
     """The imported extension, built on first use; None where it is not available. Never
     raises."""
-    global _module, _problem, _tried
-    with _loading:
-        if _tried:
-            return _module
-        _tried = True
-        from finetune.runtime.native import NativeBuildError, mlx_extension
-
-        try:
-            path = mlx_extension(EXTENSION)
-            spec = importlib.util.spec_from_file_location(EXTENSION, path)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot import {path}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except (NativeBuildError, ImportError, OSError) as exc:
-            _problem = f"{type(exc).__name__}: {exc}"
-            return None
-        _module = module
-        return module
+    return _EXTENSION.load()
 
 
 def problem() -> str | None:
-    return _problem
+    return _EXTENSION.problem
