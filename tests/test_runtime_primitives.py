@@ -1,6 +1,6 @@
 """The C++ primitives of the CPU path (finetune/runtime/csrc/cpu_primitives.cpp) as graph nodes:
-a product with a stored weight and an RMS norm are one node each, whatever the layout of what
-they are given, with the values of MLX's own ops."""
+a product with a stored weight, an RMS norm and a SwiGLU are one node each, whatever the layout
+of what they are given, with the values of MLX's own ops."""
 
 from __future__ import annotations
 
@@ -159,3 +159,110 @@ def test_the_graph_elu_is_cpu_only(monkeypatch) -> None:
     assert host_elu.graph_elu() is not None
     monkeypatch.setattr(accelerate, "is_cpu_backend", lambda: False)
     assert host_elu.graph_elu() is None  # a Metal / CUDA graph keeps the host round trip
+
+
+def _swiglu_references() -> dict[str, object]:
+    """What the SwiGLU MLPs the runtime re-classes computed before: mlx-audio's compiled
+    `swiglu` (Qwen3-TTS's talker and code predictor; its Llama blocks, CSM's) and the vocoder
+    transformer's `nn.silu(gate) * up`."""
+    from mlx_audio.lm.models.activations import swiglu as llama_swiglu
+    from mlx_audio.tts.models.qwen3_tts.talker import swiglu as talker_swiglu
+
+    return {
+        "talker": talker_swiglu,
+        "llama": llama_swiglu,
+        "silu times up": lambda g, u: nn.silu(g) * u,
+    }
+
+
+def _same_bits(a: mx.array, b: mx.array) -> bool:
+    x, y = np.array(a), np.array(b)
+    return bool(np.all((x.view(np.uint32) == y.view(np.uint32)) | (np.isnan(x) & np.isnan(y))))
+
+
+def test_swiglu_is_one_node_with_the_compiled_kernels_values() -> None:
+    rng = np.random.default_rng(7)
+    # every float near the points where exp's integer part (|g| log2 e rounded) changes, the
+    # overflow edge at 88, signed zeros, infinities, NaN, subnormals
+    edges = (np.arange(0, 130) + 0.5) / 1.442695
+    near = np.concatenate(
+        [np.nextafter(edges.astype(np.float32), np.float32(d)) for d in (0, np.inf)]
+        + [edges.astype(np.float32), np.float32([0.0, 88.0, 88.00001, 1e-45, 3e-39])]
+    )
+    special = np.float32([np.inf, np.nan, 1e30])
+    gates = {
+        "edges": np.concatenate([near, -near, special, -special]),
+        "any bits": rng.integers(0, 2**32, 200_003, dtype=np.uint64).astype(np.uint32),
+        "normal x 30": (rng.standard_normal(50_001) * 30).astype(np.float32),
+    }
+    for name, values in gates.items():
+        gate = mx.array(values.view(np.float32))
+        up = mx.array(rng.standard_normal(gate.shape).astype(np.float32))
+        got = fused.swiglu(gate, up)
+        assert _nodes(got) == Counter({"SwiGlu": 1}), name
+        for reference, fn in _swiglu_references().items():
+            assert _same_bits(got, fn(gate, up)), (name, reference)
+
+
+def test_swiglu_takes_any_layout_and_each_row_alone_is_its_row_of_the_batch() -> None:
+    for name, view in _views(6, 96).items():
+        up = mx.random.normal(view.shape)
+        got = fused.swiglu(view, up)
+        assert _nodes(got)["SwiGlu"] == 1 and _nodes(got)["Contiguous"] == 0, name
+        assert _same_bits(got, _swiglu_references()["talker"](view, up)), name  # type: ignore[operator]
+        rows, ups = mx.array(np.array(view)).reshape(-1, 96), up.reshape(-1, 96)
+        flat = got.reshape(-1, 96)
+        for r in range(rows.shape[0]):
+            assert _same_bits(fused.swiglu(rows[r : r + 1], ups[r : r + 1]), flat[r : r + 1])
+    # a gate and an up of different shapes broadcast through MLX's ops
+    gate, up = mx.random.normal((3, 1, 8)), mx.random.normal((4, 8))
+    assert _same_bits(fused.swiglu(gate, up), nn.silu(gate) * up)
+
+
+def test_swiglu_is_differentiable_in_gate_and_up() -> None:
+    gate, up, cotangent = (mx.random.normal((4, 40), key=mx.random.key(i)) for i in range(3))
+
+    def loss(fn, g: mx.array, u: mx.array) -> mx.array:
+        return (fn(g, u) * cotangent).sum()
+
+    ours = mx.grad(lambda g, u: loss(fused.swiglu, g, u), argnums=(0, 1))(gate, up)
+    theirs = mx.grad(lambda g, u: loss(lambda a, b: nn.silu(a) * b, g, u), argnums=(0, 1))(gate, up)
+    for got, want in zip(ours, theirs, strict=True):
+        assert mx.allclose(got, want, atol=1e-6).item()
+
+
+def test_swiglu_takes_mlxs_ops_without_the_extension_or_off_float32(monkeypatch) -> None:
+    gate, up = mx.random.normal((3, 50)), mx.random.normal((3, 50))
+    half = fused.swiglu(gate.astype(mx.bfloat16), up.astype(mx.bfloat16))
+    assert "SwiGlu" not in _nodes(half) and half.dtype == mx.bfloat16
+    monkeypatch.setattr(primitives, "load", lambda: None)
+    got = fused.swiglu(gate, up)
+    assert "SwiGlu" not in _nodes(got) and _same_bits(got, nn.silu(gate) * up)
+
+
+def test_the_swiglu_mlps_are_reclassed_and_keep_their_outputs() -> None:
+    from types import SimpleNamespace
+
+    from finetune.runtime.accelerate import install_fast_modules
+
+    from mlx_audio.lm.models import llama
+    from mlx_audio.tts.models.qwen3_tts import speech_tokenizer, talker
+
+    config = SimpleNamespace(hidden_size=32, intermediate_size=80, mlp_bias=False)
+    mlps = {
+        "talker": talker.TalkerMLP(config),
+        "code predictor": talker.CodePredictorMLP(config),
+        "vocoder": speech_tokenizer.DecoderMLP(config),
+        "llama": llama.MLP(config),
+    }
+    x = mx.random.normal((2, 5, 32))
+    before = {name: mlp(x) for name, mlp in mlps.items()}
+    mx.eval(before)
+    holder = nn.Module()
+    holder.mlps = list(mlps.values())
+    swapped = install_fast_modules(holder)
+    assert sum(swapped.values()) == 4, swapped
+    for name, mlp in mlps.items():
+        after = mlp(x)
+        assert "SwiGlu" in _nodes(after), name
+        assert mx.array_equal(after, before[name]).item(), name

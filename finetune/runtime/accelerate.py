@@ -192,6 +192,25 @@ def _qwen3_snake_classes() -> dict[type, type]:
     return {st.SnakeBeta: FastSnakeBeta, st.DecoderOutputSnake: FastOutputSnake}
 
 
+def _swiglu_mlp(base: type) -> type:
+    """`base` (gate_proj, up_proj, down_proj: down(silu(gate(x)) * up(x))) on `fused.swiglu`."""
+
+    def __call__(self: Any, x: mx.array) -> mx.array:
+        return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return type(f"Fast{base.__name__}", (base,), {"__call__": __call__})
+
+
+def _swiglu_mlp_classes() -> dict[type, type]:
+    """The SwiGLU MLPs of Qwen3-TTS's talker, code predictor and vocoder and of the Llama
+    blocks CSM is built from (mlx-audio's `lm.models.llama`)."""
+    from mlx_audio.lm.models import llama
+    from mlx_audio.tts.models.qwen3_tts import speech_tokenizer, talker
+
+    bases = (talker.TalkerMLP, talker.CodePredictorMLP, speech_tokenizer.DecoderMLP, llama.MLP)
+    return {base: _swiglu_mlp(base) for base in bases}
+
+
 _swaps: dict[type, type] | None = None
 
 
@@ -205,11 +224,13 @@ def swap_table() -> dict[type, type]:
         }
         _swaps.update(_mimi_classes())
         _swaps.update(_qwen3_snake_classes())
+        _swaps.update(_swiglu_mlp_classes())
     return _swaps
 
 
 def install_fast_modules(model: nn.Module) -> Counter[str]:
-    """Re-class every conv / snake / RMSNorm module with a fast twin; returns counts by class name.
+    """Re-class every conv / snake / RMSNorm / SwiGLU MLP module with a fast twin; returns counts
+    by class name.
 
     Each conv's weight is also laid out the way its GEMMs read it (`GEMM_LAYOUT`): checkpoint
     loaders transpose PyTorch's conv layout lazily, leaving strided views that every call would

@@ -1,6 +1,6 @@
 """The C++ extension of MLX primitives for the CPU backend (csrc/cpu_primitives.cpp): products
-with a weight as stored (bound to the decode GEMM library's kernels by `packed`) and the RMS norm
-(`fused.rms_norm`).
+with a weight as stored (bound to the decode GEMM library's kernels by `packed`), the RMS norm
+(`fused.rms_norm`) and the MLPs' SwiGLU (`fused.swiglu`).
 
 Built once per source and toolchain like the C libraries (finetune/runtime/native.py), where a
 C++ compiler and nanobind are at hand; `load()` returns None and `problem()` says why where it
