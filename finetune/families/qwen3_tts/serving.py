@@ -25,15 +25,12 @@ from finetune.families.qwen3_tts.layout import (
     reference_chat_text,
     reference_text_ids,
 )
+from finetune.families.qwen3_tts.row_sampling import sample_rows
 from finetune.families.qwen3_tts.vocoder_stream import VocoderStream
 from finetune.sampling import Sampling
 
 import mlx.core as mx
 import numpy as np
-from mlx_audio.lm.sample_utils import apply_top_k
-from mlx_audio.tts.models.qwen3_tts.qwen3_tts import _apply_probability_filters
-
-REPETITION_CONTEXT = 64
 
 __all__ = ["Qwen3BatchGenerator", "Qwen3DecodeBatch", "Qwen3Prompter", "Row"]
 
@@ -172,14 +169,7 @@ class Qwen3BatchGenerator:
             else:
                 code_input = predictor.codec_embedding[idx - 1](out[-1])
             logits, code_cache, _ = predictor(code_input, cache=code_cache, generation_step=idx)
-            out.append(
-                mx.concatenate(
-                    [
-                        self._sample(logits[i : i + 1, -1], r, first=False)
-                        for i, r in enumerate(rows)
-                    ]
-                )
-            )
+            out.append(sample_rows(logits[:, -1], rows))
         return mx.concatenate(out, axis=1)  # [B, 16]
 
     def _codec_embeds(self, codes: mx.array) -> mx.array:
@@ -187,32 +177,6 @@ class Qwen3BatchGenerator:
         for i, table in enumerate(self.talker.code_predictor.codec_embedding):
             embed = embed + table(codes[:, i + 1 : i + 2])
         return embed
-
-    def _sample(self, logits: mx.array, row: Row, *, first: bool) -> mx.array:
-        """mlx-audio's `_sample_token` for one row ([1, V] logits -> [1, 1] token)."""
-        opts = row.sampling
-        if first:
-            logits = mx.put_along_axis(
-                logits, self.suppress[None, :], mx.array(float("-inf"), logits.dtype), axis=-1
-            )
-            if row.generated and opts.repetition_penalty != 1.0:
-                recent = sorted(set(row.generated[-REPETITION_CONTEXT:]))
-                ids = mx.array([t for t in recent if t < logits.shape[-1]], dtype=mx.int32)
-                if ids.size:
-                    chosen = mx.take(logits, ids, axis=-1)
-                    penalised = mx.where(
-                        chosen < 0,
-                        chosen * opts.repetition_penalty,
-                        chosen / opts.repetition_penalty,
-                    )
-                    logits = mx.put_along_axis(logits, ids[None, :], penalised, axis=-1)
-        if opts.temperature <= 0:
-            return mx.argmax(logits, axis=-1, keepdims=True)
-        logits = logits / opts.temperature
-        if 0 < opts.top_k < logits.shape[-1]:
-            logits = apply_top_k(logits, opts.top_k)
-        logits = _apply_probability_filters(logits, opts.top_p, 0.0)
-        return mx.random.categorical(logits, key=row.next_key())[:, None]
 
 
 class Qwen3DecodeBatch:
@@ -305,9 +269,7 @@ class Qwen3DecodeBatch:
         if self._slots_changed:
             gen.set_rows([r.slot for r in self.rows])
             self._slots_changed = False
-        tokens = mx.concatenate(
-            [gen._sample(self._logits[i : i + 1], r, first=True) for i, r in enumerate(self.rows)]
-        )  # [B, 1]
+        tokens = sample_rows(self._logits, self.rows, suppress=gen.suppress)  # [B, 1]
         codes = gen._predict_codes(tokens, self._hidden, self.rows, self._code_cache)
         next_embeds = gen.tts_pad + gen._codec_embeds(codes)
         mx.eval(codes, next_embeds)
