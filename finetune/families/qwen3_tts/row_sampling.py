@@ -101,7 +101,8 @@ def categorical_rows(logits: mx.array, keys: Sequence[mx.array]) -> mx.array:
     max is infinite; an exclusive cumulative sum; a uniform draw times the total; the last
     position at or below it), which is done here for all rows at once, with each row's own
     uniform draw."""
-    uniform = mx.concatenate([mx.random.uniform(shape=(1,), key=key) for key in keys])
+    draws = [mx.random.uniform(shape=(1,), key=key) for key in keys]
+    uniform = draws[0] if len(draws) == 1 else mx.concatenate(draws)
     x = logits.astype(mx.float32)
     top = mx.max(x, axis=-1, keepdims=True)
     weights = mx.where(mx.isinf(top), (x == top).astype(mx.float32), mx.exp(x - top))
