@@ -99,17 +99,19 @@ def test_rows_with_one_option_set_are_sampled_by_one_set_of_ops() -> None:
     assert nodes.count("RandomBits") == 16  # each row's key split and its uniform draw
 
 
-def test_categorical_rows_matches_mlx_on_ties_and_infinite_rows() -> None:
+def test_categorical_rows_matches_mlx_on_ties_infinite_and_nan_rows() -> None:
     logits = mx.array(
         [
             [0.0, 0.0, 0.0, 0.0],
             [-np.inf, 2.0, 2.0, -np.inf],
             [np.inf, 1.0, np.inf, 0.0],
             [5.0, -np.inf, -np.inf, -np.inf],
+            [0.0, np.nan, 1.0, 0.5],  # a NaN poisons the row: MLX gives its last id
+            [np.nan, np.nan, np.nan, np.nan],
         ],
         dtype=mx.float32,
     )
     for seed in range(40):
-        keys = [mx.random.key(seed * 4 + i) for i in range(4)]
-        alone = [mx.random.categorical(logits[i : i + 1], key=keys[i]).item() for i in range(4)]
+        keys = [mx.random.key(seed * 8 + i) for i in range(6)]
+        alone = [mx.random.categorical(logits[i : i + 1], key=keys[i]).item() for i in range(6)]
         assert np.array(categorical_rows(logits, keys)).tolist() == alone

@@ -108,4 +108,7 @@ def categorical_rows(logits: mx.array, keys: Sequence[mx.array]) -> mx.array:
     weights = mx.where(mx.isinf(top), (x == top).astype(mx.float32), mx.exp(x - top))
     cdf = mx.cumsum(weights, axis=-1, inclusive=False)
     target = uniform[:, None] * mx.sum(weights, axis=-1, keepdims=True)
-    return (mx.sum(cdf <= target, axis=-1) - 1).astype(mx.uint32)
+    # "not below" rather than "at or below": the same on a sorted CDF, and a row poisoned by a NaN
+    # (every weight NaN) counts every position, the last id, as MLX's binary search ends there.
+    at_or_below = mx.logical_not(target < cdf)
+    return (mx.sum(at_or_below, axis=-1) - 1).astype(mx.uint32)
