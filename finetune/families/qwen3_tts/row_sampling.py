@@ -75,7 +75,10 @@ def _penalise_repeats(logits: mx.array, rows: Sequence[SampledRow]) -> mx.array:
     width = max(len(ids) for ids in recent)
     if width == 0:
         return logits
-    padded = [(ids or [0]) + [(ids or [0])[0]] * (width - max(len(ids), 1)) for ids in recent]
+    padded = []
+    for ids in recent:
+        written = ids or [0]
+        padded.append(written + [written[0]] * (width - len(written)))
     index = mx.array(padded, dtype=mx.int32)
     factor = mx.array(factors, dtype=logits.dtype)[:, None]
     chosen = mx.take_along_axis(logits, index, axis=-1)

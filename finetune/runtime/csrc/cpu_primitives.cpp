@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -101,19 +102,50 @@ mx::Shape product_shape(const mx::array& x, int n) {
   return shape;
 }
 
-// A product with a stored weight (inputs[1], [n, k]) on the CPU stream: its shape, and no GPU.
-class CpuMatmul : public mx::UnaryPrimitive {
+// A primitive of the CPU stream only: no GPU kernel.
+class CpuOnly : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
   }
+};
+
+// A product with a stored weight (inputs[1], [n, k]): x's shape with the weight's n last.
+class CpuMatmul : public CpuOnly {
+ public:
+  using CpuOnly::CpuOnly;
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {product_shape(inputs[0], inputs[1].shape(0))};
   }
 };
+
+// A primitive whose output has its first input's shape.
+class CpuSameShape : public CpuOnly {
+ public:
+  using CpuOnly::CpuOnly;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+// The vjp of a primitive that computes what `ops` computes: MLX's vjp of those ops, for the
+// inputs asked for.
+std::vector<mx::array> composite_vjp(
+    std::function<mx::array(const std::vector<mx::array>&)> ops,
+    const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums) {
+  auto composite = [&ops](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{ops(in)};
+  };
+  auto grads = mx::vjp(composite, primals, cotangents).second;
+  std::vector<mx::array> wanted;
+  for (int arg : argnums) wanted.push_back(grads[arg]);
+  return wanted;
+}
 
 class PackedMatmul : public CpuMatmul {
  public:
@@ -223,13 +255,9 @@ mx::array rms_norm_ops(const mx::array& x, const mx::array& weight, float eps, m
 // value at a time): each square rounded, summed left to right from zero, times the float of
 // 1 / n, plus eps, one over the square root, times x, times the weight. So its values are the
 // fallback's bit for bit (tests/test_runtime_conv.py), and a row's never depend on the others.
-class RmsNorm : public mx::UnaryPrimitive {
+class RmsNorm : public CpuSameShape {
  public:
-  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("RmsNorm runs on the CPU backend only");
-  }
+  RmsNorm(mx::Stream stream, float eps) : CpuSameShape(stream), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
@@ -260,17 +288,11 @@ class RmsNorm : public mx::UnaryPrimitive {
                              const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>&) override {
-    auto composite = [eps = eps_, s = stream()](const std::vector<mx::array>& in) {
-      return std::vector<mx::array>{rms_norm_ops(in[0], in[1], eps, s)};
-    };
-    auto grads = mx::vjp(composite, primals, cotangents).second;
-    std::vector<mx::array> wanted;
-    for (int arg : argnums) wanted.push_back(grads[arg]);
-    return wanted;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
+    return composite_vjp(
+        [eps = eps_, s = stream()](const std::vector<mx::array>& in) {
+          return rms_norm_ops(in[0], in[1], eps, s);
+        },
+        primals, cotangents, argnums);
   }
 
   const char* name() const override { return "RmsNorm"; }
@@ -378,13 +400,9 @@ mx::array swiglu_ops(const mx::array& gate, const mx::array& up, mx::Stream s) {
 }
 
 // silu(gate) * up of float32 gate and up of one shape: one node, each value alone.
-class SwiGlu : public mx::UnaryPrimitive {
+class SwiGlu : public CpuSameShape {
  public:
-  explicit SwiGlu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("SwiGlu runs on the CPU backend only");
-  }
+  explicit SwiGlu(mx::Stream stream) : CpuSameShape(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
@@ -398,17 +416,9 @@ class SwiGlu : public mx::UnaryPrimitive {
                              const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>&) override {
-    auto composite = [s = stream()](const std::vector<mx::array>& in) {
-      return std::vector<mx::array>{swiglu_ops(in[0], in[1], s)};
-    };
-    auto grads = mx::vjp(composite, primals, cotangents).second;
-    std::vector<mx::array> wanted;
-    for (int arg : argnums) wanted.push_back(grads[arg]);
-    return wanted;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
+    return composite_vjp(
+        [s = stream()](const std::vector<mx::array>& in) { return swiglu_ops(in[0], in[1], s); },
+        primals, cotangents, argnums);
   }
 
   const char* name() const override { return "SwiGlu"; }
@@ -422,13 +432,9 @@ class SwiGlu : public mx::UnaryPrimitive {
 // SEANet's [B, C, T] views of [B, T, C] buffers are) is taken in its own memory order and the
 // output keeps its strides; anything else is laid out row-major first. Each value is computed
 // alone, so a row never depends on the others.
-class Elu : public mx::UnaryPrimitive {
+class Elu : public CpuSameShape {
  public:
-  explicit Elu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("Elu runs on the CPU backend only");
-  }
+  explicit Elu(mx::Stream stream) : CpuSameShape(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
@@ -461,10 +467,6 @@ class Elu : public mx::UnaryPrimitive {
     const mx::array slope = mx::where(mx::greater(primals[0], mx::array(0.0f), s),
                                       mx::array(1.0f), mx::add(outputs[0], mx::array(1.0f), s), s);
     return {mx::multiply(cotangents[0], slope, s)};
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
   }
 
   const char* name() const override { return "Elu"; }
