@@ -266,3 +266,195 @@ def test_the_swiglu_mlps_are_reclassed_and_keep_their_outputs() -> None:
         after = mlp(x)
         assert "SwiGlu" in _nodes(after), name
         assert mx.array_equal(after, before[name]).item(), name
+
+
+def _norm_then_rope_ops(
+    x: mx.array, weight: mx.array, cos: mx.array, sin: mx.array, heads: int
+) -> mx.array:
+    """What mlx-audio's Qwen3-TTS attention does to its query (or key), op for op."""
+    from mlx_audio.tts.models.qwen3_tts.talker import apply_rotary_pos_emb
+
+    batch, length, _ = x.shape
+    normed = mx.fast.rms_norm(x.reshape(batch, length, heads, -1), weight, 1e-6)
+    per_head = normed.transpose(0, 2, 1, 3)
+    rotated, _ = apply_rotary_pos_emb(per_head, per_head, cos, sin)
+    return rotated
+
+
+def _angles(batch: int, length: int, dim: int, seed: int) -> tuple[mx.array, mx.array]:
+    angles = mx.random.uniform(-300, 300, (batch, length, dim), key=mx.random.key(seed))
+    return mx.cos(angles), mx.sin(angles)
+
+
+def test_the_query_norm_and_rotation_is_one_node_with_mlx_audios_values() -> None:
+    weight = mx.random.normal((64,), key=mx.random.key(1))
+    for batch, length, heads in [(1, 1, 16), (3, 7, 2), (2, 1, 8)]:
+        x = 4 * mx.random.normal((batch, length, 2 * heads * 64), key=mx.random.key(heads))
+        view = x[..., ::2]  # any layout: a strided view of the projection
+        cos, sin = _angles(batch, length, 64, length)
+        mx.eval(x, view, weight, cos, sin)
+        got = fused.norm_rope(view, weight, cos, sin, heads, 1e-6)
+        assert _nodes(got) == Counter({"NormRope": 1}) + _nodes(view)
+        assert got.shape == (batch, heads, length, 64)
+        assert _same_bits(got, _norm_then_rope_ops(view, weight, cos, sin, heads))
+        # cos / sin shared by the batch's rows; each row alone is its row of the batch
+        shared = fused.norm_rope(view, weight, cos[:1], sin[:1], heads, 1e-6)
+        assert _same_bits(shared, _norm_then_rope_ops(view, weight, cos[:1], sin[:1], heads))
+        for r in range(batch):
+            alone = fused.norm_rope(
+                view[r : r + 1], weight, cos[r : r + 1], sin[r : r + 1], heads, 1e-6
+            )
+            assert _same_bits(alone, got[r : r + 1])
+
+
+def test_the_query_norm_and_rotation_is_differentiable() -> None:
+    x = mx.random.normal((2, 3, 4 * 32))
+    weight = mx.random.normal((32,))
+    cos, sin = _angles(2, 3, 32, 0)
+
+    def loss(fn: object, v: mx.array, w: mx.array) -> mx.array:
+        return (fn(v, w) * mx.arange(v.size).reshape(2, 4, 3, 32)).sum()  # type: ignore[operator]
+
+    ours = mx.grad(
+        lambda v, w: loss(lambda a, b: fused.norm_rope(a, b, cos, sin, 4, 1e-6), v, w),
+        argnums=(0, 1),
+    )(x, weight)
+    theirs = mx.grad(
+        lambda v, w: loss(lambda a, b: _norm_then_rope_ops(a, b, cos, sin, 4), v, w),
+        argnums=(0, 1),
+    )(x, weight)
+    for a, b in zip(ours, theirs, strict=True):
+        assert _same_bits(a, b)
+
+
+def test_the_query_norm_and_rotation_takes_mlxs_ops_without_the_extension(monkeypatch) -> None:
+    x = mx.random.normal((2, 3, 4 * 32))
+    weight = mx.random.normal((32,))
+    cos, sin = _angles(2, 3, 32, 5)
+    want = _norm_then_rope_ops(x, weight, cos, sin, 4)
+    half = fused.norm_rope(x, weight, cos.astype(mx.bfloat16), sin.astype(mx.bfloat16), 4, 1e-6)
+    assert "NormRope" not in _nodes(half)
+    monkeypatch.setattr(primitives, "load", lambda: None)
+    got = fused.norm_rope(x, weight, cos, sin, 4, 1e-6)
+    assert "NormRope" not in _nodes(got) and _same_bits(got, want)
+
+
+def test_the_qwen3_attentions_are_reclassed_and_keep_their_outputs() -> None:
+    from types import SimpleNamespace
+
+    from finetune.runtime.accelerate import install_fast_modules
+
+    from mlx_audio.lm.models.cache import KVCache
+    from mlx_audio.tts.models.qwen3_tts import talker
+
+    config = SimpleNamespace(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=False,
+        rms_norm_eps=1e-6,
+        rope_scaling=None,
+    )
+    attentions = {
+        "talker": talker.TalkerAttention(config, 0),
+        "code predictor": talker.CodePredictorAttention(config, 0),
+    }
+    prompt, step = mx.random.normal((2, 5, 48)), mx.random.normal((2, 1, 48))
+    cos, sin = _angles(2, 6, 16, 2)
+    mask = mx.random.uniform(shape=(2, 1, 1, 6)) > 0.3  # a row's padding: any masked columns
+
+    def run(attention: nn.Module) -> list[mx.array]:
+        cache = KVCache()
+        first = attention(prompt, (cos[:, :5], sin[:, :5]), mask="causal", cache=cache)
+        mx.eval(first, cache.keys, cache.values)
+        second = attention(step, (cos[:, 5:], sin[:, 5:]), mask=mask, cache=cache)
+        return [first, second]
+
+    before = {name: run(a) for name, a in attentions.items()}
+    mx.eval(before)
+    holder = nn.Module()
+    holder.attentions = list(attentions.values())
+    assert sum(install_fast_modules(holder).values()) == 2 + 4  # and their four norms
+    for name, attention in attentions.items():
+        after = run(attention)
+        assert _nodes(after[1])["NormRope"] == 2, name
+        assert _nodes(after[1])["Attention"] == 1, name
+        for a, b in zip(after, before[name], strict=True):
+            assert mx.allclose(a, b, rtol=1e-5, atol=1e-6).item(), name
+
+
+def _mlx_attention(q: mx.array, k: mx.array, v: mx.array, mask: object) -> mx.array:
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)  # type: ignore[arg-type]
+    return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _qkv(batch: int, heads: int, kv_heads: int, length: int, keys: int, dim: int, seed: int):
+    q = mx.random.normal((batch, heads, length, dim), key=mx.random.key(seed))
+    # k and v as a KV cache hands them over: the first positions of a longer buffer
+    cache = mx.random.normal((2, batch, kv_heads, keys + 5, dim), key=mx.random.key(seed + 1))
+    mx.eval(q, cache)
+    return q, cache[0][..., :keys, :], cache[1][..., :keys, :]
+
+
+def test_the_attention_is_one_node_close_to_mlxs() -> None:
+    for batch, heads, kv_heads, length, keys, dim in [
+        (1, 16, 8, 1, 37, 128),
+        (3, 4, 2, 5, 5, 16),
+        (2, 2, 2, 3, 9, 12),
+        (1, 8, 4, 40, 40, 64),
+    ]:
+        q, k, v = _qkv(batch, heads, kv_heads, length, keys, dim, dim)
+        picks = mx.random.uniform(shape=(batch, 1, length, keys), key=mx.random.key(3)) > 0.3
+        masks: list[object] = [None, "causal", picks, (1.0 - picks.astype(mx.float32)) * -1e9]
+        for mask in masks:
+            got = fused.attention(q, k, v, 0.125, mask)  # type: ignore[arg-type]
+            what = f"{q.shape} {k.shape} {type(mask).__name__ if mask is not None else None}"
+            assert _nodes(got)["Attention"] == 1 and got.shape == (batch, length, heads * dim)
+            assert mx.allclose(got, _mlx_attention(q, k, v, mask), rtol=1e-5, atol=1e-6).item(), (
+                what
+            )
+
+
+def test_a_query_row_is_the_row_alone_whatever_the_batch_and_its_padding() -> None:
+    """The decode batch left-pads shorter rows' caches with zeros and masks them (-1e9 added):
+    each row's output must be its output alone, unpadded, bit for bit."""
+    heads, kv_heads, dim, longest = 4, 2, 32, 11
+    lengths = [11, 4, 7]
+    rows = [_qkv(1, heads, kv_heads, 1, n, dim, 10 * n) for n in lengths]
+    padded_k = mx.concatenate(
+        [mx.pad(k, [(0, 0), (0, 0), (longest - k.shape[2], 0), (0, 0)]) for _, k, _ in rows]
+    )
+    padded_v = mx.concatenate(
+        [mx.pad(v, [(0, 0), (0, 0), (longest - v.shape[2], 0), (0, 0)]) for _, _, v in rows]
+    )
+    real = mx.array([[0] * (longest - n) + [1] * n for n in lengths])
+    mask = (1 - real[:, None, None, :].astype(mx.float32)) * -1e9
+    batch = fused.attention(
+        mx.concatenate([q for q, _, _ in rows]), padded_k, padded_v, 0.125, mask
+    )
+    for r, (q, k, v) in enumerate(rows):
+        assert _same_bits(batch[r : r + 1], fused.attention(q, k, v, 0.125)), r
+
+
+def test_the_attention_is_differentiable_as_mlxs() -> None:
+    q, k, v = _qkv(2, 4, 2, 3, 6, 16, 4)
+
+    def loss(fn: object, *args: mx.array) -> mx.array:
+        return (fn(*args, "causal") * mx.arange(2 * 3 * 64).reshape(2, 3, 64)).sum()  # type: ignore[operator]
+
+    ours = mx.grad(
+        lambda *a: loss(lambda *b: fused.attention(*b[:3], 0.125, b[3]), *a), argnums=(0, 1, 2)
+    )(q, k, v)
+    theirs = mx.grad(lambda *a: loss(_mlx_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, theirs, strict=True):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_the_attention_takes_mlxs_op_without_the_extension(monkeypatch) -> None:
+    q, k, v = _qkv(1, 4, 2, 2, 5, 16, 8)
+    half = fused.attention(q, k, v.astype(mx.bfloat16), 0.125)
+    assert "Attention" not in _nodes(half)
+    monkeypatch.setattr(primitives, "load", lambda: None)
+    got = fused.attention(q, k, v, 0.125, "causal")
+    assert "Attention" not in _nodes(got) and _same_bits(got, _mlx_attention(q, k, v, "causal"))

@@ -211,6 +211,42 @@ def _swiglu_mlp_classes() -> dict[type, type]:
     return {base: _swiglu_mlp(base) for base in bases}
 
 
+def _qwen3_attention(base: type) -> type:
+    """`base` (Qwen3-TTS's talker or code-predictor attention) with its query and key each
+    normed, laid out per head and rotated in one node (`fused.norm_rope`, the same values), and
+    the attention itself one node (`fused.attention`: each query row alone, so a row of a batch
+    is still the row alone bit for bit; within float rounding of MLX's)."""
+
+    def __call__(
+        self: Any,
+        x: mx.array,
+        position_embeddings: tuple[mx.array, mx.array],
+        mask: mx.array | None = None,
+        cache: Any = None,
+    ) -> mx.array:
+        batch, length, _ = x.shape
+        cos, sin = position_embeddings
+        q = fused.norm_rope(
+            self.q_proj(x), self.q_norm.weight, cos, sin, self.num_heads, self.q_norm.eps
+        )
+        k = fused.norm_rope(
+            self.k_proj(x), self.k_norm.weight, cos, sin, self.num_kv_heads, self.k_norm.eps
+        )
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.o_proj(fused.attention(q, k, v, self.scale, mask))
+
+    return type(f"Fast{base.__name__}", (base,), {"__call__": __call__})
+
+
+def _qwen3_attention_classes() -> dict[type, type]:
+    from mlx_audio.tts.models.qwen3_tts import talker
+
+    bases = (talker.TalkerAttention, talker.CodePredictorAttention)
+    return {base: _qwen3_attention(base) for base in bases}
+
+
 _swaps: dict[type, type] | None = None
 
 
@@ -225,12 +261,13 @@ def swap_table() -> dict[type, type]:
         _swaps.update(_mimi_classes())
         _swaps.update(_qwen3_snake_classes())
         _swaps.update(_swiglu_mlp_classes())
+        _swaps.update(_qwen3_attention_classes())
     return _swaps
 
 
 def install_fast_modules(model: nn.Module) -> Counter[str]:
-    """Re-class every conv / snake / RMSNorm / SwiGLU MLP module with a fast twin; returns counts
-    by class name.
+    """Re-class every conv / snake / RMSNorm / SwiGLU MLP / Qwen3-TTS attention module with a fast
+    twin; returns counts by class name.
 
     Each conv's weight is also laid out the way its GEMMs read it (`GEMM_LAYOUT`): checkpoint
     loaders transpose PyTorch's conv layout lazily, leaving strided views that every call would

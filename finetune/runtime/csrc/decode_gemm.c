@@ -54,7 +54,9 @@ static unsigned long counts[5]; /* few-row kernel, sgemv, real sgemm, packed, bf
 /* Fully unrolled block loops keep the MB x NB sums in registers, not on the stack. */
 #define UNROLL _Pragma("GCC unroll 16")
 /* y[i, j] = alpha * sum_k x[i, k] w[j, k] + beta * y[i, j] for MB input rows and NB weight rows;
- * every (i, j) is summed lane-wise over k in steps of LANES, then across lanes, then the tail.
+ * every (i, j) is summed lane-wise over k in steps of LANES, then across lanes, then the tail
+ * by fused multiply-adds (written out: left to the compiler, AVX-512's fp32 and bf16 blocks fused
+ * theirs differently and disagreed in the last bit).
  * The weight's elements are WT (float, or bf16 widened exactly by WLOAD / WGET): the same sums
  * over the same values, so a bf16 weight gives the fp32 kernel's bits on its fp32 cast. */
 #define BLOCK(ISA, TARGET, VEC, LANES, ZERO, LOAD, FMA, HSUM, WT, WLOAD, WGET, MB, NB)             \
@@ -76,8 +78,8 @@ static unsigned long counts[5]; /* few-row kernel, sgemv, real sgemm, packed, bf
         for (int i = 0; i < MB; ++i)                                                               \
             for (int j = 0; j < NB; ++j) {                                                         \
                 float s = HSUM(acc[i][j]);                                                         \
-                for (int kk = kv; kk < k; ++kk)                                                    \
-                    s += x[(size_t)i * ldx + kk] * WGET(w[(size_t)j * ldw + kk]);                  \
+                for (int kk = kv; kk < k; ++kk) /* fused: the same whatever the compiler fuses */ \
+                    s = fmaf(x[(size_t)i * ldx + kk], WGET(w[(size_t)j * ldw + kk]), s);           \
                 float *out = y + (size_t)i * ldy + j;                                              \
                 *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out;                         \
             }                                                                                      \
@@ -350,13 +352,20 @@ static void relax(int spins) {
     sched_yield();
 }
 
-static void run_part(const struct job *j, int part) {
-    /* Shares in whole blocks of 4 weight rows, so the split never changes how a row is summed. */
-    int blocks = (j->o_total + 3) / 4;
-    int o0 = (int)((long)blocks * part / j->parts) * 4;
-    int o1 = (int)((long)blocks * (part + 1) / j->parts) * 4;
-    if (o1 > j->o_total) o1 = j->o_total;
-    if (o0 < o1) j->rows(j, o0, o1);
+/* A threaded product is cut into chunks of CHUNK_ROWS weight rows, which the caller and the
+ * workers take in turn from one counter: a thread that starts late (woken from sleep) or runs
+ * slower (its core shared with MLX's other threads) takes fewer, where fixed equal shares left
+ * the caller waiting for the slowest. A row is summed the same way in whichever chunk it falls
+ * (48: whole blocks of the kernels' 3 and 4 rows). */
+#define CHUNK_ROWS 48
+static int next_chunk;
+
+static void run_chunks(const struct job *j) {
+    for (;;) {
+        int o0 = __atomic_fetch_add(&next_chunk, 1, __ATOMIC_RELAXED) * CHUNK_ROWS;
+        if (o0 >= j->o_total) return;
+        j->rows(j, o0, o0 + CHUNK_ROWS < j->o_total ? o0 + CHUNK_ROWS : j->o_total);
+    }
 }
 
 static void dense_rows(const struct job *j, int o0, int o1) {
@@ -383,7 +392,7 @@ static void *worker(void *arg) {
             break;
         }
         seen = now;
-        if (part < current.parts) run_part(&current, part);
+        if (part < current.parts) run_chunks(&current);
         __atomic_sub_fetch(&pending, 1, __ATOMIC_ACQ_REL);
     }
     return NULL;
@@ -420,18 +429,19 @@ static void reset_after_fork(void) {
 static void run_job(struct job j) {
     if (n_threads < 2 || (long)j.o_total * j.k < THREADED_WEIGHTS ||
         pthread_mutex_trylock(&pool_lock) != 0) {
-        run_part(&j, 0);
+        j.rows(&j, 0, j.o_total);
         return;
     }
     if (!workers_started) workers_started = start_workers();
     j.parts = workers_started;
     current = j;
+    next_chunk = 0;
     __atomic_store_n(&pending, j.parts - 1, __ATOMIC_RELEASE);
     pthread_mutex_lock(&wake_lock);
     __atomic_add_fetch(&generation, 1, __ATOMIC_ACQ_REL);
     if (sleeping) pthread_cond_broadcast(&wake_cond);
     pthread_mutex_unlock(&wake_lock);
-    run_part(&j, 0);
+    run_chunks(&current);
     for (int spins = 0; __atomic_load_n(&pending, __ATOMIC_ACQUIRE) > 0; ++spins) relax(spins);
     pthread_mutex_unlock(&pool_lock);
 }
