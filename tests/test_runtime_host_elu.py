@@ -32,7 +32,9 @@ def test_kernel_rounds_the_exact_value(scale):
     # float64's expm1 is within an ulp of float64, far inside half a float32 ulp
     assert _ulps(got, _exact(x)).max() <= 0.5 + 1e-6
     numpy_elu = host_elu._numpy_elu(x)
-    assert _ulps(numpy_elu, _exact(x)).max() <= 1.0  # what numpy gives where there is no kernel
+    # what numpy gives where there is no kernel: within an ulp from its scalar expm1, a few from
+    # the SIMD expm1 it dispatches to on AVX-512 CPUs (2.3 seen)
+    assert _ulps(numpy_elu, _exact(x)).max() <= 4.0
 
 
 def test_special_values():
