@@ -564,25 +564,36 @@ __attribute__((target("avx2,fma"))) void exp_shifted_avx2(float* x, int n, float
 }
 #endif
 
-void attend_row(const AttentionArgs& a, int b, int h, int l, float* scaled, float* p) {
+void exp_shifted_scalar(float* x, int n, float shift) {
+  for (int i = 0; i < n; ++i) x[i] = mlx_exp(x[i] - shift);
+}
+
+// The attention's three loops for this CPU: AVX2 where it has it, else their scalar twins.
+struct AttentionKernels {
+  void (*scores)(const float*, const float*, int64_t, int, int, float*);
+  void (*exp_shifted)(float*, int, float);
+  void (*weighted_rows)(const float*, const float*, int64_t, int, int, float*);
+};
+
+const AttentionKernels& attention_kernels() {
 #ifdef HAVE_X86_SIMD
-  static const bool simd = cpu_has_avx2_fma();
+  static const AttentionKernels kernels =
+      cpu_has_avx2_fma()
+          ? AttentionKernels{scores_avx2, exp_shifted_avx2, weighted_rows_avx2}
+          : AttentionKernels{scores_scalar, exp_shifted_scalar, weighted_rows_scalar};
+#else
+  static const AttentionKernels kernels{scores_scalar, exp_shifted_scalar, weighted_rows_scalar};
 #endif
+  return kernels;
+}
+
+void attend_row(const AttentionArgs& a, int b, int h, int l, float* scaled, float* p) {
+  const AttentionKernels& kernels = attention_kernels();
   const int d = a.d, kv = h / (a.hq / a.hkv);
   const float* q = a.q + ((static_cast<size_t>(b) * a.hq + h) * a.l + l) * d;
   for (int i = 0; i < d; ++i) scaled[i] = a.scale * q[i];
-  const float* k = a.k + b * a.k_strides[0] + kv * a.k_strides[1];
-  const float* v = a.v + b * a.v_strides[0] + kv * a.v_strides[1];
-  float* y = a.y + ((static_cast<size_t>(b) * a.l + l) * a.hq + h) * d;
-#ifdef HAVE_X86_SIMD
-  if (simd) {
-    scores_avx2(scaled, k, a.k_strides[2], a.t, d, p);
-  } else {
-    scores_scalar(scaled, k, a.k_strides[2], a.t, d, p);
-  }
-#else
-  scores_scalar(scaled, k, a.k_strides[2], a.t, d, p);
-#endif
+  kernels.scores(scaled, a.k + b * a.k_strides[0] + kv * a.k_strides[1], a.k_strides[2], a.t, d,
+                 p);
   const int last_seen = l + a.t - a.l;  // causal: the last column this query sees
   for (int t = 0; t < a.t; ++t) {
     if (a.causal && t > last_seen) p[t] = -std::numeric_limits<float>::max();
@@ -598,26 +609,13 @@ void attend_row(const AttentionArgs& a, int b, int h, int l, float* scaled, floa
   }
   float top = -INFINITY;
   for (int t = 0; t < a.t; ++t) top = std::max(p[t], top);
-#ifdef HAVE_X86_SIMD
-  if (simd) {
-    exp_shifted_avx2(p, a.t, top);
-  } else {
-    for (int t = 0; t < a.t; ++t) p[t] = mlx_exp(p[t] - top);
-  }
-#else
-  for (int t = 0; t < a.t; ++t) p[t] = mlx_exp(p[t] - top);
-#endif
+  kernels.exp_shifted(p, a.t, top);
   float total = 0.0f;
   for (int t = 0; t < a.t; ++t) total += p[t];
   const float inverse = 1.0f / total;
   for (int t = 0; t < a.t; ++t) p[t] = p[t] * inverse;
-#ifdef HAVE_X86_SIMD
-  if (simd) {
-    weighted_rows_avx2(p, v, a.v_strides[2], a.t, d, y);
-    return;
-  }
-#endif
-  weighted_rows_scalar(p, v, a.v_strides[2], a.t, d, y);
+  kernels.weighted_rows(p, a.v + b * a.v_strides[0] + kv * a.v_strides[1], a.v_strides[2], a.t,
+                        d, a.y + ((static_cast<size_t>(b) * a.l + l) * a.hq + h) * d);
 }
 
 // What the node computes: MLX's attention on this stream, then the output projection's layout.
