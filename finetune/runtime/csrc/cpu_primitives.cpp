@@ -448,8 +448,10 @@ class SwiGlu : public CpuSameShape {
 // padding of a batch: exp gives exact zeros, and zero values) leave it as the row alone with no
 // padding, bit for bit. Against MLX's fallback it differs in the last bits (OpenBLAS sums the
 // products in its own order); its vjp is the fallback's.
-// Multiply-adds of an attention call (rows x keys x D, twice) from which it is split over threads:
-// ~1 ms of one core's work, where starting a thread costs tens of microseconds.
+
+// Query rows x keys x D (the scores' multiply-adds; the values take as many again) from which an
+// attention call is split over threads: ~1 ms of one core's work, where starting a thread costs
+// tens of microseconds.
 constexpr double kThreadedAttention = 1 << 21;
 
 struct AttentionArgs {
