@@ -24,6 +24,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -669,9 +670,15 @@ class Attention : public CpuOnly {
                               : static_cast<int>(std::clamp(std::thread::hardware_concurrency(),
                                                             1u, 8u));
       std::vector<std::thread> others;
-      for (int i = 1; i < threads; ++i)
-        others.emplace_back(attend, static_cast<int>(static_cast<long>(rows) * i / threads),
-                            static_cast<int>(static_cast<long>(rows) * (i + 1) / threads));
+      for (int i = 1; i < threads; ++i) {
+        const int first = static_cast<int>(static_cast<long>(rows) * i / threads);
+        const int last = static_cast<int>(static_cast<long>(rows) * (i + 1) / threads);
+        try {
+          others.emplace_back(attend, first, last);
+        } catch (const std::system_error&) {  // no thread to be had: its rows on this one
+          attend(first, last);
+        }
+      }
       attend(0, rows / threads);
       for (std::thread& other : others) other.join();
     });
